@@ -1,0 +1,286 @@
+"""Reconcile runs and their steps: durable intents, leased claims and terminal writes."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+from datetime import datetime
+
+import asyncpg
+
+from registry.db import Connection
+from registry.db.events import insert_reconcile_event
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    plugin: str
+    action: str
+    status: str
+    source: str | None
+    sha: str | None
+    started_at: datetime
+    finished_at: datetime
+    error: str | None
+    attempt: int = 1
+
+
+@dataclass(frozen=True, slots=True)
+class Reconcile:
+    id: uuid.UUID
+    workspace_id: uuid.UUID
+    trigger: str
+    status: str
+    refresh: bool
+    attempt: int
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    error: str | None
+    next_attempt_at: datetime | None
+    restart_requested: bool
+    steps: list[Step] = field(default_factory=list)
+
+    @property
+    def active(self) -> bool:
+        return self.status in ("queued", "running")
+
+
+RECONCILE_COLUMNS = """
+    id, workspace_id, trigger, status, refresh, attempt, created_at, started_at, finished_at,
+    error, next_attempt_at, restart_requested
+"""
+
+
+def _reconcile(row: asyncpg.Record, steps: list[Step] | None = None) -> Reconcile:
+    return Reconcile(
+        id=row["id"],
+        workspace_id=row["workspace_id"],
+        trigger=row["trigger"],
+        status=row["status"],
+        refresh=row["refresh"],
+        attempt=row["attempt"],
+        created_at=row["created_at"],
+        started_at=row["started_at"],
+        finished_at=row["finished_at"],
+        error=row["error"],
+        # Only a queued run has a next attempt; the column's default is not meaningful after.
+        next_attempt_at=row["next_attempt_at"] if row["status"] == "queued" else None,
+        restart_requested=row["restart_requested"],
+        steps=steps or [],
+    )
+
+
+SELECT_STEPS = """
+SELECT plugin, action, status, source, sha, started_at, finished_at, error, attempt
+FROM reconcile_steps WHERE reconcile_id = $1 ORDER BY id
+"""
+
+
+async def _steps(conn: Connection, reconcile_id: uuid.UUID) -> list[Step]:
+    rows = await conn.fetch(SELECT_STEPS, reconcile_id)
+    return [Step(**dict(row)) for row in rows]
+
+
+SELECT_RECONCILE = f"SELECT {RECONCILE_COLUMNS} FROM reconciles WHERE id = $1"
+
+
+async def get_reconcile(conn: Connection, reconcile_id: uuid.UUID) -> Reconcile | None:
+    row = await conn.fetchrow(SELECT_RECONCILE, reconcile_id)
+    if row is None:
+        return None
+    return _reconcile(row, await _steps(conn, reconcile_id))
+
+
+SELECT_RECONCILES_FOR_WORKSPACE = f"""
+SELECT {RECONCILE_COLUMNS} FROM reconciles WHERE workspace_id = $1
+ORDER BY created_at DESC, id DESC LIMIT $2
+"""
+
+
+async def reconciles_for_workspace(
+    conn: Connection, workspace_id: uuid.UUID, limit: int
+) -> list[Reconcile]:
+    rows = await conn.fetch(SELECT_RECONCILES_FOR_WORKSPACE, workspace_id, limit)
+    return [_reconcile(row, await _steps(conn, row["id"])) for row in rows]
+
+
+async def last_reconcile(conn: Connection, workspace_id: uuid.UUID) -> Reconcile | None:
+    runs = await reconciles_for_workspace(conn, workspace_id, 1)
+    return runs[0] if runs else None
+
+
+@dataclass(frozen=True, slots=True)
+class Claim:
+    id: uuid.UUID
+    workspace_id: uuid.UUID
+    attempt: int
+    refresh: bool
+
+
+# Due intents, and runs whose owner's lease ran out (that process died mid-run). A queued run
+# waits while its workspace has a run in progress: one run per workspace at a time, across
+# processes; the partial unique index on running rows backs this up. SKIP LOCKED lets several
+# registry processes claim side by side without blocking each other.
+CLAIM_DUE = """
+UPDATE reconciles r SET
+    status = 'running',
+    attempt = r.attempt + 1,
+    started_at = now(),
+    lease_owner = $1,
+    lease_expires_at = now() + make_interval(secs => $2)
+WHERE r.id IN (
+    SELECT c.id FROM reconciles c
+    WHERE (c.status = 'queued' AND c.next_attempt_at <= now()
+           AND NOT EXISTS (SELECT 1 FROM reconciles x
+                           WHERE x.workspace_id = c.workspace_id AND x.status = 'running'))
+       OR (c.status = 'running' AND c.lease_expires_at < now())
+    ORDER BY c.next_attempt_at
+    LIMIT $3
+    FOR UPDATE SKIP LOCKED
+)
+RETURNING r.id, r.workspace_id, r.attempt, r.refresh
+"""
+
+
+async def claim_due(conn: Connection, owner: str, lease_s: float, limit: int) -> list[Claim]:
+    try:
+        rows = await conn.fetch(CLAIM_DUE, owner, lease_s, limit)
+    except asyncpg.UniqueViolationError:
+        # Another process claimed a run of the same workspace in the same instant; the
+        # index refused the second. Nothing was claimed; the next poll tries again.
+        return []
+    return [Claim(r["id"], r["workspace_id"], r["attempt"], r["refresh"]) for r in rows]
+
+
+RENEW_LEASES = """
+UPDATE reconciles SET lease_expires_at = now() + make_interval(secs => $2)
+WHERE lease_owner = $1 AND status = 'running' AND id = ANY($3::uuid[])
+"""
+
+
+async def renew_leases(conn: Connection, owner: str, lease_s: float, ids: list[uuid.UUID]) -> None:
+    await conn.execute(RENEW_LEASES, owner, lease_s, ids)
+
+
+# Give a run back (this process is shutting down): it becomes the queued intent again, due at
+# once, unless a queued follow-up already exists, which then covers it.
+RELEASE = """
+WITH mine AS (
+    SELECT id, workspace_id FROM reconciles
+    WHERE id = $1 AND lease_owner = $2 AND status = 'running'
+    FOR UPDATE
+),
+follow_up AS (
+    SELECT 1 FROM reconciles q, mine
+    WHERE q.workspace_id = mine.workspace_id AND q.status = 'queued'
+)
+UPDATE reconciles r SET
+    status = CASE WHEN EXISTS (SELECT 1 FROM follow_up) THEN 'failed' ELSE 'queued' END,
+    error = CASE WHEN EXISTS (SELECT 1 FROM follow_up)
+                 THEN 'interrupted by shutdown; superseded by a queued run' END,
+    finished_at = CASE WHEN EXISTS (SELECT 1 FROM follow_up) THEN now() END,
+    next_attempt_at = now(),
+    lease_owner = NULL,
+    lease_expires_at = NULL
+FROM mine WHERE r.id = mine.id
+"""
+
+
+async def release(conn: Connection, reconcile_id: uuid.UUID, owner: str) -> None:
+    await conn.execute(RELEASE, reconcile_id, owner)
+
+
+INSERT_STEP = """
+INSERT INTO reconcile_steps
+    (reconcile_id, attempt, plugin, action, status, source, sha, started_at, finished_at, error)
+VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+"""
+
+
+async def insert_step(conn: Connection, reconcile_id: uuid.UUID, step: Step) -> None:
+    await conn.execute(
+        INSERT_STEP,
+        reconcile_id,
+        step.attempt,
+        step.plugin,
+        step.action,
+        step.status,
+        step.source,
+        step.sha,
+        step.started_at,
+        step.finished_at,
+        step.error,
+    )
+
+
+# Guarded by the lease: a process that lost its lease (it stalled, another took over) must
+# not write over the run's real outcome (DESIGN lesson 3).
+FINISH = """
+UPDATE reconciles SET
+    status = $3, error = $4, restart_requested = $5, finished_at = now(),
+    lease_owner = NULL, lease_expires_at = NULL
+WHERE id = $1 AND lease_owner = $2 AND status = 'running'
+RETURNING workspace_id
+"""
+
+# One pending restart is enough: while the runtime has not acked one, do not stack another.
+REQUEST_RESTART = """
+INSERT INTO workspace_actions (workspace_id, type, reason, reconcile_id)
+SELECT $1, 'restart', $2, $3
+WHERE NOT EXISTS (SELECT 1 FROM workspace_actions
+                  WHERE workspace_id = $1 AND type = 'restart' AND acked_at IS NULL)
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    status: str  # succeeded | failed
+    error: str | None
+    installed: list[str]
+
+    @property
+    def restart_reason(self) -> str | None:
+        return f"plugins installed: {', '.join(self.installed)}" if self.installed else None
+
+
+async def finish(conn: Connection, reconcile_id: uuid.UUID, owner: str, outcome: Outcome) -> bool:
+    """Write the run's terminal status, its restart request and its event in one transaction."""
+    reason = outcome.restart_reason
+    async with conn.transaction():
+        workspace_id = await conn.fetchval(
+            FINISH, reconcile_id, owner, outcome.status, outcome.error, reason is not None
+        )
+        if workspace_id is None:
+            return False
+        if reason is not None:
+            await conn.execute(REQUEST_RESTART, workspace_id, reason, reconcile_id)
+        await insert_reconcile_event(
+            conn,
+            workspace_id,
+            f"reconcile_{outcome.status}",
+            {
+                "reconcile_id": str(reconcile_id),
+                "error": outcome.error,
+                "installed": outcome.installed,
+            },
+        )
+    return True
+
+
+QUEUE_RECONCILE = """
+INSERT INTO reconciles (workspace_id, trigger, refresh)
+VALUES ($1, $2, $3)
+ON CONFLICT (workspace_id) WHERE status = 'queued'
+DO UPDATE SET refresh = reconciles.refresh OR EXCLUDED.refresh
+RETURNING id
+"""
+
+
+async def queue_reconcile(
+    conn: Connection, workspace_id: uuid.UUID, trigger: str, *, refresh: bool = False
+) -> uuid.UUID:
+    """Commit an intent to reconcile, folded into the one already queued if there is one."""
+    value = await conn.fetchval(QUEUE_RECONCILE, workspace_id, trigger, refresh)
+    assert isinstance(value, uuid.UUID)
+    return value

@@ -1,0 +1,164 @@
+"""Workspace rows: creating a workspace with its declared plugins, and reading it back."""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import asyncpg
+
+from registry.db import Connection
+from registry.db.events import insert_status_event
+from registry.statuses import Status
+
+
+@dataclass(frozen=True, slots=True)
+class DeclaredPlugin:
+    name: str
+    source: str
+
+
+@dataclass(frozen=True, slots=True)
+class InstalledPlugin:
+    name: str
+    source: str
+    sha: str
+    installed_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class Workspace:
+    id: uuid.UUID
+    name: str
+    status: Status
+    status_changed_at: datetime
+    created_at: datetime
+    delivery: str
+    url: str | None
+    agent_card: Any
+    last_heartbeat_at: datetime | None
+    error_rate: float | None
+    sample_error: str | None
+    active_tasks: int | None
+    uptime_seconds: float | None
+    current_task: str | None
+    monthly_spend: float | None
+    runtime_state: str | None
+    observed_plugins: list[dict[str, Any]] | None
+
+    @classmethod
+    def from_record(cls, row: asyncpg.Record) -> Workspace:
+        values = {name: row[name] for name in cls.__slots__}
+        values["status"] = Status(row["status"])
+        return cls(**values)
+
+
+WORKSPACE_COLUMNS = """
+    id, name, status, status_changed_at, created_at, delivery, url, agent_card,
+    last_heartbeat_at, error_rate, sample_error, active_tasks, uptime_seconds, current_task,
+    monthly_spend, runtime_state, observed_plugins
+"""
+
+INSERT_WORKSPACE = f"""
+INSERT INTO workspaces (name, status, token_hash, delivery, url)
+VALUES ($1, $2, $3, $4, $5)
+RETURNING {WORKSPACE_COLUMNS}
+"""
+
+INSERT_DECLARED = """
+INSERT INTO declared_plugins (workspace_id, name, source, position)
+SELECT $1, d.name, d.source, d.position
+FROM unnest($2::text[], $3::text[]) WITH ORDINALITY AS d(name, source, position)
+"""
+
+
+async def create_workspace(
+    conn: Connection,
+    *,
+    name: str,
+    token_hash: bytes,
+    delivery: str,
+    url: str | None,
+    plugins: list[DeclaredPlugin],
+) -> Workspace:
+    """Insert a provisioning workspace, its declared plugins and its creation event."""
+    async with conn.transaction():
+        row = await conn.fetchrow(
+            INSERT_WORKSPACE, name, Status.PROVISIONING.value, token_hash, delivery, url
+        )
+        assert row is not None
+        workspace = Workspace.from_record(row)
+        await conn.execute(
+            INSERT_DECLARED,
+            workspace.id,
+            [p.name for p in plugins],
+            [p.source for p in plugins],
+        )
+        await insert_status_event(
+            conn, workspace.id, None, Status.PROVISIONING, cause="created", actor="admin"
+        )
+    return workspace
+
+
+SELECT_WORKSPACE = f"SELECT {WORKSPACE_COLUMNS} FROM workspaces WHERE id = $1"
+
+
+async def get_workspace(conn: Connection, workspace_id: uuid.UUID) -> Workspace | None:
+    row = await conn.fetchrow(SELECT_WORKSPACE, workspace_id)
+    return None if row is None else Workspace.from_record(row)
+
+
+SELECT_DECLARED = """
+SELECT name, source FROM declared_plugins WHERE workspace_id = $1 ORDER BY position, name
+"""
+
+
+async def declared_plugins(conn: Connection, workspace_id: uuid.UUID) -> list[DeclaredPlugin]:
+    rows = await conn.fetch(SELECT_DECLARED, workspace_id)
+    return [DeclaredPlugin(row["name"], row["source"]) for row in rows]
+
+
+SELECT_INSTALLED = """
+SELECT name, source, sha, installed_at FROM installed_plugins WHERE workspace_id = $1 ORDER BY name
+"""
+
+
+async def installed_plugins(conn: Connection, workspace_id: uuid.UUID) -> list[InstalledPlugin]:
+    rows = await conn.fetch(SELECT_INSTALLED, workspace_id)
+    return [InstalledPlugin(r["name"], r["source"], r["sha"], r["installed_at"]) for r in rows]
+
+
+UPSERT_INSTALLED = """
+INSERT INTO installed_plugins (workspace_id, name, source, sha)
+VALUES ($1, $2, $3, $4)
+ON CONFLICT (workspace_id, name)
+DO UPDATE SET source = EXCLUDED.source, sha = EXCLUDED.sha, installed_at = now()
+"""
+
+
+async def record_installed(
+    conn: Connection, workspace_id: uuid.UUID, name: str, source: str, sha: str
+) -> None:
+    """Called only after the plugin's bytes were delivered (DESIGN lesson 7)."""
+    await conn.execute(UPSERT_INSTALLED, workspace_id, name, source, sha)
+
+
+SELECT_PENDING_ACTIONS = """
+SELECT id, type, reason, created_at FROM workspace_actions
+WHERE workspace_id = $1 AND acked_at IS NULL ORDER BY created_at
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Action:
+    id: uuid.UUID
+    type: str
+    reason: str
+    created_at: datetime
+
+
+async def pending_actions(conn: Connection, workspace_id: uuid.UUID) -> list[Action]:
+    rows = await conn.fetch(SELECT_PENDING_ACTIONS, workspace_id)
+    return [Action(r["id"], r["type"], r["reason"], r["created_at"]) for r in rows]

@@ -1,0 +1,126 @@
+"""Domain errors and the one middleware that renders every error as API.md's JSON envelope."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Awaitable, Callable
+
+import asyncpg
+from aiohttp import web
+
+from registry.jsonio import json_response
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+# Seconds a client should wait before retrying while the database is unreachable.
+DB_RETRY_AFTER_S = 2
+
+
+class ApiError(Exception):
+    """An error with a stable code, an HTTP status and, when one input is at fault, its field."""
+
+    status = 400
+    code = "bad_request"
+
+    def __init__(self, message: str, *, field: str | None = None, code: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.field = field
+        if code is not None:
+            self.code = code
+
+    def body(self) -> dict[str, object]:
+        error: dict[str, object] = {"code": self.code, "message": self.message}
+        if self.field is not None:
+            error["field"] = self.field
+        return {"error": error}
+
+
+class InvalidField(ApiError):
+    code = "invalid_field"
+
+
+class InvalidBody(ApiError):
+    code = "invalid_body"
+
+
+class Unauthorized(ApiError):
+    status = 401
+    code = "unauthorized"
+
+
+class Forbidden(ApiError):
+    status = 403
+    code = "forbidden"
+
+
+class NotFound(ApiError):
+    status = 404
+    code = "not_found"
+
+
+class Conflict(ApiError):
+    status = 409
+    code = "conflict"
+
+
+class Gone(ApiError):
+    status = 410
+    code = "workspace_removed"
+
+
+class ServiceUnavailable(ApiError):
+    status = 503
+    code = "database_unavailable"
+
+
+# Exceptions that mean "the database cannot be reached right now", not "the query is wrong".
+DATABASE_DOWN = (
+    OSError,
+    TimeoutError,
+    asyncpg.exceptions.ConnectionDoesNotExistError,
+    asyncpg.exceptions.CannotConnectNowError,
+    asyncpg.exceptions.TooManyConnectionsError,
+    asyncpg.exceptions.AdminShutdownError,
+    asyncpg.exceptions.CrashShutdownError,
+    asyncpg.exceptions.InterfaceError,
+)
+
+_HTTP_CODES = {
+    400: "bad_request",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "body_too_large",
+    415: "unsupported_media_type",
+}
+
+
+def _error_response(status: int, code: str, message: str, **extra: object) -> web.Response:
+    error: dict[str, object] = {"code": code, "message": message, **extra}
+    return json_response({"error": error}, status=status)
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    try:
+        return await handler(request)
+    except ApiError as exc:
+        response = json_response(exc.body(), status=exc.status)
+        if exc.status == 503:
+            response.headers["Retry-After"] = str(DB_RETRY_AFTER_S)
+        return response
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        code = _HTTP_CODES.get(exc.status, "http_error")
+        return _error_response(exc.status, code, exc.reason)
+    except DATABASE_DOWN as exc:
+        log.warning("database unavailable during %s %s: %r", request.method, request.path, exc)
+        response = _error_response(503, "database_unavailable", "the database is unreachable")
+        response.headers["Retry-After"] = str(DB_RETRY_AFTER_S)
+        return response
+    except Exception:
+        log.exception("unhandled error in %s %s", request.method, request.path)
+        return _error_response(500, "internal_error", "internal error")

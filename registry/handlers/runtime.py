@@ -1,0 +1,157 @@
+"""Runtime API: heartbeat and register, authenticated by the workspace's own token."""
+
+from __future__ import annotations
+
+import random
+import uuid
+from typing import Any
+
+from aiohttp import web
+
+from registry import validation as v
+from registry.auth import bearer_token, hash_token
+from registry.db.heartbeats import Beat, BeatResult, apply_beat, workspace_for_token
+from registry.errors import Forbidden, Gone, InvalidField, Unauthorized
+from registry.jsonio import json_response
+from registry.keys import POOL, RECONCILER, SETTINGS
+from registry.statuses import Health, Status, classify_heartbeat
+
+HEARTBEAT_FIELDS = frozenset(
+    {
+        "workspace_id",
+        "error_rate",
+        "sample_error",
+        "active_tasks",
+        "uptime_seconds",
+        "current_task",
+        "monthly_spend",
+        "runtime_state",
+        "plugins",
+        "acks",
+    }
+)
+REGISTER_FIELDS = frozenset({"workspace_id", "url", "agent_card"})
+
+# Bounds that no real runtime reaches; they keep garbage and abuse out of the table.
+MAX_OBSERVED_PLUGINS = 500
+MAX_ACKS = 100
+MAX_URL_LENGTH = 2048
+MAX_AGENT_CARD_BYTES = 32 * 1024
+
+
+def _observed_plugins(body: v.Body) -> list[dict[str, str]] | None:
+    items = v.array(body, "plugins", max_items=MAX_OBSERVED_PLUGINS)
+    if items is None:
+        return None
+    observed = []
+    for item in items:
+        entry = v.item_object(item, "plugins")
+        v.reject_unknown_fields(entry, ("name", "sha"))
+        observed.append(
+            {
+                "name": v.text(entry, "name", "", max_length=128) or _missing("plugins"),
+                "sha": v.text(entry, "sha", "", max_length=128),
+            }
+        )
+    return observed
+
+
+def _missing(field: str) -> str:
+    raise InvalidField(f"each item of {field} needs a name", field=field)
+
+
+def _acks(body: v.Body) -> list[uuid.UUID]:
+    items = v.array(body, "acks", max_items=MAX_ACKS) or []
+    return [v.parse_uuid(item, "acks") for item in items]
+
+
+def parse_heartbeat(body: v.Body, token_hash: bytes) -> Beat:
+    v.reject_unknown_fields(body, HEARTBEAT_FIELDS)
+    error_rate = v.number(body, "error_rate", 0.0, minimum=0.0, maximum=1.0)
+    runtime_state = v.text(body, "runtime_state", "ok", max_length=64)
+    return Beat(
+        workspace_id=v.parse_uuid(v.required(body, "workspace_id"), "workspace_id"),
+        token_hash=token_hash,
+        health=classify_heartbeat(error_rate, runtime_state),
+        error_rate=error_rate,
+        sample_error=v.text(body, "sample_error", "", max_length=4096),
+        active_tasks=v.integer(body, "active_tasks", 0, minimum=0, maximum=1_000_000),
+        uptime_seconds=v.number(body, "uptime_seconds", 0.0, minimum=0.0, maximum=1e10),
+        current_task=v.text(body, "current_task", "", max_length=1024),
+        monthly_spend=v.number(body, "monthly_spend", 0.0, minimum=0.0, maximum=1e12),
+        runtime_state=runtime_state,
+        observed_plugins=_observed_plugins(body),
+        acks=_acks(body),
+    )
+
+
+def parse_register(body: v.Body, token_hash: bytes) -> Beat:
+    v.reject_unknown_fields(body, REGISTER_FIELDS)
+    url = v.text(body, "url", "", max_length=MAX_URL_LENGTH) or None
+    if url is not None and not url.startswith(("http://", "https://")):
+        raise InvalidField("url must be an http:// or https:// URL", field="url")
+    agent_card = body.get("agent_card")
+    if agent_card is not None and not isinstance(agent_card, dict):
+        raise InvalidField("agent_card must be an object", field="agent_card")
+    if agent_card is not None and len(str(agent_card)) > MAX_AGENT_CARD_BYTES:
+        raise InvalidField("agent_card is too large", field="agent_card")
+    return Beat(
+        workspace_id=v.parse_uuid(v.required(body, "workspace_id"), "workspace_id"),
+        token_hash=token_hash,
+        # Registering says "I am up" but nothing of health: promote, keep degraded degraded.
+        health=Health.UNWELL,
+        error_rate=None,
+        sample_error=None,
+        active_tasks=None,
+        uptime_seconds=None,
+        current_task=None,
+        monthly_spend=None,
+        runtime_state=None,
+        observed_plugins=None,
+        acks=[],
+        url=url,
+        agent_card=agent_card,
+        cause="register",
+    )
+
+
+async def _answer(request: web.Request, beat: Beat) -> web.Response:
+    app = request.app
+    async with app[POOL].acquire() as conn:
+        result = await apply_beat(conn, beat)
+        if result.previous_status is None:
+            owner = await workspace_for_token(conn, beat.token_hash)
+            if owner is None:
+                raise Unauthorized("the token matches no workspace")
+            raise Forbidden("the token belongs to another workspace", field="workspace_id")
+    if result.previous_status is Status.REMOVED:
+        raise Gone("the workspace was removed: stop heartbeating")
+    if result.reconcile_queued:
+        app[RECONCILER].wake()
+    return json_response(_response_body(request, beat, result))
+
+
+def _response_body(request: web.Request, beat: Beat, result: BeatResult) -> dict[str, Any]:
+    interval = request.app[SETTINGS].heartbeat_interval_s
+    # ±10% jitter spreads a fleet that started together across the interval.
+    next_heartbeat_s = round(interval * random.uniform(0.9, 1.1), 1)  # noqa: S311
+    assert result.status is not None and result.previous_status is not None
+    return {
+        "workspace_id": beat.workspace_id,
+        "status": result.status.value,
+        "previous_status": result.previous_status.value,
+        "next_heartbeat_s": next_heartbeat_s,
+        "actions": result.actions,
+    }
+
+
+async def post_heartbeat(request: web.Request) -> web.Response:
+    token_hash = hash_token(bearer_token(request))
+    beat = parse_heartbeat(await v.read_json_object(request), token_hash)
+    return await _answer(request, beat)
+
+
+async def post_register(request: web.Request) -> web.Response:
+    token_hash = hash_token(bearer_token(request))
+    beat = parse_register(await v.read_json_object(request), token_hash)
+    return await _answer(request, beat)

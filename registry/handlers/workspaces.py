@@ -1,0 +1,114 @@
+"""Management API: create and inspect workspaces (admin token)."""
+
+from __future__ import annotations
+
+import uuid
+from typing import Any
+
+from aiohttp import web
+
+from registry import validation as v
+from registry.auth import hash_token, new_workspace_token
+from registry.db import Connection, reconciles, workspaces
+from registry.db.workspaces import DeclaredPlugin
+from registry.errors import Forbidden, InvalidField, NotFound
+from registry.jsonio import json_response
+from registry.keys import POOL, SETTINGS
+from registry.plugins import (
+    PluginError,
+    SourceDenied,
+    SourceSettings,
+    check_allowed,
+    default_plugin_name,
+    parse_source,
+    validate_plugin_name,
+)
+from registry.settings import Settings
+from registry.views import workspace_view
+
+CREATE_FIELDS = frozenset({"name", "url", "delivery", "plugins"})
+DELIVERY_MODES = ("filesystem", "http")
+MAX_DECLARED_PLUGINS = 100
+MAX_SOURCE_LENGTH = 2048
+
+
+def source_settings(settings: Settings) -> SourceSettings:
+    return SourceSettings(
+        github_base=settings.github_base,
+        gitea_scheme=settings.gitea_scheme,
+        allowlist=settings.plugin_allowlist,
+    )
+
+
+def parse_declared_plugins(body: v.Body, sources: SourceSettings) -> list[DeclaredPlugin]:
+    """Validate a declared set: known schemes (400), allowlisted sources (403), unique names."""
+    declared: list[DeclaredPlugin] = []
+    for item in v.array(body, "plugins", max_items=MAX_DECLARED_PLUGINS) or []:
+        entry = v.item_object(item, "plugins")
+        v.reject_unknown_fields(entry, ("source", "name"))
+        raw = v.text(entry, "source", "", max_length=MAX_SOURCE_LENGTH)
+        if not raw:
+            raise InvalidField("each plugin needs a source", field="plugins")
+        try:
+            source = parse_source(raw, sources)
+            name = validate_plugin_name(
+                v.text(entry, "name", "", max_length=64) or default_plugin_name(source)
+            )
+            check_allowed(source, sources)
+        except SourceDenied as exc:
+            raise Forbidden(exc.message, field="plugins", code=exc.code) from None
+        except PluginError as exc:
+            raise InvalidField(exc.message, field="plugins", code=exc.code) from None
+        if any(p.name == name for p in declared):
+            raise InvalidField(f"plugin name declared twice: {name}", field="plugins")
+        declared.append(DeclaredPlugin(name, raw))
+    return declared
+
+
+def _optional_url(body: v.Body) -> str | None:
+    url = v.text(body, "url", "", max_length=2048) or None
+    if url is not None and not url.startswith(("http://", "https://")):
+        raise InvalidField("url must be an http:// or https:// URL", field="url")
+    return url
+
+
+async def post_workspaces(request: web.Request) -> web.Response:
+    body = await v.read_json_object(request)
+    v.reject_unknown_fields(body, CREATE_FIELDS)
+    name = v.text(body, "name", "", max_length=128).strip()
+    if not name:
+        raise InvalidField("name is required", field="name", code="missing_field")
+    delivery = v.choice(body, "delivery", "filesystem", DELIVERY_MODES)
+    url = _optional_url(body)
+    plugins = parse_declared_plugins(body, source_settings(request.app[SETTINGS]))
+    token = new_workspace_token()
+    async with request.app[POOL].acquire() as conn:
+        workspace = await workspaces.create_workspace(
+            conn,
+            name=name,
+            token_hash=hash_token(token),
+            delivery=delivery,
+            url=url,
+            plugins=plugins,
+        )
+        view = await _workspace_view(conn, workspace.id)
+    # The only time the token is shown: only its hash is kept.
+    return json_response({"workspace": view, "token": token}, status=201)
+
+
+async def _workspace_view(conn: Connection, workspace_id: uuid.UUID) -> dict[str, Any]:
+    workspace = await workspaces.get_workspace(conn, workspace_id)
+    if workspace is None:
+        raise NotFound(f"no workspace {workspace_id}", code="workspace_not_found")
+    return workspace_view(
+        workspace,
+        declared=await workspaces.declared_plugins(conn, workspace_id),
+        installed=await workspaces.installed_plugins(conn, workspace_id),
+        last=await reconciles.last_reconcile(conn, workspace_id),
+    )
+
+
+async def get_workspace(request: web.Request) -> web.Response:
+    workspace_id = v.path_uuid(request)
+    async with request.app[POOL].acquire() as conn:
+        return json_response(await _workspace_view(conn, workspace_id))

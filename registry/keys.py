@@ -1,0 +1,16 @@
+"""Every object shared through the aiohttp application, behind a typed key."""
+
+from __future__ import annotations
+
+import aiojobs
+import asyncpg
+from aiohttp import web
+
+from registry.reconcile.worker import ReconcileWorker
+from registry.settings import Settings
+
+SETTINGS = web.AppKey("settings", Settings)
+DSN = web.AppKey("dsn", str)
+POOL = web.AppKey("pool", asyncpg.Pool)
+SCHEDULER = web.AppKey("scheduler", aiojobs.Scheduler)
+RECONCILER = web.AppKey("reconciler", ReconcileWorker)

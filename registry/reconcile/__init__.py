@@ -1,0 +1,1 @@
+"""The plugin reconcile: plan a diff, install what is missing, record every step."""

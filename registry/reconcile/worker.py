@@ -1,0 +1,105 @@
+"""Picks up due reconciles (durable intents) and runs them as jobs, a bounded number at once."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import uuid
+
+import aiojobs
+import asyncpg
+
+from registry.db import reconciles
+from registry.db.reconciles import Claim
+from registry.errors import DATABASE_DOWN
+from registry.reconcile.runner import Reconciler
+
+log = logging.getLogger(__name__)
+
+
+def new_owner_id() -> str:
+    """Names this process in leases: unique per start, readable in the table."""
+    return f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+
+
+class ReconcileWorker:
+    """Claims due runs from the database and runs each as an aiojobs job.
+
+    The database is the queue: a heartbeat commits the intent, then wakes this loop so the run
+    starts at once; the poll is the safety net that finds intents from other processes,
+    retries that came due and runs whose owner died. The loop also renews the leases of the
+    runs it holds, so that only a dead process's runs are taken over.
+    """
+
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        scheduler: aiojobs.Scheduler,
+        reconciler: Reconciler,
+        *,
+        owner: str,
+        concurrency: int,
+        poll_s: float,
+        lease_s: float,
+    ) -> None:
+        self._pool = pool
+        self._scheduler = scheduler
+        self._reconciler = reconciler
+        self.owner = owner
+        self._concurrency = concurrency
+        self._poll_s = min(poll_s, lease_s / 3)
+        self._lease_s = lease_s
+        self._wakeup = asyncio.Event()
+        self._running: set[uuid.UUID] = set()
+        self._stopping = False
+
+    def wake(self) -> None:
+        """Something was queued: look now rather than at the next poll."""
+        self._wakeup.set()
+
+    @property
+    def running(self) -> frozenset[uuid.UUID]:
+        return frozenset(self._running)
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._wakeup.set()
+
+    async def run_forever(self) -> None:
+        while not self._stopping:
+            self._wakeup.clear()
+            try:
+                await self._tick()
+            except DATABASE_DOWN as exc:
+                log.warning("reconcile worker: database unavailable: %r", exc)
+            except Exception:
+                log.exception("reconcile worker: poll failed")
+            if self._stopping:
+                break
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wakeup.wait(), timeout=self._poll_s)
+
+    async def _tick(self) -> None:
+        async with self._pool.acquire() as conn:
+            if self._running:
+                await reconciles.renew_leases(conn, self.owner, self._lease_s, list(self._running))
+            free = self._concurrency - len(self._running)
+            claims = (
+                await reconciles.claim_due(conn, self.owner, self._lease_s, free)
+                if free > 0
+                else []
+            )
+        for claim in claims:
+            self._running.add(claim.id)
+            await self._scheduler.spawn(self._run(claim), name=f"reconcile-{claim.id}")
+
+    async def _run(self, claim: Claim) -> None:
+        try:
+            await self._reconciler.run(claim)
+        finally:
+            self._running.discard(claim.id)
+            # A slot is free: more may be waiting.
+            self._wakeup.set()

@@ -1,0 +1,150 @@
+"""Settings: one frozen dataclass, read from REGISTRY_* environment variables."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+
+class SettingsError(ValueError):
+    """A setting is missing or malformed; start-up stops with this message."""
+
+
+def default_data_dir() -> Path:
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "registry"
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    # None: start the embedded PostgreSQL kept under data_dir/postgres.
+    dsn: str | None = None
+    host: str = "127.0.0.1"
+    port: int = 8080
+    # None: `serve` generates one per start and prints it (development only).
+    admin_token: str | None = None
+    data_dir: Path = field(default_factory=default_data_dir)
+    plugins_dir: Path | None = None  # None: data_dir/plugins
+    # Source prefixes that may be installed; empty denies every plugin source.
+    plugin_allowlist: tuple[str, ...] = ()
+    github_base: str = "https://github.com"
+    gitea_scheme: str = "https"
+    # 64 KiB holds a heartbeat with hundreds of observed plugins; anything larger is abuse.
+    max_body_bytes: int = 64 * 1024
+    heartbeat_interval_s: float = 30.0
+    pool_min_size: int = 2
+    pool_max_size: int = 10
+    db_timeout_s: float = 5.0
+    # Background reconciles share the pool with heartbeats: keep them to a few connections.
+    reconcile_concurrency: int = 4
+    reconcile_timeout_s: float = 300.0
+    reconcile_poll_s: float = 2.0
+    reconcile_lease_s: float = 30.0
+    fetch_timeout_s: float = 60.0
+    fetch_max_bytes: int = 50 * 1024 * 1024
+    fetch_max_files: int = 10_000
+
+    @property
+    def resolved_plugins_dir(self) -> Path:
+        return self.plugins_dir if self.plugins_dir is not None else self.data_dir / "plugins"
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Build settings from REGISTRY_<FIELD> variables; `overrides` (e.g. CLI flags) win."""
+        env = os.environ if environ is None else environ
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            raw = env.get(f"REGISTRY_{f.name.upper()}")
+            if raw is None or raw == "":
+                continue
+            parser = _PARSERS[f.name]
+            try:
+                values[f.name] = parser(raw)
+            except ValueError as exc:
+                raise SettingsError(f"REGISTRY_{f.name.upper()}={raw!r}: {exc}") from None
+        values.update({k: v for k, v in overrides.items() if v is not None})
+        settings = cls(**values)
+        settings.validate()
+        return settings
+
+    def validate(self) -> None:
+        def need(ok: bool, message: str) -> None:
+            if not ok:
+                raise SettingsError(message)
+
+        need(0 < self.port < 65536, f"port must be 1..65535, got {self.port}")
+        need(self.max_body_bytes >= 1024, "max_body_bytes must be at least 1024")
+        need(
+            1 <= self.pool_min_size <= self.pool_max_size,
+            "need 1 <= pool_min_size <= pool_max_size",
+        )
+        need(
+            self.reconcile_concurrency < self.pool_max_size,
+            "reconcile_concurrency must be below pool_max_size, so heartbeats keep a connection",
+        )
+        need(
+            self.admin_token is None or len(self.admin_token) >= 16,
+            "admin_token must be at least 16 characters",
+        )
+        for name in (
+            "heartbeat_interval_s",
+            "db_timeout_s",
+            "reconcile_timeout_s",
+            "reconcile_poll_s",
+            "reconcile_lease_s",
+            "fetch_timeout_s",
+        ):
+            value = getattr(self, name)
+            need(math.isfinite(value) and value > 0, f"{name} must be a positive number")
+        need(self.fetch_max_bytes > 0 and self.fetch_max_files > 0, "fetch limits must be positive")
+
+
+def _positive_int(raw: str) -> int:
+    value = int(raw)
+    if value <= 0:
+        raise ValueError("must be a positive integer")
+    return value
+
+
+def _float(raw: str) -> float:
+    value = float(raw)
+    if not math.isfinite(value):
+        raise ValueError("must be a finite number")
+    return value
+
+
+def _prefix_list(raw: str) -> tuple[str, ...]:
+    return tuple(item.strip() for item in raw.split(",") if item.strip())
+
+
+def _text(raw: str) -> str:
+    return raw
+
+
+_PARSERS: dict[str, Callable[[str], Any]] = {
+    "dsn": _text,
+    "host": _text,
+    "port": _positive_int,
+    "admin_token": _text,
+    "data_dir": Path,
+    "plugins_dir": Path,
+    "plugin_allowlist": _prefix_list,
+    "github_base": _text,
+    "gitea_scheme": _text,
+    "max_body_bytes": _positive_int,
+    "heartbeat_interval_s": _float,
+    "pool_min_size": _positive_int,
+    "pool_max_size": _positive_int,
+    "db_timeout_s": _float,
+    "reconcile_concurrency": _positive_int,
+    "reconcile_timeout_s": _float,
+    "reconcile_poll_s": _float,
+    "reconcile_lease_s": _float,
+    "fetch_timeout_s": _float,
+    "fetch_max_bytes": _positive_int,
+    "fetch_max_files": _positive_int,
+}

@@ -1,0 +1,100 @@
+"""Workspace statuses: the legal transitions, and what a heartbeat does to each status."""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass
+
+
+class Status(enum.StrEnum):
+    PROVISIONING = "provisioning"
+    ONLINE = "online"
+    DEGRADED = "degraded"
+    OFFLINE = "offline"
+    FAILED = "failed"
+    PAUSED = "paused"
+    REMOVED = "removed"
+
+
+S = Status
+
+# Every status change anywhere in the registry must be one of these.
+LEGAL_TRANSITIONS: frozenset[tuple[Status, Status]] = frozenset(
+    {
+        (S.PROVISIONING, S.ONLINE),
+        (S.PROVISIONING, S.DEGRADED),
+        (S.PROVISIONING, S.FAILED),
+        (S.ONLINE, S.DEGRADED),
+        (S.ONLINE, S.OFFLINE),
+        (S.DEGRADED, S.ONLINE),
+        (S.DEGRADED, S.OFFLINE),
+        (S.OFFLINE, S.ONLINE),
+        (S.OFFLINE, S.DEGRADED),
+        (S.FAILED, S.ONLINE),
+        (S.FAILED, S.DEGRADED),
+        *((s, S.PAUSED) for s in S if s not in (S.PAUSED, S.REMOVED)),
+        (S.PAUSED, S.OFFLINE),  # resume: the next heartbeat decides online or degraded
+        *((s, S.REMOVED) for s in S if s is not S.REMOVED),
+    }
+)
+
+# A workspace in one of these serves traffic.
+LIVE = frozenset({S.ONLINE, S.DEGRADED})
+
+# Entering a live status from one of these means a (possibly new) box: reconcile its plugins.
+RECONCILE_ON_ENTRY_FROM = frozenset({S.PROVISIONING, S.OFFLINE, S.FAILED})
+
+# Error-rate hysteresis, so a workspace hovering near one threshold does not flap.
+DEGRADED_AT = 0.5
+RECOVERED_BELOW = 0.1
+
+
+class Health(enum.StrEnum):
+    """What one heartbeat says about the runtime, before the previous status is known."""
+
+    HEALTHY = "healthy"  # error rate below RECOVERED_BELOW and not wedged
+    UNWELL = "unwell"  # in between: keeps online online and degraded degraded
+    DEGRADED = "degraded"  # error rate at or above DEGRADED_AT, or wedged
+
+
+def classify_heartbeat(error_rate: float, runtime_state: str) -> Health:
+    if runtime_state == "wedged" or error_rate >= DEGRADED_AT or math.isnan(error_rate):
+        return Health.DEGRADED
+    if error_rate < RECOVERED_BELOW:
+        return Health.HEALTHY
+    return Health.UNWELL
+
+
+def heartbeat_target(previous: Status, health: Health) -> Status:
+    """The status a heartbeat of this health moves `previous` to (maybe itself)."""
+    if previous in (S.PAUSED, S.REMOVED):
+        return previous  # operator hold and tombstone: never promoted
+    if health is Health.DEGRADED:
+        return S.DEGRADED
+    if health is Health.HEALTHY or previous is not S.DEGRADED:
+        return S.ONLINE
+    return S.DEGRADED
+
+
+@dataclass(frozen=True, slots=True)
+class TransitionTable:
+    """A from→to mapping in the array form SQL statements join against."""
+
+    from_statuses: list[str]
+    to_statuses: list[str]
+
+
+def _heartbeat_table(health: Health) -> TransitionTable:
+    pairs = [(s, heartbeat_target(s, health)) for s in S]
+    changes = [(a, b) for a, b in pairs if a is not b]
+    illegal = [pair for pair in changes if pair not in LEGAL_TRANSITIONS]
+    assert not illegal, f"heartbeat rule yields illegal transitions: {illegal}"
+    return TransitionTable([a.value for a, _ in changes], [b.value for _, b in changes])
+
+
+# Precomputed once: the heartbeat statement is given the table for the beat's health, so
+# this module stays the only place that knows the rules.
+HEARTBEAT_TABLES: dict[Health, TransitionTable] = {h: _heartbeat_table(h) for h in Health}
+RECONCILE_ENTRY_FROM: list[str] = sorted(s.value for s in RECONCILE_ON_ENTRY_FROM)
+LIVE_STATUSES: list[str] = sorted(s.value for s in LIVE)

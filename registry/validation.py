@@ -1,0 +1,120 @@
+"""Request-body parsing: typed field readers that turn bad input into 400s naming the field."""
+
+from __future__ import annotations
+
+import math
+import uuid
+from collections.abc import Iterable
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from registry.errors import InvalidBody, InvalidField, NotFound
+
+Body = dict[str, Any]
+
+
+async def read_json_object(request: web.Request) -> Body:
+    raw = await request.read()
+    if not raw:
+        raise InvalidBody("request body must be a JSON object")
+    try:
+        value = orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        raise InvalidBody("request body is not valid JSON") from None
+    if not isinstance(value, dict):
+        raise InvalidBody("request body must be a JSON object")
+    return value
+
+
+def reject_unknown_fields(body: Body, allowed: Iterable[str]) -> None:
+    unknown = sorted(set(body) - set(allowed))
+    if unknown:
+        raise InvalidField(f"unknown field: {unknown[0]}", field=unknown[0], code="unknown_field")
+
+
+def parse_uuid(value: object, field: str) -> uuid.UUID:
+    if not isinstance(value, str):
+        raise InvalidField(f"{field} must be a UUID string", field=field)
+    try:
+        return uuid.UUID(value)
+    except ValueError:
+        raise InvalidField(f"{field} must be a UUID string", field=field) from None
+
+
+def path_uuid(request: web.Request, name: str = "id") -> uuid.UUID:
+    """A UUID from the URL path; anything else cannot name a resource, so it is a 404."""
+    try:
+        return uuid.UUID(request.match_info[name])
+    except ValueError:
+        raise NotFound(f"no such {name}: {request.match_info[name]!r}") from None
+
+
+def required(body: Body, field: str) -> Any:
+    if field not in body or body[field] is None:
+        raise InvalidField(f"{field} is required", field=field, code="missing_field")
+    return body[field]
+
+
+def number(body: Body, field: str, default: float, *, minimum: float, maximum: float) -> float:
+    value = body.get(field, default)
+    if value is None:
+        return default
+    # bool is an int in Python, but `true` is not a number in JSON.
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InvalidField(f"{field} must be a number", field=field)
+    value = float(value)
+    if not math.isfinite(value) or not minimum <= value <= maximum:
+        raise InvalidField(f"{field} must be between {minimum:g} and {maximum:g}", field=field)
+    return value
+
+
+def integer(body: Body, field: str, default: int, *, minimum: int, maximum: int) -> int:
+    value = body.get(field, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidField(f"{field} must be an integer", field=field)
+    if not minimum <= value <= maximum:
+        raise InvalidField(f"{field} must be between {minimum} and {maximum}", field=field)
+    return value
+
+
+def text(body: Body, field: str, default: str, *, max_length: int) -> str:
+    value = body.get(field, default)
+    if value is None:
+        return default
+    if not isinstance(value, str):
+        raise InvalidField(f"{field} must be a string", field=field)
+    if len(value) > max_length:
+        raise InvalidField(f"{field} must be at most {max_length} characters", field=field)
+    if "\x00" in value:
+        # PostgreSQL text cannot hold NUL; refuse it here rather than fail in the database.
+        raise InvalidField(f"{field} must not contain NUL characters", field=field)
+    return value
+
+
+def choice(body: Body, field: str, default: str, choices: Iterable[str]) -> str:
+    options = tuple(choices)
+    value = text(body, field, default, max_length=64)
+    if value not in options:
+        raise InvalidField(f"{field} must be one of: {', '.join(options)}", field=field)
+    return value
+
+
+def array(body: Body, field: str, *, max_items: int) -> list[Any] | None:
+    value = body.get(field)
+    if value is None:
+        return None
+    if not isinstance(value, list):
+        raise InvalidField(f"{field} must be an array", field=field)
+    if len(value) > max_items:
+        raise InvalidField(f"{field} must have at most {max_items} items", field=field)
+    return value
+
+
+def item_object(value: object, field: str) -> Body:
+    if not isinstance(value, dict):
+        raise InvalidField(f"each item of {field} must be an object", field=field)
+    return value

@@ -1,0 +1,118 @@
+"""JSON renderings of workspaces and reconciles, as the API returns them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from registry.db.reconciles import Reconcile, Step
+from registry.db.workspaces import DeclaredPlugin, InstalledPlugin, Workspace
+from registry.reconcile.plan import observed_shas, plan
+from registry.statuses import Status
+
+
+def step_view(step: Step) -> dict[str, Any]:
+    return {
+        "plugin": step.plugin,
+        "action": step.action,
+        "status": step.status,
+        "source": step.source,
+        "sha": step.sha,
+        "attempt": step.attempt,
+        "started_at": step.started_at,
+        "finished_at": step.finished_at,
+        "error": step.error,
+    }
+
+
+def reconcile_view(run: Reconcile) -> dict[str, Any]:
+    return {
+        "id": run.id,
+        "workspace_id": run.workspace_id,
+        "trigger": run.trigger,
+        "status": run.status,
+        "refresh": run.refresh,
+        "attempt": run.attempt,
+        "created_at": run.created_at,
+        "started_at": run.started_at,
+        "finished_at": run.finished_at,
+        "error": run.error,
+        "next_attempt_at": run.next_attempt_at,
+        "steps": [step_view(s) for s in run.steps],
+        "restart_requested": run.restart_requested,
+    }
+
+
+def plugins_sync(
+    declared: list[DeclaredPlugin],
+    installed: list[InstalledPlugin],
+    observed: list[dict[str, Any]] | None,
+    last: Reconcile | None,
+) -> str:
+    if last is not None and last.active:
+        return "reconciling"
+    planned = plan(declared, {p.name: p for p in installed}, observed_shas(observed))
+    if all(step.action == "skip" for step in planned):
+        return "synced"
+    if last is not None and last.status == "failed":
+        return "failed"
+    return "out_of_sync"
+
+
+def why_not_ready(workspace: Workspace, sync: str, last: Reconcile | None) -> str | None:
+    """A plain-language answer to "why is this workspace not online and synced?"."""
+    reasons = []
+    if workspace.status is Status.PROVISIONING:
+        reasons.append("waiting for the runtime's first heartbeat")
+    elif workspace.status is Status.DEGRADED:
+        reasons.append(
+            f"degraded: error rate {workspace.error_rate}, "
+            f"runtime state {workspace.runtime_state!r}"
+        )
+    elif workspace.status is not Status.ONLINE:
+        reasons.append(f"status is {workspace.status.value}")
+    if sync == "reconciling":
+        reasons.append("plugin reconcile in progress")
+    elif sync == "failed" and last is not None:
+        reasons.append(f"last reconcile failed (attempt {last.attempt}): {last.error}")
+    elif sync == "out_of_sync":
+        reasons.append("declared plugins are not all installed yet")
+    return "; ".join(reasons) or None
+
+
+def workspace_view(
+    workspace: Workspace,
+    *,
+    declared: list[DeclaredPlugin],
+    installed: list[InstalledPlugin],
+    last: Reconcile | None,
+) -> dict[str, Any]:
+    sync = plugins_sync(declared, installed, workspace.observed_plugins, last)
+    return {
+        "id": workspace.id,
+        "name": workspace.name,
+        "status": workspace.status.value,
+        "status_changed_at": workspace.status_changed_at,
+        "created_at": workspace.created_at,
+        "delivery": workspace.delivery,
+        "url": workspace.url,
+        "agent_card": workspace.agent_card,
+        "heartbeat": {
+            "last_heartbeat_at": workspace.last_heartbeat_at,
+            "error_rate": workspace.error_rate,
+            "sample_error": workspace.sample_error,
+            "active_tasks": workspace.active_tasks,
+            "uptime_seconds": workspace.uptime_seconds,
+            "current_task": workspace.current_task,
+            "monthly_spend": workspace.monthly_spend,
+            "runtime_state": workspace.runtime_state,
+        },
+        "declared_plugins": [{"name": p.name, "source": p.source} for p in declared],
+        "installed_plugins": [
+            {"name": p.name, "source": p.source, "sha": p.sha, "installed_at": p.installed_at}
+            for p in installed
+        ],
+        "observed_plugins": workspace.observed_plugins,
+        "plugins_sync": sync,
+        "last_reconcile": None if last is None else reconcile_view(last),
+        "why": why_not_ready(workspace, sync, last),
+    }

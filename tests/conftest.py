@@ -1,0 +1,137 @@
+"""Shared fixtures: a real PostgreSQL, a migrated test database, and the app on top of it.
+
+The database server is found in this order, and the suite fails loudly when none can be had:
+1. REGISTRY_TEST_DSN: any PostgreSQL you point it at (the tests create their own database);
+2. testcontainers, when a Docker daemon answers;
+3. an embedded PostgreSQL the tests start themselves (the pgserver wheel).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import tempfile
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import asyncpg
+import pytest
+from aiohttp.test_utils import TestClient
+
+from registry.app import create_app
+from registry.db.migrate import migrate
+from registry.settings import Settings
+from tests.support import ADMIN_TOKEN, Registry
+
+
+def _docker_answers() -> bool:
+    try:
+        import docker
+
+        docker.from_env(timeout=1).ping()
+    except Exception:
+        return False
+    return True
+
+
+@pytest.fixture(scope="session")
+def server_dsn() -> Iterator[str]:
+    explicit = os.environ.get("REGISTRY_TEST_DSN")
+    if explicit:
+        yield explicit
+        return
+    if _docker_answers():
+        from testcontainers.postgres import PostgresContainer
+
+        with PostgresContainer("postgres:16-alpine", driver=None) as container:
+            yield container.get_connection_url()
+        return
+    try:
+        import pgserver
+
+        data_dir = Path(tempfile.mkdtemp(prefix="registry-test-pg-"))
+        server = pgserver.get_server(str(data_dir), cleanup_mode="delete")
+    except Exception as exc:
+        pytest.fail(
+            "no PostgreSQL for the tests: REGISTRY_TEST_DSN is not set, no Docker daemon "
+            f"answers, and the embedded PostgreSQL did not start: {exc!r}",
+            pytrace=False,
+        )
+    yield str(server.get_uri())
+    server.cleanup()
+
+
+def with_database(dsn: str, database: str) -> str:
+    parts = urlsplit(dsn)
+    return urlunsplit(parts._replace(path="/" + database))
+
+
+@pytest.fixture(scope="session")
+def dsn(server_dsn: str) -> Iterator[str]:
+    """A database of this run's own, migrated once; dropped at the end."""
+    name = f"registry_test_{uuid.uuid4().hex[:12]}"
+
+    async def admin(sql: str) -> None:
+        conn = await asyncpg.connect(server_dsn)
+        try:
+            await conn.execute(sql)
+        finally:
+            await conn.close()
+
+    asyncio.run(admin(f'CREATE DATABASE "{name}"'))
+    database_dsn = with_database(server_dsn, name)
+    asyncio.run(migrate(database_dsn))
+    yield database_dsn
+    asyncio.run(admin(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+
+
+TABLES = (
+    "workspace_actions",
+    "reconcile_steps",
+    "reconciles",
+    "workspace_events",
+    "installed_plugins",
+    "declared_plugins",
+    "workspaces",
+)
+
+
+@pytest.fixture
+async def db(dsn: str) -> AsyncIterator[asyncpg.Connection]:
+    """A connection to an emptied test database."""
+    conn = await asyncpg.connect(dsn)
+    await conn.execute(f"TRUNCATE {', '.join(TABLES)} RESTART IDENTITY CASCADE")
+    yield conn
+    await conn.close()
+
+
+@pytest.fixture
+def plugin_sources(tmp_path: Path) -> Path:
+    """Where tests put local plugin directories and git repositories (allowlisted)."""
+    path = tmp_path / "sources"
+    path.mkdir()
+    return path
+
+
+@pytest.fixture
+def settings(tmp_path: Path, plugin_sources: Path) -> Settings:
+    return Settings(
+        admin_token=ADMIN_TOKEN,
+        data_dir=tmp_path / "data",
+        plugins_dir=tmp_path / "plugins",
+        plugin_allowlist=(f"file://{plugin_sources}/", f"git+file://{plugin_sources}/"),
+        reconcile_poll_s=0.2,
+        reconcile_lease_s=3.0,
+        reconcile_timeout_s=30.0,
+        fetch_timeout_s=20.0,
+    )
+
+
+@pytest.fixture
+async def registry(
+    aiohttp_client: object, settings: Settings, dsn: str, db: asyncpg.Connection
+) -> Registry:
+    client: TestClient = await aiohttp_client(create_app(settings, dsn))  # type: ignore[operator]
+    return Registry(client, db, settings)

@@ -1,0 +1,131 @@
+"""Test helpers: drive the registry over HTTP the way runtimes and operators do."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+from aiohttp.test_utils import TestClient
+
+from registry.settings import Settings
+
+ADMIN_TOKEN = "test-admin-token-0123456789"
+ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+@dataclass
+class Workspace:
+    id: str
+    token: str
+
+    @property
+    def auth(self) -> dict[str, str]:
+        return bearer(self.token)
+
+
+@dataclass
+class Registry:
+    """The app under test, its database, and its settings."""
+
+    client: TestClient
+    db: asyncpg.Connection
+    settings: Settings
+
+    async def create_workspace(
+        self, plugins: list[dict[str, str]] | None = None, **fields: Any
+    ) -> Workspace:
+        body = {"name": "agent", "plugins": plugins or [], **fields}
+        response = await self.client.post("/workspaces", json=body, headers=ADMIN)
+        assert response.status == 201, await response.text()
+        data = await response.json()
+        return Workspace(data["workspace"]["id"], data["token"])
+
+    async def heartbeat(self, workspace: Workspace, **fields: Any) -> dict[str, Any]:
+        response = await self.client.post(
+            "/registry/heartbeat",
+            json={"workspace_id": workspace.id, **fields},
+            headers=workspace.auth,
+        )
+        assert response.status == 200, await response.text()
+        result: dict[str, Any] = await response.json()
+        return result
+
+    async def show(self, workspace: Workspace) -> dict[str, Any]:
+        response = await self.client.get(f"/workspaces/{workspace.id}", headers=ADMIN)
+        assert response.status == 200, await response.text()
+        result: dict[str, Any] = await response.json()
+        return result
+
+    async def set_status(self, workspace: Workspace, status: str) -> None:
+        """Put a workspace in a status directly, as a sweeper or operator would have."""
+        await self.db.execute(
+            "UPDATE workspaces SET status = $2 WHERE id = $1", uuid.UUID(workspace.id), status
+        )
+
+    async def reconciles(self, workspace: Workspace) -> list[asyncpg.Record]:
+        return await self.db.fetch(
+            "SELECT * FROM reconciles WHERE workspace_id = $1 ORDER BY created_at",
+            uuid.UUID(workspace.id),
+        )
+
+    async def settled(self, workspace: Workspace, within_s: float = 20.0) -> list[asyncpg.Record]:
+        """Wait until the workspace has no queued or running reconcile; return all runs."""
+        deadline = time.monotonic() + within_s
+        while True:
+            runs = await self.reconciles(workspace)
+            if runs and all(r["status"] in ("succeeded", "failed") for r in runs):
+                return runs
+            assert time.monotonic() < deadline, f"reconciles did not settle: {runs}"
+            await asyncio.sleep(0.05)
+
+
+def git(cwd: Path, *args: str) -> str:
+    result = subprocess.run(
+        [
+            "git",
+            "-c",
+            "user.email=test@example.com",
+            "-c",
+            "user.name=test",
+            "-c",
+            "init.defaultBranch=main",
+            *args,
+        ],
+        cwd=cwd,
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    return result.stdout.strip()
+
+
+def write_tree(root: Path, files: dict[str, str]) -> Path:
+    for name, content in files.items():
+        path = root / name
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(content)
+    return root
+
+
+def make_git_repo(path: Path, files: dict[str, str], branch: str = "main") -> str:
+    """A local git repository with one commit of `files` on `branch`; returns its sha."""
+    path.mkdir(parents=True)
+    git(path, "init", "-q", "-b", branch)
+    write_tree(path, files)
+    git(path, "add", "-A")
+    git(path, "commit", "-q", "-m", "plugin")
+    return git(path, "rev-parse", "HEAD")
+
+
+def read_tree(root: Path) -> dict[str, str]:
+    return {str(p.relative_to(root)): p.read_text() for p in sorted(root.rglob("*")) if p.is_file()}
