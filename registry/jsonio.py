@@ -1,7 +1,8 @@
-"""JSON in and out through orjson; a body that is not a JSON object is a 400."""
+"""JSON out through orjson, with the types our records carry."""
 
 from __future__ import annotations
 
+import uuid
 from typing import Any
 
 import orjson
@@ -10,8 +11,15 @@ from aiohttp import web
 JSON_CONTENT_TYPE = "application/json"
 
 
+def _default(value: Any) -> Any:
+    # asyncpg returns its own UUID subclass, which orjson does not serialise natively.
+    if isinstance(value, uuid.UUID):
+        return str(value)
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
 def dumps(value: Any) -> bytes:
-    return orjson.dumps(value, option=orjson.OPT_UTC_Z | orjson.OPT_NAIVE_UTC)
+    return orjson.dumps(value, default=_default, option=orjson.OPT_UTC_Z | orjson.OPT_NAIVE_UTC)
 
 
 def json_response(value: Any, *, status: int = 200) -> web.Response:

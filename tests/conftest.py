@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import tempfile
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -22,18 +23,29 @@ from aiohttp.test_utils import TestClient
 
 from registry.app import create_app
 from registry.db.migrate import migrate
+from registry.embedded_pg import EmbeddedPostgresError, start_embedded_postgres
 from registry.settings import Settings
 from tests.support import ADMIN_TOKEN, Registry
 
 
 def _docker_answers() -> bool:
-    try:
-        import docker
-
-        docker.from_env(timeout=1).ping()
-    except Exception:
+    """Ask the daemon's /_ping directly: cheap, and leaks nothing when no daemon runs."""
+    host = os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
+    if host.startswith("unix://"):
+        family, address = socket.AF_UNIX, host.removeprefix("unix://")
+    elif host.startswith("tcp://"):
+        parts = urlsplit(host)
+        family, address = socket.AF_INET, (parts.hostname, parts.port or 2375)  # type: ignore[assignment]
+    else:
         return False
-    return True
+    try:
+        with socket.socket(family) as conn:
+            conn.settimeout(1)
+            conn.connect(address)
+            conn.sendall(b"GET /_ping HTTP/1.0\r\nHost: docker\r\n\r\n")
+            return b" 200 " in conn.recv(64)
+    except OSError:
+        return False
 
 
 @pytest.fixture(scope="session")
@@ -49,17 +61,15 @@ def server_dsn() -> Iterator[str]:
             yield container.get_connection_url()
         return
     try:
-        import pgserver
-
         data_dir = Path(tempfile.mkdtemp(prefix="registry-test-pg-"))
-        server = pgserver.get_server(str(data_dir), cleanup_mode="delete")
-    except Exception as exc:
+        dsn, server = start_embedded_postgres(data_dir, keep_data=False)
+    except EmbeddedPostgresError as exc:
         pytest.fail(
             "no PostgreSQL for the tests: REGISTRY_TEST_DSN is not set, no Docker daemon "
             f"answers, and the embedded PostgreSQL did not start: {exc!r}",
             pytrace=False,
         )
-    yield str(server.get_uri())
+    yield dsn
     server.cleanup()
 
 
@@ -116,12 +126,25 @@ def plugin_sources(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-def settings(tmp_path: Path, plugin_sources: Path) -> Settings:
+def silent_git_server() -> Iterator[int]:
+    """A TCP port that accepts git connections and never answers: a hung plugin source."""
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen(16)
+        yield server.getsockname()[1]
+
+
+@pytest.fixture
+def settings(tmp_path: Path, plugin_sources: Path, silent_git_server: int) -> Settings:
     return Settings(
         admin_token=ADMIN_TOKEN,
         data_dir=tmp_path / "data",
         plugins_dir=tmp_path / "plugins",
-        plugin_allowlist=(f"file://{plugin_sources}/", f"git+file://{plugin_sources}/"),
+        plugin_allowlist=(
+            f"file://{plugin_sources}/",
+            f"git+file://{plugin_sources}/",
+            f"git+git://127.0.0.1:{silent_git_server}/",
+        ),
         reconcile_poll_s=0.2,
         reconcile_lease_s=3.0,
         reconcile_timeout_s=30.0,

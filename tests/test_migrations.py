@@ -1,0 +1,71 @@
+"""Migrations: applied once each, in order, checksummed, serialised across processes."""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+from registry.db.migrate import MigrationError, load_migrations, migrate, pending_migrations
+from tests.conftest import with_database
+
+
+@pytest.fixture
+async def empty_dsn(server_dsn: str) -> AsyncIterator[str]:
+    name = f"registry_migrate_{uuid.uuid4().hex[:10]}"
+    admin = await asyncpg.connect(server_dsn)
+    await admin.execute(f'CREATE DATABASE "{name}"')
+    yield with_database(server_dsn, name)
+    await admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
+    await admin.close()
+
+
+async def test_migrate_applies_each_migration_once(empty_dsn: str) -> None:
+    first = await migrate(empty_dsn)
+    second = await migrate(empty_dsn)
+
+    assert [m.version for m in first] == [m.version for m in load_migrations()]
+    assert second == []
+    conn = await asyncpg.connect(empty_dsn)
+    rows = await conn.fetch("SELECT version, checksum FROM schema_migrations ORDER BY version")
+    await conn.close()
+    assert [(r["version"], r["checksum"]) for r in rows] == [
+        (m.version, m.checksum) for m in load_migrations()
+    ]
+
+
+async def test_concurrent_migrations_are_serialised(empty_dsn: str) -> None:
+    results = await asyncio.gather(*(migrate(empty_dsn) for _ in range(4)))
+
+    applied = [m.version for result in results for m in result]
+    assert sorted(applied) == [m.version for m in load_migrations()]
+
+
+async def test_a_changed_migration_is_refused(empty_dsn: str, tmp_path: Path) -> None:
+    await migrate(empty_dsn)
+    edited = tmp_path / "migrations"
+    edited.mkdir()
+    for migration in load_migrations():
+        path = edited / f"{migration.version:04d}_{migration.name}.sql"
+        path.write_text(migration.sql + "\n-- edited\n")
+
+    with pytest.raises(MigrationError, match="changed after it was applied"):
+        await migrate(empty_dsn, load_migrations(edited))
+
+
+async def test_a_failing_migration_leaves_nothing_behind(empty_dsn: str, tmp_path: Path) -> None:
+    broken = tmp_path / "migrations"
+    broken.mkdir()
+    (broken / "0001_half.sql").write_text("CREATE TABLE half (id int); SELECT 1/0;")
+
+    with pytest.raises(asyncpg.DivisionByZeroError):
+        await migrate(empty_dsn, load_migrations(broken))
+
+    conn = await asyncpg.connect(empty_dsn)
+    assert await conn.fetchval("SELECT to_regclass('half')") is None
+    assert await pending_migrations(conn, load_migrations(broken)) != []
+    await conn.close()
