@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 
+import aiohttp
 import aiojobs
 from aiohttp import web
 
@@ -51,6 +52,8 @@ async def _database(app: web.Application) -> AsyncIterator[None]:
 async def _reconciles(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     scheduler = aiojobs.Scheduler(close_timeout=SHUTDOWN_GRACE_S)
+    # One client session for deliveries to runtimes; its connection pool is shared.
+    http = aiohttp.ClientSession(raise_for_status=False)
     owner = new_owner_id()
     config = ReconcileConfig(
         plugins_dir=settings.resolved_plugins_dir,
@@ -65,7 +68,7 @@ async def _reconciles(app: web.Application) -> AsyncIterator[None]:
     worker = ReconcileWorker(
         app[POOL],
         scheduler,
-        Reconciler(app[POOL], scheduler, config, owner),
+        Reconciler(app[POOL], scheduler, http, config, owner),
         owner=owner,
         concurrency=settings.reconcile_concurrency,
         poll_s=settings.reconcile_poll_s,
@@ -73,7 +76,11 @@ async def _reconciles(app: web.Application) -> AsyncIterator[None]:
     )
     app[SCHEDULER] = scheduler
     app[RECONCILER] = worker
-    await scheduler.spawn(worker.run_forever(), name="reconcile-worker")
+    loop_job = await scheduler.spawn(worker.run_forever(), name="reconcile-worker")
     yield
+    # Stop claiming first, so nothing is claimed that the closing scheduler would refuse;
+    # then running reconciles are cancelled and hand their runs back as intents.
     worker.stop()
+    await loop_job.wait(timeout=SHUTDOWN_GRACE_S)
     await scheduler.close()
+    await http.close()

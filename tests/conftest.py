@@ -25,6 +25,7 @@ from registry.app import create_app
 from registry.db.migrate import migrate
 from registry.embedded_pg import EmbeddedPostgresError, start_embedded_postgres
 from registry.settings import Settings
+from tests.fake_runtime import FakeRuntime
 from tests.support import ADMIN_TOKEN, Registry
 
 
@@ -158,3 +159,11 @@ async def registry(
 ) -> Registry:
     client: TestClient = await aiohttp_client(create_app(settings, dsn))  # type: ignore[operator]
     return Registry(client, db, settings)
+
+
+@pytest.fixture
+async def fake_runtime() -> AsyncIterator[FakeRuntime]:
+    runtime = FakeRuntime()
+    await runtime.start()
+    yield runtime
+    await runtime.close()

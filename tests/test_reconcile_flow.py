@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from registry.plugins import tree_digest
+from tests.fake_runtime import FakeRuntime
 from tests.support import Registry, git, make_git_repo, read_tree, write_tree
 
 
@@ -209,3 +210,47 @@ async def test_sha_is_recorded_only_after_delivery_succeeded(
     )
     assert count == 0
     assert (await registry.heartbeat(workspace))["actions"] == []
+
+
+async def test_http_delivery_puts_a_tarball_with_the_sha_to_the_runtime(
+    registry: Registry, directory_plugin: Path, fake_runtime: FakeRuntime
+) -> None:
+    workspace = await registry.create_workspace(
+        [{"source": f"file://{directory_plugin}"}], delivery="http"
+    )
+
+    response = await registry.client.post(
+        "/registry/register",
+        json={"workspace_id": workspace.id, "url": fake_runtime.url},
+        headers=workspace.auth,
+    )
+    runs = await registry.settled(workspace)
+
+    assert response.status == 200
+    assert runs[0]["status"] == "succeeded"
+    assert [(d.name, d.sha, d.files) for d in fake_runtime.deliveries] == [
+        (
+            "seo-all",
+            tree_digest(directory_plugin),
+            {"plugin.py": "print('seo')\n", "data/keywords.txt": "agents\n"},
+        )
+    ]
+    shown = await registry.show(workspace)
+    assert shown["installed_plugins"][0]["sha"] == tree_digest(directory_plugin)
+    assert not (registry.settings.resolved_plugins_dir / workspace.id).exists()
+
+
+async def test_http_delivery_refused_by_the_runtime_records_nothing(
+    registry: Registry, directory_plugin: Path, fake_runtime: FakeRuntime
+) -> None:
+    fake_runtime.fail_next, fake_runtime.fail_status = 1, 400
+    workspace = await registry.create_workspace(
+        [{"source": f"file://{directory_plugin}"}], delivery="http", url=fake_runtime.url
+    )
+
+    await registry.heartbeat(workspace)
+    runs = await registry.settled(workspace)
+
+    assert runs[0]["status"] == "failed"
+    assert "delivery_rejected" in runs[0]["error"]
+    assert (await registry.show(workspace))["installed_plugins"] == []

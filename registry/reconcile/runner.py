@@ -4,25 +4,30 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import shutil
 import tempfile
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 
+import aiohttp
 import aiojobs
 import asyncpg
 
 from registry.db import reconciles, workspaces
 from registry.db.reconciles import Claim, Outcome, Step
 from registry.plugins import (
+    FetchFailed,
     FetchLimits,
     PluginError,
     SourceSettings,
+    StagedPlugin,
     deliver_to_filesystem,
     parse_source,
     stage,
 )
+from registry.plugins.http_delivery import deliver_over_http
 from registry.reconcile.plan import PlannedStep, observed_shas, plan
 
 log = logging.getLogger(__name__)
@@ -53,11 +58,13 @@ class Reconciler:
         self,
         pool: asyncpg.Pool,
         scheduler: aiojobs.Scheduler,
+        http: aiohttp.ClientSession,
         config: ReconcileConfig,
         owner: str,
     ) -> None:
         self._pool = pool
         self._scheduler = scheduler
+        self._http = http
         self._config = config
         self._owner = owner
 
@@ -180,14 +187,36 @@ class Reconciler:
     async def _install(self, workspace: workspaces.Workspace, planned: PlannedStep) -> str:
         # stage() checks the allowlist itself: every install path passes through it.
         source = parse_source(planned.source, self._config.sources)
-        with tempfile.TemporaryDirectory(prefix="registry-stage-") as work_dir:
-            staged = await stage(source, self._config.sources, self._config.limits, Path(work_dir))
-            await deliver_to_filesystem(
-                staged, self._config.plugins_dir, str(workspace.id), planned.plugin
-            )
+        work_dir = Path(await asyncio.to_thread(tempfile.mkdtemp, prefix="registry-stage-"))
+        try:
+            staged = await stage(source, self._config.sources, self._config.limits, work_dir)
+            await self._deliver(workspace, planned.plugin, staged)
+        finally:
+            await asyncio.to_thread(shutil.rmtree, work_dir, ignore_errors=True)
         # Recorded only now that the bytes are in place (DESIGN lesson 7).
         async with self._pool.acquire() as conn:
             await workspaces.record_installed(
                 conn, workspace.id, planned.plugin, planned.source, staged.sha
             )
         return staged.sha
+
+    async def _deliver(
+        self, workspace: workspaces.Workspace, name: str, staged: StagedPlugin
+    ) -> None:
+        if workspace.delivery == "filesystem":
+            await deliver_to_filesystem(staged, self._config.plugins_dir, str(workspace.id), name)
+            return
+        if workspace.url is None:
+            raise FetchFailed(
+                "http delivery needs the workspace's url; it is set when the runtime registers",
+                code="no_workspace_url",
+                transient=True,
+            )
+        await deliver_over_http(
+            self._http,
+            workspace_url=workspace.url,
+            name=name,
+            tree=staged.path,
+            sha=staged.sha,
+            timeout_s=self._config.limits.timeout_s,
+        )

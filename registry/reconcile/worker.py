@@ -94,7 +94,14 @@ class ReconcileWorker:
             )
         for claim in claims:
             self._running.add(claim.id)
-            await self._scheduler.spawn(self._run(claim), name=f"reconcile-{claim.id}")
+            job = self._run(claim)
+            try:
+                await self._scheduler.spawn(job, name=f"reconcile-{claim.id}")
+            except BaseException:
+                # Not started: the claim's lease lapses and another poll takes the run over.
+                job.close()
+                self._running.discard(claim.id)
+                raise
 
     async def _run(self, claim: Claim) -> None:
         try:
