@@ -74,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
+    # pgserver narrates every initdb/pg_ctl call at INFO; only its problems matter here.
+    logging.getLogger("pgserver").setLevel(logging.WARNING)
     try:
         settings = _settings(args)
         dsn, _server = _database(settings)

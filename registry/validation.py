@@ -95,6 +95,13 @@ def text(body: Body, field: str, default: str, *, max_length: int) -> str:
     return value
 
 
+def http_url(body: Body, field: str, *, max_length: int = 2048) -> str | None:
+    url = text(body, field, "", max_length=max_length) or None
+    if url is not None and not url.startswith(("http://", "https://")):
+        raise InvalidField(f"{field} must be an http:// or https:// URL", field=field)
+    return url
+
+
 def choice(body: Body, field: str, default: str, choices: Iterable[str]) -> str:
     options = tuple(choices)
     value = text(body, field, default, max_length=64)

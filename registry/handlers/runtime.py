@@ -35,7 +35,6 @@ REGISTER_FIELDS = frozenset({"workspace_id", "url", "agent_card"})
 # Bounds that no real runtime reaches; they keep garbage and abuse out of the table.
 MAX_OBSERVED_PLUGINS = 500
 MAX_ACKS = 100
-MAX_URL_LENGTH = 2048
 MAX_AGENT_CARD_BYTES = 32 * 1024
 
 
@@ -87,9 +86,7 @@ def parse_heartbeat(body: v.Body, token_hash: bytes) -> Beat:
 
 def parse_register(body: v.Body, token_hash: bytes) -> Beat:
     v.reject_unknown_fields(body, REGISTER_FIELDS)
-    url = v.text(body, "url", "", max_length=MAX_URL_LENGTH) or None
-    if url is not None and not url.startswith(("http://", "https://")):
-        raise InvalidField("url must be an http:// or https:// URL", field="url")
+    url = v.http_url(body, "url")
     agent_card = body.get("agent_card")
     if agent_card is not None and not isinstance(agent_card, dict):
         raise InvalidField("agent_card must be an object", field="agent_card")

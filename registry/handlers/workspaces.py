@@ -65,13 +65,6 @@ def parse_declared_plugins(body: v.Body, sources: SourceSettings) -> list[Declar
     return declared
 
 
-def _optional_url(body: v.Body) -> str | None:
-    url = v.text(body, "url", "", max_length=2048) or None
-    if url is not None and not url.startswith(("http://", "https://")):
-        raise InvalidField("url must be an http:// or https:// URL", field="url")
-    return url
-
-
 async def post_workspaces(request: web.Request) -> web.Response:
     body = await v.read_json_object(request)
     v.reject_unknown_fields(body, CREATE_FIELDS)
@@ -79,7 +72,7 @@ async def post_workspaces(request: web.Request) -> web.Response:
     if not name:
         raise InvalidField("name is required", field="name", code="missing_field")
     delivery = v.choice(body, "delivery", "filesystem", DELIVERY_MODES)
-    url = _optional_url(body)
+    url = v.http_url(body, "url")
     plugins = parse_declared_plugins(body, source_settings(request.app[SETTINGS]))
     token = new_workspace_token()
     async with request.app[POOL].acquire() as conn:
