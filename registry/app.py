@@ -11,6 +11,7 @@ from aiohttp import web
 
 from registry.auth import admin_auth_middleware
 from registry.db.pool import create_pool
+from registry.db.reconciles import RestartBudget
 from registry.errors import error_middleware
 from registry.handlers.workspaces import source_settings
 from registry.keys import DSN, POOL, RECONCILER, SCHEDULER, SETTINGS
@@ -64,6 +65,10 @@ async def _reconciles(app: web.Application) -> AsyncIterator[None]:
             timeout_s=settings.fetch_timeout_s,
         ),
         timeout_s=settings.reconcile_timeout_s,
+        max_attempts=settings.reconcile_max_attempts,
+        retry_base_s=settings.reconcile_retry_base_s,
+        retry_cap_s=settings.reconcile_retry_cap_s,
+        restart_budget=RestartBudget(settings.restart_budget, settings.restart_budget_window_s),
     )
     worker = ReconcileWorker(
         app[POOL],

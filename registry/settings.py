@@ -43,7 +43,15 @@ class Settings:
     reconcile_concurrency: int = 4
     reconcile_timeout_s: float = 300.0
     reconcile_poll_s: float = 2.0
-    reconcile_lease_s: float = 30.0
+    # A process that stops renewing its lease this long is taken for dead and its run taken over.
+    reconcile_lease_s: float = 10.0
+    # Transient failures are retried: attempt n waits min(cap, base * 2^(n-1)), with jitter.
+    reconcile_max_attempts: int = 5
+    reconcile_retry_base_s: float = 2.0
+    reconcile_retry_cap_s: float = 300.0
+    # At most this many restarts asked of one workspace per window: stops restart loops.
+    restart_budget: int = 3
+    restart_budget_window_s: float = 3600.0
     fetch_timeout_s: float = 60.0
     fetch_max_bytes: int = 50 * 1024 * 1024
     fetch_max_files: int = 10_000
@@ -96,6 +104,9 @@ class Settings:
             "reconcile_timeout_s",
             "reconcile_poll_s",
             "reconcile_lease_s",
+            "reconcile_retry_base_s",
+            "reconcile_retry_cap_s",
+            "restart_budget_window_s",
             "fetch_timeout_s",
         ):
             value = getattr(self, name)
@@ -107,6 +118,13 @@ def _positive_int(raw: str) -> int:
     value = int(raw)
     if value <= 0:
         raise ValueError("must be a positive integer")
+    return value
+
+
+def _non_negative_int(raw: str) -> int:
+    value = int(raw)
+    if value < 0:
+        raise ValueError("must be zero or a positive integer")
     return value
 
 
@@ -144,6 +162,11 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "reconcile_timeout_s": _float,
     "reconcile_poll_s": _float,
     "reconcile_lease_s": _float,
+    "reconcile_max_attempts": _positive_int,
+    "reconcile_retry_base_s": _float,
+    "reconcile_retry_cap_s": _float,
+    "restart_budget": _non_negative_int,
+    "restart_budget_window_s": _float,
     "fetch_timeout_s": _float,
     "fetch_max_bytes": _positive_int,
     "fetch_max_files": _positive_int,

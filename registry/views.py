@@ -39,6 +39,7 @@ def reconcile_view(run: Reconcile) -> dict[str, Any]:
         "next_attempt_at": run.next_attempt_at,
         "steps": [step_view(s) for s in run.steps],
         "restart_requested": run.restart_requested,
+        "restart_withheld": run.restart_withheld,
     }
 
 
@@ -52,7 +53,8 @@ def plugins_sync(
         return "reconciling"
     planned = plan(declared, {p.name: p for p in installed}, observed_shas(observed))
     if all(step.action == "skip" for step in planned):
-        return "synced"
+        # Installed, but the runtime was not asked to load it: not in sync on the box.
+        return "out_of_sync" if last is not None and last.restart_withheld else "synced"
     if last is not None and last.status == "failed":
         return "failed"
     return "out_of_sync"
@@ -70,8 +72,18 @@ def why_not_ready(workspace: Workspace, sync: str, last: Reconcile | None) -> st
         )
     elif workspace.status is not Status.ONLINE:
         reasons.append(f"status is {workspace.status.value}")
-    if sync == "reconciling":
+    if sync == "reconciling" and last is not None and last.status == "queued" and last.error:
+        reasons.append(
+            f"reconcile attempt {last.attempt} failed: {last.error}; "
+            f"next attempt at {last.next_attempt_at:%Y-%m-%dT%H:%M:%SZ}"
+        )
+    elif sync == "reconciling":
         reasons.append("plugin reconcile in progress")
+    elif last is not None and last.restart_withheld:
+        reasons.append(
+            "plugins were installed but the restart budget is used up, so the runtime was not "
+            "asked to restart; it loads them at its next restart"
+        )
     elif sync == "failed" and last is not None:
         reasons.append(f"last reconcile failed (attempt {last.attempt}): {last.error}")
     elif sync == "out_of_sync":

@@ -39,6 +39,7 @@ class Reconcile:
     error: str | None
     next_attempt_at: datetime | None
     restart_requested: bool
+    restart_withheld: bool
     steps: list[Step] = field(default_factory=list)
 
     @property
@@ -48,7 +49,7 @@ class Reconcile:
 
 RECONCILE_COLUMNS = """
     id, workspace_id, trigger, status, refresh, attempt, created_at, started_at, finished_at,
-    error, next_attempt_at, restart_requested
+    error, next_attempt_at, restart_requested, restart_withheld
 """
 
 
@@ -67,6 +68,7 @@ def _reconcile(row: asyncpg.Record, steps: list[Step] | None = None) -> Reconcil
         # Only a queued run has a next attempt; the column's default is not meaningful after.
         next_attempt_at=row["next_attempt_at"] if row["status"] == "queued" else None,
         restart_requested=row["restart_requested"],
+        restart_withheld=row["restart_withheld"],
         steps=steps or [],
     )
 
@@ -218,18 +220,48 @@ async def insert_step(conn: Connection, reconcile_id: uuid.UUID, step: Step) -> 
 # not write over the run's real outcome (DESIGN lesson 3).
 FINISH = """
 UPDATE reconciles SET
-    status = $3, error = $4, restart_requested = $5, finished_at = now(),
+    status = $3, error = $4, restart_requested = $5, restart_withheld = $6, finished_at = now(),
     lease_owner = NULL, lease_expires_at = NULL
 WHERE id = $1 AND lease_owner = $2 AND status = 'running'
-RETURNING workspace_id
 """
 
-# One pending restart is enough: while the runtime has not acked one, do not stack another.
+# Back to the queue for another attempt, unless a queued follow-up already covers it.
+RETRY_LATER = """
+UPDATE reconciles r SET
+    status = 'queued', error = $3, next_attempt_at = now() + make_interval(secs => $4),
+    lease_owner = NULL, lease_expires_at = NULL
+WHERE r.id = $1 AND r.lease_owner = $2 AND r.status = 'running'
+  AND NOT EXISTS (SELECT 1 FROM reconciles q
+                  WHERE q.workspace_id = r.workspace_id AND q.status = 'queued')
+RETURNING r.workspace_id
+"""
+
+# What this run changed on the box, over all its attempts: the steps are the record.
+CHANGED_PLUGINS = """
+SELECT action, plugin FROM reconcile_steps
+WHERE reconcile_id = $1 AND status = 'succeeded' AND action IN ('install', 'upgrade', 'remove')
+ORDER BY id
+"""
+
+LOCK_OWN_RUN = """
+SELECT workspace_id FROM reconciles
+WHERE id = $1 AND lease_owner = $2 AND status = 'running'
+FOR UPDATE
+"""
+
+PENDING_RESTART = """
+SELECT EXISTS (SELECT 1 FROM workspace_actions
+               WHERE workspace_id = $1 AND type = 'restart' AND acked_at IS NULL)
+"""
+
+RECENT_RESTARTS = """
+SELECT count(*) FROM workspace_actions
+WHERE workspace_id = $1 AND type = 'restart' AND created_at > now() - make_interval(secs => $2)
+"""
+
 REQUEST_RESTART = """
 INSERT INTO workspace_actions (workspace_id, type, reason, reconcile_id)
-SELECT $1, 'restart', $2, $3
-WHERE NOT EXISTS (SELECT 1 FROM workspace_actions
-                  WHERE workspace_id = $1 AND type = 'restart' AND acked_at IS NULL)
+VALUES ($1, 'restart', $2, $3)
 """
 
 
@@ -237,24 +269,76 @@ WHERE NOT EXISTS (SELECT 1 FROM workspace_actions
 class Outcome:
     status: str  # succeeded | failed
     error: str | None
-    installed: list[str]
-
-    @property
-    def restart_reason(self) -> str | None:
-        return f"plugins installed: {', '.join(self.installed)}" if self.installed else None
+    # Every failure was of a kind a retry may fix (network, timeouts, a busy runtime).
+    transient: bool = False
 
 
-async def finish(conn: Connection, reconcile_id: uuid.UUID, owner: str, outcome: Outcome) -> bool:
+@dataclass(frozen=True, slots=True)
+class RestartBudget:
+    limit: int
+    window_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class Finished:
+    status: str  # succeeded | failed | queued (retry scheduled) | lost (lease was lost)
+    restart_requested: bool = False
+    restart_withheld: bool = False
+
+
+def restart_reason(changes: list[tuple[str, str]]) -> str | None:
+    installed = [plugin for action, plugin in changes if action != "remove"]
+    removed = [plugin for action, plugin in changes if action == "remove"]
+    parts = []
+    if installed:
+        parts.append(f"plugins installed: {', '.join(dict.fromkeys(installed))}")
+    if removed:
+        parts.append(f"plugins removed: {', '.join(dict.fromkeys(removed))}")
+    return "; ".join(parts) or None
+
+
+async def _request_restart(
+    conn: Connection,
+    workspace_id: uuid.UUID,
+    reconcile_id: uuid.UUID,
+    reason: str,
+    budget: RestartBudget,
+) -> tuple[bool, bool]:
+    """Ask the runtime to restart within the budget; returns (requested, withheld)."""
+    if await conn.fetchval(PENDING_RESTART, workspace_id):
+        return True, False  # the restart not yet acked will load these plugins too
+    recent = await conn.fetchval(RECENT_RESTARTS, workspace_id, budget.window_s)
+    if recent >= budget.limit:
+        return False, True
+    await conn.execute(REQUEST_RESTART, workspace_id, reason, reconcile_id)
+    return True, False
+
+
+async def finish(
+    conn: Connection,
+    reconcile_id: uuid.UUID,
+    owner: str,
+    outcome: Outcome,
+    *,
+    budget: RestartBudget,
+) -> Finished:
     """Write the run's terminal status, its restart request and its event in one transaction."""
-    reason = outcome.restart_reason
     async with conn.transaction():
-        workspace_id = await conn.fetchval(
-            FINISH, reconcile_id, owner, outcome.status, outcome.error, reason is not None
-        )
+        changes = [
+            (r["action"], r["plugin"]) for r in await conn.fetch(CHANGED_PLUGINS, reconcile_id)
+        ]
+        workspace_id = await conn.fetchval(LOCK_OWN_RUN, reconcile_id, owner)
         if workspace_id is None:
-            return False
+            return Finished("lost")
+        requested = withheld = False
+        reason = restart_reason(changes)
         if reason is not None:
-            await conn.execute(REQUEST_RESTART, workspace_id, reason, reconcile_id)
+            requested, withheld = await _request_restart(
+                conn, workspace_id, reconcile_id, reason, budget
+            )
+        await conn.execute(
+            FINISH, reconcile_id, owner, outcome.status, outcome.error, requested, withheld
+        )
         await insert_reconcile_event(
             conn,
             workspace_id,
@@ -262,8 +346,27 @@ async def finish(conn: Connection, reconcile_id: uuid.UUID, owner: str, outcome:
             {
                 "reconcile_id": str(reconcile_id),
                 "error": outcome.error,
-                "installed": outcome.installed,
+                "changes": [f"{action} {plugin}" for action, plugin in changes],
+                "restart_requested": requested,
+                "restart_withheld": withheld,
             },
+        )
+    return Finished(outcome.status, requested, withheld)
+
+
+async def retry_later(
+    conn: Connection, reconcile_id: uuid.UUID, owner: str, error: str, delay_s: float
+) -> bool:
+    """Queue the run again for a later attempt; False if a queued follow-up covers it."""
+    async with conn.transaction():
+        workspace_id = await conn.fetchval(RETRY_LATER, reconcile_id, owner, error, delay_s)
+        if workspace_id is None:
+            return False
+        await insert_reconcile_event(
+            conn,
+            workspace_id,
+            "reconcile_retry_scheduled",
+            {"reconcile_id": str(reconcile_id), "error": error, "delay_s": round(delay_s, 3)},
         )
     return True
 
@@ -284,3 +387,66 @@ async def queue_reconcile(
     value = await conn.fetchval(QUEUE_RECONCILE, workspace_id, trigger, refresh)
     assert isinstance(value, uuid.UUID)
     return value
+
+
+LOCK_WORKSPACE = "SELECT status FROM workspaces WHERE id = $1 FOR UPDATE"
+
+SELECT_ACTIVE = f"""
+SELECT {RECONCILE_COLUMNS} FROM reconciles
+WHERE workspace_id = $1 AND status IN ('queued', 'running')
+ORDER BY status = 'queued' DESC
+LIMIT 1
+"""
+
+FOLD_REFRESH = "UPDATE reconciles SET refresh = refresh OR $2 WHERE id = $1 AND status = 'queued'"
+
+
+@dataclass(frozen=True, slots=True)
+class Requested:
+    reconcile_id: uuid.UUID
+    created: bool  # False: an active run was returned instead of a second
+
+
+async def lock_workspace_status(conn: Connection, workspace_id: uuid.UUID) -> str | None:
+    """Lock the workspace row for this transaction; its status, or None if it does not exist."""
+    status = await conn.fetchval(LOCK_WORKSPACE, workspace_id)
+    return status if isinstance(status, str) else None
+
+
+async def request_reconcile(
+    conn: Connection, workspace_id: uuid.UUID, *, refresh: bool
+) -> Requested:
+    """A manual request: the queued or running run if there is one, else a new intent.
+
+    Call inside a transaction holding the workspace row lock, so that two requests cannot
+    both decide to create a run.
+    """
+    active = await conn.fetchrow(SELECT_ACTIVE, workspace_id)
+    if active is not None:
+        if refresh:
+            await conn.execute(FOLD_REFRESH, active["id"], refresh)
+        return Requested(active["id"], created=False)
+    return Requested(
+        await queue_reconcile(conn, workspace_id, "manual", refresh=refresh), created=True
+    )
+
+
+# Every live workspace that declares the plugin gets a refresh run, folded into any run
+# already queued for it (which then also refreshes).
+FAN_OUT = """
+INSERT INTO reconciles (workspace_id, trigger, refresh)
+SELECT DISTINCT d.workspace_id, 'plugin_updated', true
+FROM declared_plugins d
+JOIN workspaces w ON w.id = d.workspace_id
+WHERE w.status = ANY($3::text[])
+  AND (d.source = $1 OR d.name = $2)
+ON CONFLICT (workspace_id) WHERE status = 'queued' DO UPDATE SET refresh = true
+RETURNING id
+"""
+
+
+async def fan_out_reconciles(
+    conn: Connection, *, source: str | None, name: str | None, live_statuses: list[str]
+) -> int:
+    rows = await conn.fetch(FAN_OUT, source, name, live_statuses)
+    return len(rows)

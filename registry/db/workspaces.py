@@ -110,6 +110,26 @@ async def get_workspace(conn: Connection, workspace_id: uuid.UUID) -> Workspace 
     return None if row is None else Workspace.from_record(row)
 
 
+DELETE_DECLARED = "DELETE FROM declared_plugins WHERE workspace_id = $1"
+
+
+async def replace_declared(
+    conn: Connection, workspace_id: uuid.UUID, plugins: list[DeclaredPlugin]
+) -> None:
+    """Replace the declared set; call inside the transaction that queues its reconcile."""
+    await conn.execute(DELETE_DECLARED, workspace_id)
+    await conn.execute(
+        INSERT_DECLARED, workspace_id, [p.name for p in plugins], [p.source for p in plugins]
+    )
+
+
+WORKSPACE_EXISTS = "SELECT EXISTS (SELECT 1 FROM workspaces WHERE id = $1)"
+
+
+async def workspace_exists(conn: Connection, workspace_id: uuid.UUID) -> bool:
+    return bool(await conn.fetchval(WORKSPACE_EXISTS, workspace_id))
+
+
 SELECT_DECLARED = """
 SELECT name, source FROM declared_plugins WHERE workspace_id = $1 ORDER BY position, name
 """
@@ -143,6 +163,14 @@ async def record_installed(
 ) -> None:
     """Called only after the plugin's bytes were delivered (DESIGN lesson 7)."""
     await conn.execute(UPSERT_INSTALLED, workspace_id, name, source, sha)
+
+
+DELETE_INSTALLED = "DELETE FROM installed_plugins WHERE workspace_id = $1 AND name = $2"
+
+
+async def forget_installed(conn: Connection, workspace_id: uuid.UUID, name: str) -> None:
+    """Called only after the plugin was removed from the box."""
+    await conn.execute(DELETE_INSTALLED, workspace_id, name)
 
 
 SELECT_PENDING_ACTIONS = """

@@ -11,9 +11,9 @@ from registry import validation as v
 from registry.auth import hash_token, new_workspace_token
 from registry.db import Connection, reconciles, workspaces
 from registry.db.workspaces import DeclaredPlugin
-from registry.errors import Forbidden, InvalidField, NotFound
+from registry.errors import Forbidden, Gone, InvalidField, NotFound
 from registry.jsonio import json_response
-from registry.keys import POOL, SETTINGS
+from registry.keys import POOL, RECONCILER, SETTINGS
 from registry.plugins import (
     PluginError,
     SourceDenied,
@@ -24,6 +24,7 @@ from registry.plugins import (
     validate_plugin_name,
 )
 from registry.settings import Settings
+from registry.statuses import LIVE, Status
 from registry.views import workspace_view
 
 CREATE_FIELDS = frozenset({"name", "url", "delivery", "plugins"})
@@ -61,7 +62,8 @@ def parse_declared_plugins(body: v.Body, sources: SourceSettings) -> list[Declar
             raise InvalidField(exc.message, field="plugins", code=exc.code) from None
         if any(p.name == name for p in declared):
             raise InvalidField(f"plugin name declared twice: {name}", field="plugins")
-        declared.append(DeclaredPlugin(name, raw))
+        # Stored normalised, so a fan-out by source matches however it was spelled.
+        declared.append(DeclaredPlugin(name, source.raw))
     return declared
 
 
@@ -105,3 +107,28 @@ async def get_workspace(request: web.Request) -> web.Response:
     workspace_id = v.path_uuid(request)
     async with request.app[POOL].acquire() as conn:
         return json_response(await _workspace_view(conn, workspace_id))
+
+
+async def put_workspace_plugins(request: web.Request) -> web.Response:
+    """Replace the declared set; a live workspace is reconciled (removals uninstall)."""
+    workspace_id = v.path_uuid(request)
+    body = await v.read_json_object(request)
+    v.reject_unknown_fields(body, ("plugins",))
+    v.required(body, "plugins")
+    plugins = parse_declared_plugins(body, source_settings(request.app[SETTINGS]))
+    queued = False
+    async with request.app[POOL].acquire() as conn:
+        async with conn.transaction():
+            status = await reconciles.lock_workspace_status(conn, workspace_id)
+            if status is None:
+                raise NotFound(f"no workspace {workspace_id}", code="workspace_not_found")
+            if status == Status.REMOVED:
+                raise Gone("the workspace was removed")
+            await workspaces.replace_declared(conn, workspace_id, plugins)
+            if status in LIVE:
+                await reconciles.queue_reconcile(conn, workspace_id, "declared_changed")
+                queued = True
+        view = await _workspace_view(conn, workspace_id)
+    if queued:
+        request.app[RECONCILER].wake()
+    return json_response(view)

@@ -35,27 +35,50 @@ async def deliver_over_http(
 ) -> None:
     """PUT the plugin to `<workspace_url>/plugins/<name>`; 2xx means the runtime has it."""
     body = await asyncio.to_thread(_tarball, tree)
-    url = f"{workspace_url.rstrip('/')}/plugins/{name}"
+    headers = {"Content-Type": "application/gzip", "X-Plugin-Sha": sha}
+    await _send(session, "PUT", _plugin_url(workspace_url, name), body, headers, timeout_s)
+
+
+async def remove_over_http(
+    session: aiohttp.ClientSession, *, workspace_url: str, name: str, timeout_s: float
+) -> None:
+    """DELETE `<workspace_url>/plugins/<name>`; 2xx or 404 (already gone) means removed."""
+    await _send(session, "DELETE", _plugin_url(workspace_url, name), None, {}, timeout_s)
+
+
+def _plugin_url(workspace_url: str, name: str) -> str:
+    return f"{workspace_url.rstrip('/')}/plugins/{name}"
+
+
+async def _send(
+    session: aiohttp.ClientSession,
+    method: str,
+    url: str,
+    body: bytes | None,
+    headers: dict[str, str],
+    timeout_s: float,
+) -> None:
     try:
-        async with session.put(
+        async with session.request(
+            method,
             url,
             data=body,
-            headers={"Content-Type": "application/gzip", "X-Plugin-Sha": sha},
+            headers=headers,
             timeout=aiohttp.ClientTimeout(total=timeout_s),
             allow_redirects=False,
         ) as response:
-            if 200 <= response.status < 300:
+            if 200 <= response.status < 300 or (method == "DELETE" and response.status == 404):
                 return
             # A runtime that is busy or broken may recover; one that refuses the plugin won't.
             transient = response.status >= 500 or response.status in (408, 429)
             raise FetchFailed(
-                f"runtime answered {response.status} to PUT {url}",
+                f"runtime answered {response.status} to {method} {url}",
                 code="delivery_failed" if transient else "delivery_rejected",
                 transient=transient,
             )
     except (aiohttp.ClientError, TimeoutError) as exc:
         raise FetchFailed(
-            f"could not deliver to {url}: {type(exc).__name__}: {exc}",
+            f"could not reach the runtime at {url}: {type(exc).__name__}: {exc}",
             code="delivery_failed",
             transient=True,
         ) from exc

@@ -1,4 +1,4 @@
-"""The pure part of a reconcile: what to do for each declared plugin, given what is there."""
+"""The pure part of a reconcile: what to do for each plugin, given what is there."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from typing import Literal
 
 from registry.db.workspaces import DeclaredPlugin, InstalledPlugin
 
-Action = Literal["install", "upgrade", "skip"]
+Action = Literal["install", "upgrade", "skip", "remove"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,7 +30,8 @@ def plan(
     A record says what the registry delivered; an observation says what the box runs. When the
     runtime reports its plugins, a record it does not confirm (the box was replaced) is
     installed again. The diff compares sources and SHAs, never timestamps or file listings, so a
-    converged workspace plans nothing but skips (DESIGN lesson 6).
+    converged workspace plans nothing but skips (DESIGN lesson 6). The declared set is the
+    desired state: an installed plugin no longer declared is removed (lesson 12).
     """
     steps = []
     for plugin in declared:
@@ -49,6 +50,10 @@ def plan(
             )
         else:
             steps.append(PlannedStep(plugin.name, plugin.source, "skip", record.sha, "converged"))
+    wanted = {plugin.name for plugin in declared}
+    for name, record in sorted(installed.items()):
+        if name not in wanted:
+            steps.append(PlannedStep(name, record.source, "remove", record.sha, "not declared"))
     return steps
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import shutil
 import tempfile
 import uuid
@@ -16,7 +17,8 @@ import aiojobs
 import asyncpg
 
 from registry.db import reconciles, workspaces
-from registry.db.reconciles import Claim, Outcome, Step
+from registry.db.reconciles import Claim, Outcome, RestartBudget, Step
+from registry.errors import DATABASE_DOWN
 from registry.plugins import (
     FetchFailed,
     FetchLimits,
@@ -25,10 +27,13 @@ from registry.plugins import (
     StagedPlugin,
     deliver_to_filesystem,
     parse_source,
+    remove_from_filesystem,
+    resolve_version,
     stage,
 )
-from registry.plugins.http_delivery import deliver_over_http
+from registry.plugins.http_delivery import deliver_over_http, remove_over_http
 from registry.reconcile.plan import PlannedStep, observed_shas, plan
+from registry.statuses import Status
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +44,15 @@ class ReconcileConfig:
     sources: SourceSettings
     limits: FetchLimits
     timeout_s: float
+    max_attempts: int
+    retry_base_s: float
+    retry_cap_s: float
+    restart_budget: RestartBudget
+
+    def retry_delay(self, attempt: int) -> float:
+        """Capped exponential backoff with jitter, so a fleet's retries do not align."""
+        ceiling = min(self.retry_cap_s, self.retry_base_s * 2.0 ** (attempt - 1))
+        return ceiling * random.uniform(0.5, 1.0)  # noqa: S311
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,39 +84,51 @@ class Reconciler:
 
     async def run(self, claim: Claim) -> Outcome:
         """Run to a terminal status. A cancelled run (shutdown) is handed back as an intent."""
-        log.info(
-            "reconcile started",
-            extra={"reconcile_id": str(claim.id), "workspace_id": str(claim.workspace_id)},
-        )
+        context = {"reconcile_id": str(claim.id), "workspace_id": str(claim.workspace_id)}
+        log.info("reconcile attempt %d started", claim.attempt, extra=context)
         try:
             async with asyncio.timeout(self._config.timeout_s):
                 outcome = await self._execute(claim)
         except TimeoutError:
-            outcome = Outcome("failed", f"timed out after {self._config.timeout_s:g} s", [])
+            outcome = Outcome("failed", f"timed out after {self._config.timeout_s:g} s")
         except asyncio.CancelledError:
             # The terminal write must not ride on the cancelled work (DESIGN lesson 8).
             await self._scheduler.shield(self._release(claim))
             raise
+        except DATABASE_DOWN as exc:
+            outcome = Outcome("failed", f"database unavailable: {exc!r}", transient=True)
         except Exception as exc:
-            log.exception("reconcile %s crashed", claim.id)
-            outcome = Outcome("failed", f"internal error: {type(exc).__name__}", [])
-        await self._scheduler.shield(self._finish(claim, outcome))
+            log.exception("reconcile crashed", extra=context)
+            outcome = Outcome("failed", f"internal error: {type(exc).__name__}")
+        await self._scheduler.shield(self._conclude(claim, outcome))
         return outcome
 
-    async def _finish(self, claim: Claim, outcome: Outcome) -> None:
-        async with self._pool.acquire() as conn:
-            written = await reconciles.finish(conn, claim.id, self._owner, outcome)
-        if not written:
-            log.warning("reconcile %s: lease lost before the outcome was written", claim.id)
-        log.info(
-            "reconcile %s",
-            outcome.status,
-            extra={
-                "reconcile_id": str(claim.id),
-                "workspace_id": str(claim.workspace_id),
-                "error": outcome.error,
-            },
+    async def _conclude(self, claim: Claim, outcome: Outcome) -> None:
+        context = {"reconcile_id": str(claim.id), "workspace_id": str(claim.workspace_id)}
+        retry = (
+            outcome.status == "failed"
+            and outcome.transient
+            and claim.attempt < self._config.max_attempts
         )
+        async with self._pool.acquire() as conn:
+            if retry:
+                assert outcome.error is not None
+                delay = self._config.retry_delay(claim.attempt)
+                if await reconciles.retry_later(conn, claim.id, self._owner, outcome.error, delay):
+                    log.info("reconcile retry in %.1f s: %s", delay, outcome.error, extra=context)
+                    return
+                outcome = Outcome("failed", f"{outcome.error} (a queued run takes over)")
+            elif outcome.status == "failed" and outcome.transient:
+                outcome = Outcome(
+                    "failed", f"{outcome.error} (gave up after {claim.attempt} attempts)"
+                )
+            finished = await reconciles.finish(
+                conn, claim.id, self._owner, outcome, budget=self._config.restart_budget
+            )
+        if finished.status == "lost":
+            log.warning("reconcile lease lost before the outcome was written", extra=context)
+        else:
+            log.info("reconcile %s %s", outcome.status, outcome.error or "", extra=context)
 
     async def _release(self, claim: Claim) -> None:
         async with self._pool.acquire() as conn:
@@ -125,64 +151,53 @@ class Reconciler:
     async def _execute(self, claim: Claim) -> Outcome:
         context = await self._load(claim.workspace_id)
         if context is None:
-            return Outcome("failed", "workspace no longer exists", [])
-        if context.workspace.status.value == "removed":
-            return Outcome("failed", "workspace was removed", [])
-        installed: list[str] = []
+            return Outcome("failed", "workspace no longer exists")
+        if context.workspace.status is Status.REMOVED:
+            return Outcome("failed", "workspace was removed")
         failures: list[str] = []
+        transient = True
         for planned in context.steps:
-            step = await self._apply(claim, context.workspace, planned)
+            step, error = await self._apply(claim, context.workspace, planned)
             async with self._pool.acquire() as conn:
                 await reconciles.insert_step(conn, claim.id, step)
-            if step.status == "failed":
-                failures.append(f"{planned.plugin}: {step.error}")
-            elif step.action != "skip":
-                installed.append(planned.plugin)
+            if error is not None:
+                failures.append(f"{planned.plugin}: {error.code}: {error.message}")
+                transient = transient and error.transient
         if failures:
-            return Outcome("failed", "; ".join(failures), installed)
-        return Outcome("succeeded", None, installed)
+            return Outcome("failed", "; ".join(failures), transient=transient)
+        return Outcome("succeeded", None)
 
     async def _apply(
         self, claim: Claim, workspace: workspaces.Workspace, planned: PlannedStep
-    ) -> Step:
+    ) -> tuple[Step, PluginError | None]:
         started = _now()
-        if planned.action == "skip":
-            return Step(
-                planned.plugin,
-                "skip",
-                "skipped",
-                planned.source,
-                planned.installed_sha,
-                started,
-                _now(),
-                None,
-                claim.attempt,
-            )
+        action, sha = planned.action, planned.installed_sha
         try:
-            sha = await self._install(workspace, planned)
+            if action == "skip" and claim.refresh:
+                # Refresh: has the declared source moved since it was installed?
+                latest = await resolve_version(
+                    parse_source(planned.source, self._config.sources),
+                    self._config.sources,
+                    self._config.limits,
+                )
+                if latest != planned.installed_sha:
+                    action = "upgrade"
+            if action == "remove":
+                await self._remove(workspace, planned.plugin)
+            elif action != "skip":
+                sha = await self._install(workspace, planned)
         except PluginError as exc:
-            return Step(
-                planned.plugin,
-                planned.action,
-                "failed",
-                planned.source,
-                None,
-                started,
-                _now(),
-                f"{exc.code}: {exc.message}",
-                claim.attempt,
-            )
-        return Step(
-            planned.plugin,
-            planned.action,
-            "succeeded",
-            planned.source,
-            sha,
-            started,
-            _now(),
-            None,
-            claim.attempt,
-        )
+            step = Step(
+                planned.plugin, action, "failed", planned.source, None,
+                started, _now(), f"{exc.code}: {exc.message}", claim.attempt,
+            )  # fmt: skip
+            return step, exc
+        status = "skipped" if action == "skip" else "succeeded"
+        step = Step(
+            planned.plugin, action, status, planned.source, sha,
+            started, _now(), None, claim.attempt,
+        )  # fmt: skip
+        return step, None
 
     async def _install(self, workspace: workspaces.Workspace, planned: PlannedStep) -> str:
         # stage() checks the allowlist itself: every install path passes through it.
@@ -200,23 +215,40 @@ class Reconciler:
             )
         return staged.sha
 
-    async def _deliver(
-        self, workspace: workspaces.Workspace, name: str, staged: StagedPlugin
-    ) -> None:
-        if workspace.delivery == "filesystem":
-            await deliver_to_filesystem(staged, self._config.plugins_dir, str(workspace.id), name)
-            return
+    def _workspace_url(self, workspace: workspaces.Workspace) -> str:
         if workspace.url is None:
             raise FetchFailed(
                 "http delivery needs the workspace's url; it is set when the runtime registers",
                 code="no_workspace_url",
                 transient=True,
             )
+        return workspace.url
+
+    async def _deliver(
+        self, workspace: workspaces.Workspace, name: str, staged: StagedPlugin
+    ) -> None:
+        if workspace.delivery == "filesystem":
+            await deliver_to_filesystem(staged, self._config.plugins_dir, str(workspace.id), name)
+            return
         await deliver_over_http(
             self._http,
-            workspace_url=workspace.url,
+            workspace_url=self._workspace_url(workspace),
             name=name,
             tree=staged.path,
             sha=staged.sha,
             timeout_s=self._config.limits.timeout_s,
         )
+
+    async def _remove(self, workspace: workspaces.Workspace, name: str) -> None:
+        if workspace.delivery == "filesystem":
+            await remove_from_filesystem(self._config.plugins_dir, str(workspace.id), name)
+        else:
+            await remove_over_http(
+                self._http,
+                workspace_url=self._workspace_url(workspace),
+                name=name,
+                timeout_s=self._config.limits.timeout_s,
+            )
+        # The record goes only once the plugin is gone from the box.
+        async with self._pool.acquire() as conn:
+            await workspaces.forget_installed(conn, workspace.id, name)

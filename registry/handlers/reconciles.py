@@ -1,0 +1,86 @@
+"""Internal reconcile API (admin token): request, fan out and inspect reconcile runs."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from registry import validation as v
+from registry.db import reconciles, workspaces
+from registry.errors import Conflict, InvalidField, NotFound
+from registry.handlers.workspaces import source_settings
+from registry.jsonio import json_response
+from registry.keys import POOL, RECONCILER, SETTINGS
+from registry.plugins import PluginError, parse_source
+from registry.statuses import LIVE, LIVE_STATUSES
+from registry.views import reconcile_view
+
+MAX_LIST_LIMIT = 100
+
+
+async def post_workspace_reconcile(request: web.Request) -> web.Response:
+    workspace_id = v.path_uuid(request)
+    body = await v.read_json_object(request) if request.can_read_body else {}
+    v.reject_unknown_fields(body, ("refresh",))
+    refresh = body.get("refresh", False)
+    if not isinstance(refresh, bool):
+        raise InvalidField("refresh must be a boolean", field="refresh")
+    async with request.app[POOL].acquire() as conn:
+        async with conn.transaction():
+            status = await reconciles.lock_workspace_status(conn, workspace_id)
+            if status is None:
+                raise NotFound(f"no workspace {workspace_id}", code="workspace_not_found")
+            if status not in LIVE:
+                raise Conflict(
+                    f"workspace is {status}; only online or degraded workspaces are reconciled",
+                    code="workspace_not_live",
+                )
+            requested = await reconciles.request_reconcile(conn, workspace_id, refresh=refresh)
+        run = await reconciles.get_reconcile(conn, requested.reconcile_id)
+    assert run is not None
+    if requested.created:
+        request.app[RECONCILER].wake()
+    return json_response(
+        {"reconcile": reconcile_view(run)}, status=202 if requested.created else 200
+    )
+
+
+async def post_plugins_reconcile(request: web.Request) -> web.Response:
+    """Every live workspace declaring this plugin (by source or by name) is refreshed."""
+    body = await v.read_json_object(request)
+    v.reject_unknown_fields(body, ("source", "name"))
+    raw_source = v.text(body, "source", "", max_length=2048) or None
+    name = v.text(body, "name", "", max_length=64) or None
+    if (raw_source is None) == (name is None):
+        raise InvalidField("give exactly one of source or name", field="source")
+    source = None
+    if raw_source is not None:
+        try:
+            source = parse_source(raw_source, source_settings(request.app[SETTINGS])).raw
+        except PluginError as exc:
+            raise InvalidField(exc.message, field="source", code=exc.code) from None
+    async with request.app[POOL].acquire() as conn:
+        queued = await reconciles.fan_out_reconciles(
+            conn, source=source, name=name, live_statuses=LIVE_STATUSES
+        )
+    if queued:
+        request.app[RECONCILER].wake()
+    return json_response({"queued": queued}, status=202)
+
+
+async def get_reconcile(request: web.Request) -> web.Response:
+    reconcile_id = v.path_uuid(request)
+    async with request.app[POOL].acquire() as conn:
+        run = await reconciles.get_reconcile(conn, reconcile_id)
+    if run is None:
+        raise NotFound(f"no reconcile {reconcile_id}", code="reconcile_not_found")
+    return json_response(reconcile_view(run))
+
+
+async def get_workspace_reconciles(request: web.Request) -> web.Response:
+    workspace_id = v.path_uuid(request)
+    limit = v.query_int(request, "limit", 20, minimum=1, maximum=MAX_LIST_LIMIT)
+    async with request.app[POOL].acquire() as conn:
+        if not await workspaces.workspace_exists(conn, workspace_id):
+            raise NotFound(f"no workspace {workspace_id}", code="workspace_not_found")
+        runs = await reconciles.reconciles_for_workspace(conn, workspace_id, limit)
+    return json_response({"reconciles": [reconcile_view(run) for run in runs]})
