@@ -9,16 +9,19 @@ The database server is found in this order, and the suite fails loudly when none
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import socket
 import tempfile
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from registry.app import create_app
@@ -148,17 +151,35 @@ def settings(tmp_path: Path, plugin_sources: Path, silent_git_server: int) -> Se
         ),
         reconcile_poll_s=0.2,
         reconcile_lease_s=3.0,
+        reconcile_retry_base_s=0.05,
+        reconcile_retry_cap_s=0.5,
         reconcile_timeout_s=30.0,
         fetch_timeout_s=20.0,
     )
 
 
+MakeRegistry = Callable[..., Awaitable[Registry]]
+
+
 @pytest.fixture
-async def registry(
-    aiohttp_client: object, settings: Settings, dsn: str, db: asyncpg.Connection
-) -> Registry:
-    client: TestClient = await aiohttp_client(create_app(settings, dsn))  # type: ignore[operator]
-    return Registry(client, db, settings)
+def make_registry(
+    aiohttp_client: Callable[[web.Application], Awaitable[TestClient]],
+    settings: Settings,
+    dsn: str,
+    db: asyncpg.Connection,
+) -> MakeRegistry:
+    """Start the app with some settings changed: `await make_registry(restart_budget=1)`."""
+
+    async def make(**overrides: Any) -> Registry:
+        changed = dataclasses.replace(settings, **overrides)
+        return Registry(await aiohttp_client(create_app(changed, dsn)), db, changed)
+
+    return make
+
+
+@pytest.fixture
+async def registry(make_registry: MakeRegistry) -> Registry:
+    return await make_registry()
 
 
 @pytest.fixture
