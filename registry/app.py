@@ -13,8 +13,10 @@ from registry.auth import admin_auth_middleware
 from registry.db.pool import create_pool
 from registry.db.reconciles import RestartBudget
 from registry.errors import error_middleware
+from registry.events import EventHub
 from registry.handlers.workspaces import source_settings
-from registry.keys import DSN, POOL, RECONCILER, SCHEDULER, SETTINGS
+from registry.keys import DSN, EVENT_HUB, POOL, RECONCILER, SCHEDULER, SETTINGS
+from registry.liveness import LivenessSweeper
 from registry.plugins import FetchLimits
 from registry.reconcile.runner import ReconcileConfig, Reconciler
 from registry.reconcile.worker import ReconcileWorker, new_owner_id
@@ -23,7 +25,8 @@ from registry.settings import Settings
 
 log = logging.getLogger(__name__)
 
-# How long shutdown waits for running reconciles before handing them back as intents.
+# How long shutdown waits for background loops and running reconciles; a reconcile still
+# running then is cancelled and hands its run back as a queued intent.
 SHUTDOWN_GRACE_S = 10.0
 
 
@@ -36,10 +39,10 @@ def create_app(settings: Settings, dsn: str) -> web.Application:
     app[SETTINGS] = settings
     app[DSN] = dsn
     setup_routes(app)
-    # Dependency order: the pool first, the scheduler and worker last, so jobs drain
-    # before the pool closes.
+    # Dependency order: the pool first, background work last, so jobs drain before the
+    # pool closes.
     app.cleanup_ctx.append(_database)
-    app.cleanup_ctx.append(_reconciles)
+    app.cleanup_ctx.append(_background)
     return app
 
 
@@ -50,13 +53,8 @@ async def _database(app: web.Application) -> AsyncIterator[None]:
     await pool.close()
 
 
-async def _reconciles(app: web.Application) -> AsyncIterator[None]:
-    settings = app[SETTINGS]
-    scheduler = aiojobs.Scheduler(close_timeout=SHUTDOWN_GRACE_S)
-    # One client session for deliveries to runtimes; its connection pool is shared.
-    http = aiohttp.ClientSession(raise_for_status=False)
-    owner = new_owner_id()
-    config = ReconcileConfig(
+def reconcile_config(settings: Settings) -> ReconcileConfig:
+    return ReconcileConfig(
         plugins_dir=settings.resolved_plugins_dir,
         sources=source_settings(settings),
         limits=FetchLimits(
@@ -70,22 +68,42 @@ async def _reconciles(app: web.Application) -> AsyncIterator[None]:
         retry_cap_s=settings.reconcile_retry_cap_s,
         restart_budget=RestartBudget(settings.restart_budget, settings.restart_budget_window_s),
     )
+
+
+async def _background(app: web.Application) -> AsyncIterator[None]:
+    """The reconcile worker, the liveness sweeper and the event hub, as aiojobs jobs."""
+    settings, pool = app[SETTINGS], app[POOL]
+    scheduler = aiojobs.Scheduler(close_timeout=SHUTDOWN_GRACE_S)
+    # One client session for deliveries to runtimes; its connection pool is shared.
+    http = aiohttp.ClientSession()
+    owner = new_owner_id()
     worker = ReconcileWorker(
-        app[POOL],
+        pool,
         scheduler,
-        Reconciler(app[POOL], scheduler, http, config, owner),
+        Reconciler(pool, scheduler, http, reconcile_config(settings), owner),
         owner=owner,
         concurrency=settings.reconcile_concurrency,
         poll_s=settings.reconcile_poll_s,
         lease_s=settings.reconcile_lease_s,
     )
+    sweeper = LivenessSweeper(pool, settings)
+    hub = EventHub(pool, app[DSN])
     app[SCHEDULER] = scheduler
     app[RECONCILER] = worker
-    loop_job = await scheduler.spawn(worker.run_forever(), name="reconcile-worker")
+    app[EVENT_HUB] = hub
+    loops = [
+        await scheduler.spawn(worker.run_forever(), name="reconcile-worker"),
+        await scheduler.spawn(sweeper.run_forever(), name="liveness-sweeper"),
+        await scheduler.spawn(hub.run_sequencer(), name="event-sequencer"),
+        await scheduler.spawn(hub.run_listener(), name="event-listener"),
+    ]
     yield
-    # Stop claiming first, so nothing is claimed that the closing scheduler would refuse;
+    # Stop the loops first, so nothing is claimed that the closing scheduler would refuse;
     # then running reconciles are cancelled and hand their runs back as intents.
     worker.stop()
-    await loop_job.wait(timeout=SHUTDOWN_GRACE_S)
+    sweeper.stop()
+    hub.stop()
+    for loop in loops:
+        await loop.wait(timeout=SHUTDOWN_GRACE_S)
     await scheduler.close()
     await http.close()

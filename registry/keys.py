@@ -6,6 +6,7 @@ import aiojobs
 import asyncpg
 from aiohttp import web
 
+from registry.events import EventHub
 from registry.reconcile.worker import ReconcileWorker
 from registry.settings import Settings
 
@@ -14,3 +15,4 @@ DSN = web.AppKey("dsn", str)
 POOL = web.AppKey("pool", asyncpg.Pool)
 SCHEDULER = web.AppKey("scheduler", aiojobs.Scheduler)
 RECONCILER = web.AppKey("reconciler", ReconcileWorker)
+EVENT_HUB = web.AppKey("event_hub", EventHub)

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from registry.handlers import openapi, operations, reconciles, runtime, workspaces
+from registry.handlers import (
+    events,
+    openapi,
+    operations,
+    operator,
+    reconciles,
+    runtime,
+    workspaces,
+)
 
 
 def setup_routes(app: web.Application) -> None:
@@ -16,7 +24,15 @@ def setup_routes(app: web.Application) -> None:
         ("POST", "/registry/heartbeat", runtime.post_heartbeat),
         ("POST", "/registry/register", runtime.post_register),
         ("POST", "/workspaces", workspaces.post_workspaces),
+        ("GET", "/workspaces", workspaces.get_workspaces),
         ("GET", "/workspaces/{id}", workspaces.get_workspace),
+        ("DELETE", "/workspaces/{id}", operator.delete_workspace),
+        ("POST", "/workspaces/{id}/pause", operator.post_pause),
+        ("POST", "/workspaces/{id}/resume", operator.post_resume),
+        ("POST", "/workspaces/{id}/token", operator.post_token),
+        ("GET", "/workspaces/{id}/events", events.get_workspace_events),
+        ("GET", "/events", events.get_events),
+        ("GET", "/fleet", events.get_fleet),
         ("PUT", "/workspaces/{id}/plugins", workspaces.put_workspace_plugins),
         ("POST", "/internal/workspaces/{id}/reconcile", reconciles.post_workspace_reconcile),
         ("GET", "/internal/workspaces/{id}/reconciles", reconciles.get_workspace_reconciles),

@@ -36,6 +36,16 @@ class Settings:
     # 64 KiB holds a heartbeat with hundreds of observed plugins; anything larger is abuse.
     max_body_bytes: int = 64 * 1024
     heartbeat_interval_s: float = 30.0
+    # Liveness: silent this long → offline (None: three heartbeat intervals); provisioning
+    # this long without a first heartbeat → failed.
+    offline_after_s: float | None = None
+    provision_timeout_s: float = 600.0
+    sweep_interval_s: float = 5.0
+    # Mass-expiry guard: a sweep that would take more than this share of a fleet of at least
+    # min_fleet offline holds, and expires at most max(1, rate * live fleet) per sweep.
+    mass_expiry_share: float = 0.3
+    mass_expiry_min_fleet: int = 10
+    mass_expiry_rate: float = 0.01
     pool_min_size: int = 2
     pool_max_size: int = 10
     db_timeout_s: float = 5.0
@@ -55,6 +65,12 @@ class Settings:
     fetch_timeout_s: float = 60.0
     fetch_max_bytes: int = 50 * 1024 * 1024
     fetch_max_files: int = 10_000
+
+    @property
+    def resolved_offline_after_s(self) -> float:
+        if self.offline_after_s is not None:
+            return self.offline_after_s
+        return 3 * self.heartbeat_interval_s
 
     @property
     def resolved_plugins_dir(self) -> Path:
@@ -107,10 +123,19 @@ class Settings:
             "reconcile_retry_base_s",
             "reconcile_retry_cap_s",
             "restart_budget_window_s",
+            "provision_timeout_s",
+            "sweep_interval_s",
             "fetch_timeout_s",
         ):
             value = getattr(self, name)
             need(math.isfinite(value) and value > 0, f"{name} must be a positive number")
+        need(
+            self.offline_after_s is None
+            or (math.isfinite(self.offline_after_s) and self.offline_after_s > 0),
+            "offline_after_s must be a positive number",
+        )
+        need(0 < self.mass_expiry_share <= 1, "mass_expiry_share must be in (0, 1]")
+        need(0 < self.mass_expiry_rate <= 1, "mass_expiry_rate must be in (0, 1]")
         need(self.fetch_max_bytes > 0 and self.fetch_max_files > 0, "fetch limits must be positive")
 
 
@@ -155,6 +180,12 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "gitea_scheme": _text,
     "max_body_bytes": _positive_int,
     "heartbeat_interval_s": _float,
+    "offline_after_s": _float,
+    "provision_timeout_s": _float,
+    "sweep_interval_s": _float,
+    "mass_expiry_share": _float,
+    "mass_expiry_min_fleet": _non_negative_int,
+    "mass_expiry_rate": _float,
     "pool_min_size": _positive_int,
     "pool_max_size": _positive_int,
     "db_timeout_s": _float,

@@ -39,6 +39,12 @@ LEGAL_TRANSITIONS: frozenset[tuple[Status, Status]] = frozenset(
     }
 )
 
+
+def legal_sources(to: Status) -> frozenset[Status]:
+    """The statuses a workspace may move to `to` from."""
+    return frozenset(a for a, b in LEGAL_TRANSITIONS if b is to)
+
+
 # A workspace in one of these serves traffic.
 LIVE = frozenset({S.ONLINE, S.DEGRADED})
 

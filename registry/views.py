@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 from registry.db.reconciles import Reconcile, Step
 from registry.db.workspaces import DeclaredPlugin, InstalledPlugin, Workspace
 from registry.reconcile.plan import observed_shas, plan
+from registry.settings import Settings
 from registry.statuses import Status
 
 
@@ -60,18 +63,67 @@ def plugins_sync(
     return "out_of_sync"
 
 
-def why_not_ready(workspace: Workspace, sync: str, last: Reconcile | None) -> str | None:
+@dataclass(frozen=True, slots=True)
+class Liveness:
+    offline_after_s: float
+    provision_timeout_s: float
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Liveness:
+        return cls(settings.resolved_offline_after_s, settings.provision_timeout_s)
+
+
+def _ago(moment: datetime | None, now: datetime) -> str:
+    if moment is None:
+        return "never"
+    return f"{max(0, round((now - moment).total_seconds()))} s ago"
+
+
+def _status_reason(workspace: Workspace, liveness: Liveness, now: datetime) -> str | None:
+    since = workspace.status_changed_at
+    last_beat = workspace.last_heartbeat_at
+    match workspace.status:
+        case Status.ONLINE:
+            return None
+        case Status.PROVISIONING:
+            return (
+                f"waiting for the runtime's first heartbeat (created {_ago(since, now)}; "
+                f"failed if none within {liveness.provision_timeout_s:g} s)"
+            )
+        case Status.DEGRADED:
+            return (
+                f"degraded since {_ago(since, now)}: error rate {workspace.error_rate}, "
+                f"runtime state {workspace.runtime_state!r}; online again below an error "
+                "rate of 0.1 and not wedged"
+            )
+        case Status.OFFLINE:
+            return (
+                f"offline since {_ago(since, now)}: last heartbeat {_ago(last_beat, now)}, "
+                f"offline after {liveness.offline_after_s:g} s of silence; "
+                "waiting for a heartbeat"
+            )
+        case Status.FAILED:
+            return (
+                f"failed {_ago(since, now)}: no first heartbeat within "
+                f"{liveness.provision_timeout_s:g} s; a heartbeat brings it online"
+            )
+        case Status.PAUSED:
+            return (
+                f"paused by an operator {_ago(since, now)}; heartbeats are recorded "
+                f"(last {_ago(last_beat, now)}) but do not promote it until resumed"
+            )
+        case Status.REMOVED:
+            return f"removed {_ago(since, now)}; its runtime is told to stop (410)"
+
+
+def why_not_ready(
+    workspace: Workspace, sync: str, last: Reconcile | None, liveness: Liveness
+) -> str | None:
     """A plain-language answer to "why is this workspace not online and synced?"."""
     reasons = []
-    if workspace.status is Status.PROVISIONING:
-        reasons.append("waiting for the runtime's first heartbeat")
-    elif workspace.status is Status.DEGRADED:
-        reasons.append(
-            f"degraded: error rate {workspace.error_rate}, "
-            f"runtime state {workspace.runtime_state!r}"
-        )
-    elif workspace.status is not Status.ONLINE:
-        reasons.append(f"status is {workspace.status.value}")
+    status_reason = _status_reason(workspace, liveness, datetime.now(UTC))
+    if status_reason is not None:
+        reasons.append(status_reason)
     if sync == "reconciling" and last is not None and last.status == "queued" and last.error:
         reasons.append(
             f"reconcile attempt {last.attempt} failed: {last.error}; "
@@ -97,6 +149,7 @@ def workspace_view(
     declared: list[DeclaredPlugin],
     installed: list[InstalledPlugin],
     last: Reconcile | None,
+    liveness: Liveness,
 ) -> dict[str, Any]:
     sync = plugins_sync(declared, installed, workspace.observed_plugins, last)
     return {
@@ -126,5 +179,19 @@ def workspace_view(
         "observed_plugins": workspace.observed_plugins,
         "plugins_sync": sync,
         "last_reconcile": None if last is None else reconcile_view(last),
-        "why": why_not_ready(workspace, sync, last),
+        "why": why_not_ready(workspace, sync, last, liveness),
+    }
+
+
+def workspace_summary(workspace: Workspace) -> dict[str, Any]:
+    """The short form used in lists."""
+    return {
+        "id": workspace.id,
+        "name": workspace.name,
+        "status": workspace.status.value,
+        "status_changed_at": workspace.status_changed_at,
+        "created_at": workspace.created_at,
+        "delivery": workspace.delivery,
+        "url": workspace.url,
+        "last_heartbeat_at": workspace.last_heartbeat_at,
     }

@@ -117,6 +117,7 @@ async def db(dsn: str) -> AsyncIterator[asyncpg.Connection]:
     """A connection to an emptied test database."""
     conn = await asyncpg.connect(dsn)
     await conn.execute(f"TRUNCATE {', '.join(TABLES)} RESTART IDENTITY CASCADE")
+    await conn.execute("UPDATE fleet_guard SET holding = false, since = NULL, live = 0, stale = 0")
     yield conn
     await conn.close()
 

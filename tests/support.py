@@ -14,6 +14,7 @@ import asyncpg
 from aiohttp.test_utils import TestClient
 
 from registry.settings import Settings
+from registry.statuses import LEGAL_TRANSITIONS, Status
 
 ADMIN_TOKEN = "test-admin-token-0123456789"
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
@@ -67,10 +68,19 @@ class Registry:
         return result
 
     async def set_status(self, workspace: Workspace, status: str) -> None:
-        """Put a workspace in a status directly, as a sweeper or operator would have."""
-        await self.db.execute(
-            "UPDATE workspaces SET status = $2 WHERE id = $1", uuid.UUID(workspace.id), status
+        """Put a workspace in a status directly, along legal transitions (the database
+        refuses others), as heartbeats, sweepers or operators would have."""
+        current = Status(
+            await self.db.fetchval(
+                "SELECT status FROM workspaces WHERE id = $1", uuid.UUID(workspace.id)
+            )
         )
+        for step in legal_path(current, Status(status)):
+            await self.db.execute(
+                "UPDATE workspaces SET status = $2 WHERE id = $1",
+                uuid.UUID(workspace.id),
+                step.value,
+            )
 
     async def reconciles(self, workspace: Workspace) -> list[asyncpg.Record]:
         return await self.db.fetch(
@@ -87,6 +97,19 @@ class Registry:
                 return runs
             assert time.monotonic() < deadline, f"reconciles did not settle: {runs}"
             await asyncio.sleep(0.05)
+
+
+def legal_path(start: Status, goal: Status) -> list[Status]:
+    """The shortest chain of legal transitions from start to goal (empty if equal)."""
+    paths: dict[Status, list[Status]] = {start: []}
+    frontier = [start]
+    while frontier and goal not in paths:
+        current = frontier.pop(0)
+        for a, b in sorted(LEGAL_TRANSITIONS):
+            if a is current and b not in paths:
+                paths[b] = [*paths[current], b]
+                frontier.append(b)
+    return paths[goal]
 
 
 def git(cwd: Path, *args: str) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncpg
 import pytest
 
 from registry.statuses import (
@@ -47,3 +48,24 @@ def test_tables_hold_only_changes() -> None:
     for table in HEARTBEAT_TABLES.values():
         pairs = list(zip(table.from_statuses, table.to_statuses, strict=True))
         assert all(a != b for a, b in pairs)
+
+
+async def test_database_enforces_the_same_transition_table(db: asyncpg.Connection) -> None:
+    rows = await db.fetch("SELECT from_status, to_status FROM status_transitions")
+
+    assert {(Status(r["from_status"]), Status(r["to_status"])) for r in rows} == LEGAL_TRANSITIONS
+
+
+async def test_database_refuses_an_illegal_transition_from_any_writer(
+    db: asyncpg.Connection,
+) -> None:
+    workspace_id = await db.fetchval(
+        "INSERT INTO workspaces (name, token_hash) VALUES ('w', 'x') RETURNING id"
+    )
+
+    with pytest.raises(asyncpg.CheckViolationError, match="illegal status transition"):
+        await db.execute("UPDATE workspaces SET status = 'offline' WHERE id = $1", workspace_id)
+
+    assert await db.fetchval("SELECT status FROM workspaces WHERE id = $1", workspace_id) == (
+        "provisioning"
+    )

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import uuid
+from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 from registry.db import Connection
@@ -42,3 +44,81 @@ async def insert_reconcile_event(
     await conn.execute(
         INSERT_EVENT, workspace_id, "reconcile", None, None, cause, "reconciler", detail
     )
+
+
+@dataclass(frozen=True, slots=True)
+class Event:
+    id: int  # the sequence number: commit-ordered, what clients resume after
+    workspace_id: uuid.UUID | None
+    kind: str
+    from_status: str | None
+    to_status: str | None
+    cause: str
+    actor: str
+    detail: Any
+    at: datetime
+
+
+SEQUENCE_LOCK_KEY = 0x6576_656E_7473  # "events"
+
+TRY_SEQUENCE_LOCK = "SELECT pg_try_advisory_xact_lock($1)"
+
+# Number committed events in id order after the highest number given so far. Run by one
+# process at a time (the advisory lock), it only ever sees committed rows, so a reader that
+# resumes after seq N can never miss an event that committed after it read N.
+SEQUENCE_PENDING = """
+WITH top AS (SELECT COALESCE(max(seq), 0) AS seq FROM workspace_events),
+pending AS (
+    SELECT id, row_number() OVER (ORDER BY id) AS n
+    FROM workspace_events WHERE seq IS NULL
+    ORDER BY id
+    LIMIT $1
+)
+UPDATE workspace_events e SET seq = top.seq + pending.n
+FROM pending, top
+WHERE e.id = pending.id
+RETURNING e.seq
+"""
+
+NOTIFY = "SELECT pg_notify($1, $2)"
+
+EVENTS_CHANNEL = "registry_events"
+
+
+async def sequence_pending(conn: Connection, batch: int = 5000) -> int | None:
+    """Give pending events their sequence numbers; the highest one given, or None."""
+    async with conn.transaction():
+        if not await conn.fetchval(TRY_SEQUENCE_LOCK, SEQUENCE_LOCK_KEY):
+            return None
+        numbers = [row["seq"] for row in await conn.fetch(SEQUENCE_PENDING, batch)]
+        if not numbers:
+            return None
+        top = int(max(numbers))
+        # Delivered at commit, to every registry process listening.
+        await conn.execute(NOTIFY, EVENTS_CHANNEL, str(top))
+    return top
+
+
+EVENT_COLUMNS = """
+    seq AS id, workspace_id, kind, from_status, to_status, cause, actor, detail, at
+"""
+
+SELECT_EVENTS_AFTER = f"""
+SELECT {EVENT_COLUMNS} FROM workspace_events
+WHERE seq > $1 AND ($2::uuid IS NULL OR workspace_id = $2)
+ORDER BY seq
+LIMIT $3
+"""
+
+SELECT_LAST_SEQ = "SELECT COALESCE(max(seq), 0) FROM workspace_events"
+
+
+async def events_after(
+    conn: Connection, after: int, *, workspace_id: uuid.UUID | None, limit: int
+) -> list[Event]:
+    rows = await conn.fetch(SELECT_EVENTS_AFTER, after, workspace_id, limit)
+    return [Event(**dict(row)) for row in rows]
+
+
+async def last_sequence(conn: Connection) -> int:
+    return int(await conn.fetchval(SELECT_LAST_SEQ))

@@ -450,3 +450,13 @@ async def fan_out_reconciles(
 ) -> int:
     rows = await conn.fetch(FAN_OUT, source, name, live_statuses)
     return len(rows)
+
+
+CANCEL_QUEUED = """
+UPDATE reconciles SET status = 'failed', error = $2, finished_at = now()
+WHERE workspace_id = $1 AND status = 'queued'
+"""
+
+
+async def cancel_queued(conn: Connection, workspace_id: uuid.UUID, reason: str) -> None:
+    await conn.execute(CANCEL_QUEUED, workspace_id, reason)

@@ -190,3 +190,27 @@ class Action:
 async def pending_actions(conn: Connection, workspace_id: uuid.UUID) -> list[Action]:
     rows = await conn.fetch(SELECT_PENDING_ACTIONS, workspace_id)
     return [Action(r["id"], r["type"], r["reason"], r["created_at"]) for r in rows]
+
+
+# Keyset pagination on id: stable under inserts, one index range scan per page.
+SELECT_PAGE = f"""
+SELECT {WORKSPACE_COLUMNS} FROM workspaces
+WHERE ($1::text IS NULL OR status = $1) AND ($2::uuid IS NULL OR id > $2)
+ORDER BY id
+LIMIT $3
+"""
+
+
+async def list_workspaces(
+    conn: Connection, *, status: str | None, after: uuid.UUID | None, limit: int
+) -> list[Workspace]:
+    rows = await conn.fetch(SELECT_PAGE, status, after, limit)
+    return [Workspace.from_record(row) for row in rows]
+
+
+UPDATE_TOKEN = "UPDATE workspaces SET token_hash = $2 WHERE id = $1 AND status <> 'removed'"
+
+
+async def replace_token(conn: Connection, workspace_id: uuid.UUID, token_hash: bytes) -> bool:
+    """The old token stops working the moment this commits."""
+    return str(await conn.execute(UPDATE_TOKEN, workspace_id, token_hash)) == "UPDATE 1"

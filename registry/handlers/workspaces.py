@@ -25,7 +25,7 @@ from registry.plugins import (
 )
 from registry.settings import Settings
 from registry.statuses import LIVE, Status
-from registry.views import workspace_view
+from registry.views import Liveness, workspace_summary, workspace_view
 
 CREATE_FIELDS = frozenset({"name", "url", "delivery", "plugins"})
 DELIVERY_MODES = ("filesystem", "http")
@@ -86,12 +86,14 @@ async def post_workspaces(request: web.Request) -> web.Response:
             url=url,
             plugins=plugins,
         )
-        view = await _workspace_view(conn, workspace.id)
+        view = await _workspace_view(conn, workspace.id, request.app[SETTINGS])
     # The only time the token is shown: only its hash is kept.
     return json_response({"workspace": view, "token": token}, status=201)
 
 
-async def _workspace_view(conn: Connection, workspace_id: uuid.UUID) -> dict[str, Any]:
+async def _workspace_view(
+    conn: Connection, workspace_id: uuid.UUID, settings: Settings
+) -> dict[str, Any]:
     workspace = await workspaces.get_workspace(conn, workspace_id)
     if workspace is None:
         raise NotFound(f"no workspace {workspace_id}", code="workspace_not_found")
@@ -100,13 +102,39 @@ async def _workspace_view(conn: Connection, workspace_id: uuid.UUID) -> dict[str
         declared=await workspaces.declared_plugins(conn, workspace_id),
         installed=await workspaces.installed_plugins(conn, workspace_id),
         last=await reconciles.last_reconcile(conn, workspace_id),
+        liveness=Liveness.from_settings(settings),
     )
 
 
-async def get_workspace(request: web.Request) -> web.Response:
-    workspace_id = v.path_uuid(request)
+async def workspace_response(request: web.Request, workspace_id: uuid.UUID) -> web.Response:
     async with request.app[POOL].acquire() as conn:
-        return json_response(await _workspace_view(conn, workspace_id))
+        return json_response(await _workspace_view(conn, workspace_id, request.app[SETTINGS]))
+
+
+async def get_workspace(request: web.Request) -> web.Response:
+    return await workspace_response(request, v.path_uuid(request))
+
+
+MAX_PAGE = 500
+
+
+async def get_workspaces(request: web.Request) -> web.Response:
+    status = request.query.get("status")
+    if status is not None and status not in {s.value for s in Status}:
+        raise InvalidField(f"unknown status: {status!r}", field="status")
+    cursor = request.query.get("cursor")
+    after = v.parse_uuid(cursor, "cursor") if cursor else None
+    limit = v.query_int(request, "limit", 100, minimum=1, maximum=MAX_PAGE)
+    async with request.app[POOL].acquire() as conn:
+        page = await workspaces.list_workspaces(conn, status=status, after=after, limit=limit + 1)
+    more = len(page) > limit
+    page = page[:limit]
+    return json_response(
+        {
+            "workspaces": [workspace_summary(w) for w in page],
+            "next_cursor": str(page[-1].id) if more else None,
+        }
+    )
 
 
 async def put_workspace_plugins(request: web.Request) -> web.Response:
@@ -128,7 +156,7 @@ async def put_workspace_plugins(request: web.Request) -> web.Response:
             if status in LIVE:
                 await reconciles.queue_reconcile(conn, workspace_id, "declared_changed")
                 queued = True
-        view = await _workspace_view(conn, workspace_id)
+        view = await _workspace_view(conn, workspace_id, request.app[SETTINGS])
     if queued:
         request.app[RECONCILER].wake()
     return json_response(view)

@@ -1,0 +1,120 @@
+"""Status writes outside the heartbeat: one guarded transition, and the set-based sweeps.
+
+Every statement that changes `status` takes the set of statuses it may change from as a
+parameter computed from registry/statuses.py, writes the event for each row it changed in the
+same statement, and fires nothing for rows it did not change. The database's trigger refuses
+anything outside the legal table, whatever the writer.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+
+from registry.db import Connection
+from registry.statuses import Status, legal_sources
+
+TRANSITION = """
+WITH target AS (
+    SELECT id, status FROM workspaces WHERE id = $1 FOR UPDATE
+),
+changed AS (
+    UPDATE workspaces w SET status = $2, status_changed_at = now()
+    FROM target t
+    WHERE w.id = t.id AND t.status = ANY($3::text[])
+    RETURNING w.id, t.status AS previous_status
+),
+event AS (
+    INSERT INTO workspace_events (workspace_id, kind, from_status, to_status, cause, actor)
+    SELECT c.id, 'status', c.previous_status, $2, $4, $5 FROM changed c
+)
+SELECT t.status AS previous_status, EXISTS (SELECT 1 FROM changed) AS changed
+FROM target t
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class TransitionResult:
+    previous: Status | None  # None: no such workspace
+    changed: bool
+
+
+async def transition(
+    conn: Connection,
+    workspace_id: uuid.UUID,
+    to: Status,
+    *,
+    cause: str,
+    actor: str,
+    only_from: frozenset[Status] | None = None,
+) -> TransitionResult:
+    """Move one workspace to `to` if that is legal from its current status (and in only_from)."""
+    sources = [s.value for s in legal_sources(to) if only_from is None or s in only_from]
+    row = await conn.fetchrow(TRANSITION, workspace_id, to.value, sources, cause, actor)
+    if row is None:
+        return TransitionResult(None, False)
+    return TransitionResult(Status(row["previous_status"]), row["changed"])
+
+
+# Oldest silence first, so a capped sweep expires the longest-dead workspaces. SKIP LOCKED
+# passes over rows a heartbeat holds right now: those are alive. A row a heartbeat updated
+# after this statement's snapshot is re-checked against the WHERE once locked.
+EXPIRE_SILENT = """
+WITH silent AS (
+    SELECT id, status FROM workspaces
+    WHERE status = ANY($1::text[])
+      AND COALESCE(last_heartbeat_at, status_changed_at) < now() - make_interval(secs => $2)
+    ORDER BY COALESCE(last_heartbeat_at, status_changed_at)
+    LIMIT $3
+    FOR UPDATE SKIP LOCKED
+),
+changed AS (
+    UPDATE workspaces w SET status = $4, status_changed_at = now()
+    FROM silent s
+    WHERE w.id = s.id
+    RETURNING w.id, s.status AS previous_status
+),
+event AS (
+    INSERT INTO workspace_events (workspace_id, kind, from_status, to_status, cause, actor)
+    SELECT c.id, 'status', c.previous_status, $4, $5, 'sweeper' FROM changed c
+)
+SELECT count(*) FROM changed
+"""
+
+
+async def expire_silent(
+    conn: Connection,
+    *,
+    statuses: frozenset[Status],
+    silent_for_s: float,
+    to: Status,
+    cause: str,
+    limit: int,
+) -> int:
+    """Move up to `limit` workspaces silent for `silent_for_s` from `statuses` to `to`."""
+    sources = [s.value for s in statuses if s in legal_sources(to)]
+    count = await conn.fetchval(EXPIRE_SILENT, sources, silent_for_s, limit, to.value, cause)
+    return int(count)
+
+
+COUNT_SILENT = """
+SELECT count(*) AS live,
+       count(*) FILTER (WHERE COALESCE(last_heartbeat_at, status_changed_at)
+                              < now() - make_interval(secs => $2)) AS silent
+FROM workspaces
+WHERE status = ANY($1::text[])
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class FleetCount:
+    live: int
+    silent: int
+
+
+async def count_silent(
+    conn: Connection, statuses: frozenset[Status], silent_for_s: float
+) -> FleetCount:
+    row = await conn.fetchrow(COUNT_SILENT, [s.value for s in statuses], silent_for_s)
+    assert row is not None
+    return FleetCount(row["live"], row["silent"])

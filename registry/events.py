@@ -1,0 +1,94 @@
+"""The live event stream: numbering committed events, and waking this process's subscribers.
+
+Events are written by whatever transaction made the change. A sequencer (one process at a
+time) numbers committed ones and NOTIFYs; every process LISTENs on a dedicated connection and
+wakes its Server-Sent-Events subscribers, which read what is new from the table. A lost
+notification only delays a subscriber until its next poll; nothing is skipped, because
+subscribers read by sequence number, never from the notification.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from typing import Any
+
+import asyncpg
+
+from registry.db import events
+from registry.errors import DATABASE_DOWN
+
+log = logging.getLogger(__name__)
+
+# How often pending events are numbered: the stream's added latency, at one cheap statement.
+SEQUENCE_INTERVAL_S = 0.1
+# Subscribers re-read at least this often even without a notification.
+SUBSCRIBER_POLL_S = 1.0
+RECONNECT_DELAY_S = 1.0
+
+
+class EventHub:
+    """Numbers events and tells local subscribers when there is something new."""
+
+    def __init__(self, pool: asyncpg.Pool, dsn: str) -> None:
+        self._pool = pool
+        self._dsn = dsn
+        self._changed = asyncio.Condition()
+        self._stop = asyncio.Event()
+        self._pending_wake = asyncio.Event()
+        self.subscribers = 0
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._pending_wake.set()
+
+    async def wait_for_change(self, within_s: float = SUBSCRIBER_POLL_S) -> None:
+        async with self._changed:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._changed.wait(), within_s)
+
+    async def _notify_local(self) -> None:
+        async with self._changed:
+            self._changed.notify_all()
+
+    def _on_notification(self, *_: Any) -> None:
+        # asyncpg calls this on the event loop; the listener loop passes it on.
+        self._pending_wake.set()
+
+    async def run_sequencer(self) -> None:
+        while not self._stop.is_set():
+            try:
+                async with self._pool.acquire() as conn:
+                    await events.sequence_pending(conn)
+            except DATABASE_DOWN as exc:
+                log.warning("event sequencer: database unavailable: %r", exc)
+            except Exception:
+                log.exception("event sequencer failed")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), SEQUENCE_INTERVAL_S)
+
+    async def run_listener(self) -> None:
+        """Hold a LISTEN connection (reconnecting as needed) and fan notifications out."""
+        while not self._stop.is_set():
+            conn: asyncpg.Connection | None = None
+            try:
+                conn = await asyncpg.connect(self._dsn)
+                await conn.add_listener(events.EVENTS_CHANNEL, self._on_notification)
+                # Anything that happened while we were not listening.
+                await self._notify_local()
+                while not self._stop.is_set() and not conn.is_closed():
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._pending_wake.wait(), SUBSCRIBER_POLL_S)
+                    self._pending_wake.clear()
+                    await self._notify_local()
+            except DATABASE_DOWN as exc:
+                log.warning("event listener: database unavailable: %r", exc)
+            except Exception:
+                log.exception("event listener failed")
+            finally:
+                if conn is not None:
+                    with contextlib.suppress(Exception):
+                        await conn.close(timeout=2)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), RECONNECT_DELAY_S)

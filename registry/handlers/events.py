@@ -1,0 +1,136 @@
+"""Event history and the live stream (admin token), and the fleet's liveness state."""
+
+from __future__ import annotations
+
+import contextlib
+import uuid
+from typing import Any
+
+from aiohttp import web
+
+from registry import validation as v
+from registry.db import events, fleet, workspaces
+from registry.db.events import Event
+from registry.errors import InvalidField, NotFound
+from registry.jsonio import dumps, json_response
+from registry.keys import EVENT_HUB, POOL
+
+MAX_EVENTS_PAGE = 500
+# A comment line this often keeps proxies and load balancers from closing an idle stream.
+KEEPALIVE_S = 15.0
+
+
+def event_view(event: Event) -> dict[str, Any]:
+    return {
+        "id": event.id,
+        "workspace_id": event.workspace_id,
+        "kind": event.kind,
+        "from": event.from_status,
+        "to": event.to_status,
+        "cause": event.cause,
+        "actor": event.actor,
+        "detail": event.detail,
+        "at": event.at,
+    }
+
+
+def _after(request: web.Request) -> int | None:
+    raw = request.headers.get("Last-Event-ID") or request.query.get("after")
+    if raw is None:
+        return None
+    try:
+        value = int(raw)
+    except ValueError:
+        raise InvalidField("after / Last-Event-ID must be an event id", field="after") from None
+    if value < 0:
+        raise InvalidField("after / Last-Event-ID must be an event id", field="after")
+    return value
+
+
+async def get_workspace_events(request: web.Request) -> web.Response:
+    workspace_id = v.path_uuid(request)
+    after = _after(request) or 0
+    limit = v.query_int(request, "limit", 100, minimum=1, maximum=MAX_EVENTS_PAGE)
+    async with request.app[POOL].acquire() as conn:
+        if not await workspaces.workspace_exists(conn, workspace_id):
+            raise NotFound(f"no workspace {workspace_id}", code="workspace_not_found")
+        page = await events.events_after(conn, after, workspace_id=workspace_id, limit=limit)
+    return json_response({"events": [event_view(e) for e in page]})
+
+
+def _frame(event: Event) -> bytes:
+    return b"id: %d\nevent: %s\ndata: %s\n\n" % (
+        event.id,
+        event.kind.encode(),
+        dumps(event_view(event)),
+    )
+
+
+async def get_events(request: web.Request) -> web.StreamResponse:
+    """Server-Sent Events: resumes after Last-Event-ID (or ?after=), else starts from now."""
+    raw_filter = request.query.get("workspace_id")
+    workspace_id: uuid.UUID | None = (
+        v.parse_uuid(raw_filter, "workspace_id") if raw_filter else None
+    )
+    after = _after(request)
+    pool = request.app[POOL]
+    hub = request.app[EVENT_HUB]
+    if after is None:
+        async with pool.acquire() as conn:
+            after = await events.last_sequence(conn)
+    response = web.StreamResponse(
+        headers={
+            "Content-Type": "text/event-stream",
+            "Cache-Control": "no-cache",
+            "X-Accel-Buffering": "no",
+        }
+    )
+    await response.prepare(request)
+    hub.subscribers += 1
+    try:
+        # The client reconnects after this long if the stream drops.
+        await response.write(b"retry: 1000\n\n")
+        idle_s = 0.0
+        while True:
+            async with pool.acquire() as conn:
+                page = await events.events_after(
+                    conn, after, workspace_id=workspace_id, limit=MAX_EVENTS_PAGE
+                )
+            for event in page:
+                await response.write(_frame(event))
+                after = event.id
+            if len(page) == MAX_EVENTS_PAGE:
+                continue
+            if page:
+                idle_s = 0.0
+            elif idle_s >= KEEPALIVE_S:
+                await response.write(b": keepalive\n\n")
+                idle_s = 0.0
+            await hub.wait_for_change()
+            idle_s += 1.0
+    except (ConnectionResetError, ConnectionError):
+        pass  # the subscriber went away
+    finally:
+        hub.subscribers -= 1
+        with contextlib.suppress(Exception):
+            await response.write_eof()
+    return response
+
+
+async def get_fleet(request: web.Request) -> web.Response:
+    """Counts by status and the mass-expiry guard's state."""
+    async with request.app[POOL].acquire() as conn:
+        guard = await fleet.read_guard(conn)
+        counts = await fleet.status_counts(conn)
+    return json_response(
+        {
+            "statuses": counts,
+            "mass_expiry_guard": {
+                "holding": guard.holding,
+                "since": guard.since,
+                "live": guard.live,
+                "silent": guard.stale,
+                "updated_at": guard.updated_at,
+            },
+        }
+    )

@@ -1,0 +1,133 @@
+"""The liveness sweeper: silent workspaces go offline, stuck provisioning goes failed.
+
+Safe with several registry processes: one sweep at a time holds a transaction-scoped
+advisory lock (others skip that round), every statement is set-based and uses the database's
+clock, and each row changes once with one event because the UPDATE re-checks its WHERE.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+from dataclasses import dataclass
+
+import asyncpg
+
+from registry.db import Connection, fleet, transitions
+from registry.errors import DATABASE_DOWN
+from registry.settings import Settings
+from registry.statuses import LIVE, Status
+
+log = logging.getLogger(__name__)
+
+SWEEP_LOCK_KEY = 0x7377_6565_7065_72  # "sweeper"
+TRY_SWEEP_LOCK = "SELECT pg_try_advisory_xact_lock($1)"
+
+# Provisioning timeouts are not subject to the mass-expiry guard, but are still bounded so a
+# single sweep's transaction stays short.
+MAX_FAILED_PER_SWEEP = 10_000
+
+
+@dataclass(frozen=True, slots=True)
+class SweepResult:
+    swept: bool  # False: another process held the sweep lock, or still in the start-up grace
+    expired: int = 0
+    failed: int = 0
+    holding: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class SweepPolicy:
+    offline_after_s: float
+    provision_timeout_s: float
+    mass_expiry_share: float
+    mass_expiry_min_fleet: int
+    mass_expiry_rate: float
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> SweepPolicy:
+        return cls(
+            offline_after_s=settings.resolved_offline_after_s,
+            provision_timeout_s=settings.provision_timeout_s,
+            mass_expiry_share=settings.mass_expiry_share,
+            mass_expiry_min_fleet=settings.mass_expiry_min_fleet,
+            mass_expiry_rate=settings.mass_expiry_rate,
+        )
+
+    def expiry_limit(self, live: int, silent: int) -> tuple[bool, int]:
+        """(holding, how many may go offline this sweep) for a fleet of `live`."""
+        holding = live >= self.mass_expiry_min_fleet and silent > self.mass_expiry_share * live
+        if not holding:
+            return False, silent
+        # A partition or a registry outage looks like a dead fleet; expire slowly until
+        # heartbeats return, so a mistake costs a few workspaces, not all of them.
+        return True, max(1, math.floor(self.mass_expiry_rate * live))
+
+
+async def sweep(conn: Connection, policy: SweepPolicy) -> SweepResult:
+    """One sweep, in one transaction; skipped when another process is sweeping."""
+    async with conn.transaction():
+        if not await conn.fetchval(TRY_SWEEP_LOCK, SWEEP_LOCK_KEY):
+            return SweepResult(swept=False)
+        count = await transitions.count_silent(conn, LIVE, policy.offline_after_s)
+        holding, limit = policy.expiry_limit(count.live, count.silent)
+        expired = await transitions.expire_silent(
+            conn,
+            statuses=LIVE,
+            silent_for_s=policy.offline_after_s,
+            to=Status.OFFLINE,
+            cause="heartbeat_timeout",
+            limit=limit,
+        )
+        failed = await transitions.expire_silent(
+            conn,
+            statuses=frozenset({Status.PROVISIONING}),
+            silent_for_s=policy.provision_timeout_s,
+            to=Status.FAILED,
+            cause="provision_timeout",
+            limit=MAX_FAILED_PER_SWEEP,
+        )
+        if await fleet.write_guard(conn, holding=holding, live=count.live, stale=count.silent):
+            log.warning(
+                "mass-expiry guard %s: %d of %d live workspaces silent",
+                "holding" if holding else "released",
+                count.silent,
+                count.live,
+            )
+    return SweepResult(swept=True, expired=expired, failed=failed, holding=holding)
+
+
+class LivenessSweeper:
+    """Sweeps every interval, after one full liveness window from this process's start.
+
+    The grace window matters when the registry itself was down: every runtime's heartbeats
+    failed meanwhile, and the fleet must get a chance to call in before it is judged.
+    """
+
+    def __init__(self, pool: asyncpg.Pool, settings: Settings) -> None:
+        self._pool = pool
+        self._policy = SweepPolicy.from_settings(settings)
+        self._interval_s = settings.sweep_interval_s
+        self._grace_until = time.monotonic() + self._policy.offline_after_s
+        self._stop = asyncio.Event()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    async def run_forever(self) -> None:
+        while not self._stop.is_set():
+            if time.monotonic() >= self._grace_until:
+                try:
+                    async with self._pool.acquire() as conn:
+                        result = await sweep(conn, self._policy)
+                    if result.expired or result.failed:
+                        log.info("sweep: %d offline, %d failed", result.expired, result.failed)
+                except DATABASE_DOWN as exc:
+                    log.warning("sweep skipped: database unavailable: %r", exc)
+                except Exception:
+                    log.exception("sweep failed")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), timeout=self._interval_s)
