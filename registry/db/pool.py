@@ -10,7 +10,7 @@ from registry.settings import Settings
 Pool = asyncpg.Pool
 
 
-async def _init_connection(conn: asyncpg.Connection) -> None:
+async def init_connection(conn: asyncpg.Connection) -> None:
     # jsonb in and out as Python values, through orjson.
     await conn.set_type_codec(
         "jsonb",
@@ -34,7 +34,7 @@ async def create_pool(settings: Settings, dsn: str) -> asyncpg.Pool:
         max_size=settings.pool_max_size,
         timeout=settings.db_timeout_s,
         command_timeout=settings.db_timeout_s * 6,
-        init=_init_connection,
+        init=init_connection,
         reset=_no_reset,
     )
     assert pool is not None

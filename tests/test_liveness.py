@@ -1,0 +1,202 @@
+"""The liveness sweeper: prompt expiry, provisioning timeouts, the mass-expiry guard."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+
+from tests.conftest import MakeRegistry
+from tests.support import ADMIN, Registry, Workspace
+
+FAST = {"offline_after_s": 0.6, "sweep_interval_s": 0.1, "provision_timeout_s": 0.6}
+
+
+async def eventually(check: Callable[[], Awaitable[bool]], within_s: float = 10.0) -> None:
+    deadline = time.monotonic() + within_s
+    while not await check():
+        assert time.monotonic() < deadline, "condition not reached in time"
+        await asyncio.sleep(0.05)
+
+
+async def status_of(registry: Registry, workspace: Workspace) -> str:
+    status: str = await registry.db.fetchval(
+        "SELECT status FROM workspaces WHERE id = $1", uuid.UUID(workspace.id)
+    )
+    return status
+
+
+async def make_silent(registry: Registry, workspaces: list[Workspace], seconds: float) -> None:
+    await registry.db.execute(
+        "UPDATE workspaces SET last_heartbeat_at = now() - make_interval(secs => $2) "
+        "WHERE id = ANY($1::uuid[])",
+        [uuid.UUID(w.id) for w in workspaces],
+        seconds,
+    )
+
+
+async def test_silent_workspace_goes_offline_within_one_sweep_of_its_deadline(
+    make_registry: MakeRegistry,
+) -> None:
+    registry = await make_registry(**FAST)
+    workspace = await registry.create_workspace()
+    await registry.heartbeat(workspace)
+    await asyncio.sleep(0.7)  # past the start-up grace window
+    await registry.heartbeat(workspace)
+    last_beat = time.monotonic()
+
+    await eventually(lambda: _is(registry, workspace, "offline"))
+    went_offline_after = time.monotonic() - last_beat
+
+    assert 0.6 <= went_offline_after <= 0.6 + 0.1 + 0.5  # deadline + one sweep + slack
+    row = await registry.db.fetchrow(
+        "SELECT from_status, cause, actor FROM workspace_events "
+        "WHERE workspace_id = $1 AND to_status = 'offline'",
+        uuid.UUID(workspace.id),
+    )
+    assert (row["from_status"], row["cause"], row["actor"]) == (
+        "online",
+        "heartbeat_timeout",
+        "sweeper",
+    )
+    assert "offline after 0.6 s of silence" in (await registry.show(workspace))["why"]
+
+
+async def _is(registry: Registry, workspace: Workspace, status: str) -> bool:
+    return await status_of(registry, workspace) == status
+
+
+async def test_workspace_that_keeps_beating_stays_online(make_registry: MakeRegistry) -> None:
+    registry = await make_registry(**FAST)
+    workspace = await registry.create_workspace()
+
+    for _ in range(15):
+        await registry.heartbeat(workspace)
+        await asyncio.sleep(0.1)
+
+    assert await status_of(registry, workspace) == "online"
+
+
+async def test_provisioning_workspace_that_never_calls_in_goes_failed(
+    make_registry: MakeRegistry,
+) -> None:
+    registry = await make_registry(**FAST)
+    workspace = await registry.create_workspace()
+
+    await eventually(lambda: _is(registry, workspace, "failed"))
+    beat = await registry.heartbeat(workspace)
+
+    assert (beat["previous_status"], beat["status"]) == ("failed", "online")
+    assert len(await registry.reconciles(workspace)) == 1
+
+
+async def test_paused_and_removed_workspaces_are_never_swept(
+    make_registry: MakeRegistry,
+) -> None:
+    registry = await make_registry(**FAST)
+    paused, removed = await registry.create_workspace(), await registry.create_workspace()
+    await registry.set_status(paused, "paused")
+    await registry.set_status(removed, "removed")
+    await make_silent(registry, [paused, removed], 3600)
+
+    await asyncio.sleep(1.2)
+
+    assert await status_of(registry, paused) == "paused"
+    assert await status_of(registry, removed) == "removed"
+
+
+async def test_fleet_going_silent_at_once_trips_the_guard_and_is_not_all_expired(
+    make_registry: MakeRegistry,
+) -> None:
+    registry = await make_registry(**FAST, mass_expiry_rate=0.05)
+    fleet = [await registry.create_workspace() for _ in range(20)]
+    for workspace in fleet:
+        await registry.heartbeat(workspace)
+    await asyncio.sleep(0.7)  # past the start-up grace window
+    await make_silent(registry, fleet, 3600)
+
+    await eventually(lambda: _guard_holding(registry))
+    await asyncio.sleep(0.5)  # about five sweeps at one expiry each
+    offline = [w for w in fleet if await status_of(registry, w) == "offline"]
+
+    assert 1 <= len(offline) <= 10
+    response = await registry.client.get("/fleet", headers=ADMIN)
+    guard = (await response.json())["mass_expiry_guard"]
+    assert guard["holding"] is True
+    assert guard["live"] >= 10
+    events = await registry.db.fetchval(
+        "SELECT count(*) FROM workspace_events WHERE cause = 'mass_expiry_guard_holding'"
+    )
+    assert events == 1
+
+    # Heartbeats return: the guard lets go.
+    for workspace in fleet:
+        await registry.heartbeat(workspace)
+    await eventually(lambda: _guard_released(registry))
+
+
+async def _guard_holding(registry: Registry) -> bool:
+    return bool(await registry.db.fetchval("SELECT holding FROM fleet_guard"))
+
+
+async def _guard_released(registry: Registry) -> bool:
+    return not await _guard_holding(registry)
+
+
+async def test_after_start_every_workspace_gets_one_liveness_window(
+    make_registry: MakeRegistry, dsn: str
+) -> None:
+    # The fleet went silent while no registry ran (its runtimes could not reach it).
+    first = await make_registry()
+    workspace = await first.create_workspace()
+    await first.heartbeat(workspace)
+    await make_silent(first, [workspace], 3600)
+
+    registry = await make_registry(offline_after_s=1.0, sweep_interval_s=0.1)
+    started = time.monotonic()
+    await asyncio.sleep(0.6)
+    still_online = await status_of(registry, workspace)
+    await eventually(lambda: _is(registry, workspace, "offline"))
+
+    assert still_online == "online"
+    assert time.monotonic() - started >= 1.0
+
+
+async def test_two_sweepers_expire_each_workspace_once(make_registry: MakeRegistry) -> None:
+    settings = {**FAST, "mass_expiry_min_fleet": 1000}
+    one = await make_registry(**settings)
+    await make_registry(**settings)
+    fleet = [await one.create_workspace() for _ in range(30)]
+    for workspace in fleet:
+        await one.heartbeat(workspace)
+    await asyncio.sleep(0.7)
+    await make_silent(one, fleet, 3600)
+
+    await eventually(lambda: _all_offline(one, fleet))
+
+    rows = await one.db.fetch(
+        "SELECT workspace_id, count(*) AS n FROM workspace_events "
+        "WHERE to_status = 'offline' GROUP BY workspace_id"
+    )
+    assert sorted(r["n"] for r in rows) == [1] * 30
+
+
+async def _all_offline(registry: Registry, fleet: list[Workspace]) -> bool:
+    count = await registry.db.fetchval(
+        "SELECT count(*) FROM workspaces WHERE status = 'offline' AND id = ANY($1::uuid[])",
+        [uuid.UUID(w.id) for w in fleet],
+    )
+    return bool(count == len(fleet))
+
+
+async def test_next_heartbeat_interval_comes_from_configuration_with_jitter(
+    make_registry: MakeRegistry,
+) -> None:
+    registry = await make_registry(heartbeat_interval_s=10.0)
+    workspace = await registry.create_workspace()
+
+    intervals = [(await registry.heartbeat(workspace))["next_heartbeat_s"] for _ in range(20)]
+
+    assert all(9.0 <= s <= 11.0 for s in intervals)
+    assert len(set(intervals)) > 1
