@@ -15,8 +15,10 @@ from registry.db.reconciles import RestartBudget
 from registry.errors import error_middleware
 from registry.events import EventHub
 from registry.handlers.workspaces import source_settings
-from registry.keys import DSN, EVENT_HUB, POOL, RECONCILER, SCHEDULER, SETTINGS
+from registry.keys import DSN, EVENT_HUB, METRICS, POOL, RECONCILER, SCHEDULER, SETTINGS
 from registry.liveness import LivenessSweeper
+from registry.logs import echo_request_id, request_id_middleware
+from registry.metrics import Metrics
 from registry.plugins import FetchLimits
 from registry.reconcile.runner import ReconcileConfig, Reconciler
 from registry.reconcile.worker import ReconcileWorker, new_owner_id
@@ -33,11 +35,13 @@ SHUTDOWN_GRACE_S = 10.0
 def create_app(settings: Settings, dsn: str) -> web.Application:
     """Build the application; no I/O happens until it starts."""
     app = web.Application(
-        middlewares=[error_middleware, admin_auth_middleware],
+        middlewares=[request_id_middleware, error_middleware, admin_auth_middleware],
         client_max_size=settings.max_body_bytes,
     )
     app[SETTINGS] = settings
     app[DSN] = dsn
+    app[METRICS] = Metrics()
+    app.on_response_prepare.append(echo_request_id)
     setup_routes(app)
     # Dependency order: the pool first, background work last, so jobs drain before the
     # pool closes.
@@ -80,13 +84,13 @@ async def _background(app: web.Application) -> AsyncIterator[None]:
     worker = ReconcileWorker(
         pool,
         scheduler,
-        Reconciler(pool, scheduler, http, reconcile_config(settings), owner),
+        Reconciler(pool, scheduler, http, reconcile_config(settings), owner, app[METRICS]),
         owner=owner,
         concurrency=settings.reconcile_concurrency,
         poll_s=settings.reconcile_poll_s,
         lease_s=settings.reconcile_lease_s,
     )
-    sweeper = LivenessSweeper(pool, settings)
+    sweeper = LivenessSweeper(pool, settings, app[METRICS])
     hub = EventHub(pool, app[DSN])
     app[SCHEDULER] = scheduler
     app[RECONCILER] = worker

@@ -15,7 +15,9 @@ WORKSPACE_TOKEN_PREFIX = "rwt_"
 
 # Routes anyone may call, and runtime routes that check the workspace token themselves (in
 # the same statement that writes the heartbeat). Every other route needs the admin token.
-PUBLIC_ROUTES = frozenset({"get_healthz", "get_readyz", "get_buildinfo", "get_openapi"})
+PUBLIC_ROUTES = frozenset(
+    {"get_healthz", "get_readyz", "get_buildinfo", "get_openapi", "get_metrics"}
+)
 WORKSPACE_TOKEN_ROUTES = frozenset({"post_heartbeat", "post_register"})
 
 

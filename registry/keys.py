@@ -7,6 +7,7 @@ import asyncpg
 from aiohttp import web
 
 from registry.events import EventHub
+from registry.metrics import Metrics
 from registry.reconcile.worker import ReconcileWorker
 from registry.settings import Settings
 
@@ -16,3 +17,4 @@ POOL = web.AppKey("pool", asyncpg.Pool)
 SCHEDULER = web.AppKey("scheduler", aiojobs.Scheduler)
 RECONCILER = web.AppKey("reconciler", ReconcileWorker)
 EVENT_HUB = web.AppKey("event_hub", EventHub)
+METRICS = web.AppKey("metrics", Metrics)

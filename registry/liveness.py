@@ -12,12 +12,13 @@ import contextlib
 import logging
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import asyncpg
 
 from registry.db import Connection, fleet, transitions
 from registry.errors import DATABASE_DOWN
+from registry.metrics import Metrics
 from registry.settings import Settings
 from registry.statuses import LIVE, Status
 
@@ -33,10 +34,13 @@ MAX_FAILED_PER_SWEEP = 10_000
 
 @dataclass(frozen=True, slots=True)
 class SweepResult:
-    swept: bool  # False: another process held the sweep lock, or still in the start-up grace
-    expired: int = 0
-    failed: int = 0
+    swept: bool  # False: another process held the sweep lock
+    # Workspaces moved, by (from, to) status.
+    moved: dict[tuple[Status, Status], int] = field(default_factory=dict)
     holding: bool = False
+
+    def count(self, to: Status) -> int:
+        return sum(n for (_, target), n in self.moved.items() if target is to)
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,7 +101,9 @@ async def sweep(conn: Connection, policy: SweepPolicy) -> SweepResult:
                 count.silent,
                 count.live,
             )
-    return SweepResult(swept=True, expired=expired, failed=failed, holding=holding)
+    moved = {(source, Status.OFFLINE): n for source, n in expired.items()}
+    moved |= {(source, Status.FAILED): n for source, n in failed.items()}
+    return SweepResult(swept=True, moved=moved, holding=holding)
 
 
 class LivenessSweeper:
@@ -107,8 +113,9 @@ class LivenessSweeper:
     failed meanwhile, and the fleet must get a chance to call in before it is judged.
     """
 
-    def __init__(self, pool: asyncpg.Pool, settings: Settings) -> None:
+    def __init__(self, pool: asyncpg.Pool, settings: Settings, metrics: Metrics) -> None:
         self._pool = pool
+        self._metrics = metrics
         self._policy = SweepPolicy.from_settings(settings)
         self._interval_s = settings.sweep_interval_s
         self._grace_until = time.monotonic() + self._policy.offline_after_s
@@ -117,14 +124,28 @@ class LivenessSweeper:
     def stop(self) -> None:
         self._stop.set()
 
+    def _count(self, result: SweepResult) -> None:
+        if not result.swept:
+            return
+        for (source, target), n in result.moved.items():
+            self._metrics.sweeper_expired.labels(target.value).inc(n)
+            cause = "heartbeat_timeout" if target is Status.OFFLINE else "provision_timeout"
+            self._metrics.transitions.labels(source.value, target.value, cause).inc(n)
+        self._metrics.mass_expiry_guard_holding.set(1 if result.holding else 0)
+
     async def run_forever(self) -> None:
         while not self._stop.is_set():
             if time.monotonic() >= self._grace_until:
                 try:
                     async with self._pool.acquire() as conn:
                         result = await sweep(conn, self._policy)
-                    if result.expired or result.failed:
-                        log.info("sweep: %d offline, %d failed", result.expired, result.failed)
+                    self._count(result)
+                    if result.moved:
+                        log.info(
+                            "sweep: %d offline, %d failed",
+                            result.count(Status.OFFLINE),
+                            result.count(Status.FAILED),
+                        )
                 except DATABASE_DOWN as exc:
                     log.warning("sweep skipped: database unavailable: %r", exc)
                 except Exception:

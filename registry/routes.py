@@ -21,6 +21,7 @@ def setup_routes(app: web.Application) -> None:
         ("GET", "/readyz", operations.get_readyz),
         ("GET", "/buildinfo", operations.get_buildinfo),
         ("GET", "/openapi.json", openapi.get_openapi),
+        ("GET", "/metrics", operations.get_metrics),
         ("POST", "/registry/heartbeat", runtime.post_heartbeat),
         ("POST", "/registry/register", runtime.post_register),
         ("POST", "/workspaces", workspaces.post_workspaces),

@@ -118,6 +118,7 @@ class Claim:
     workspace_id: uuid.UUID
     attempt: int
     refresh: bool
+    trigger: str
 
 
 # Due intents, and runs whose owner's lease ran out (that process died mid-run). A queued run
@@ -136,23 +137,33 @@ WHERE r.id IN (
     WHERE (c.status = 'queued' AND c.next_attempt_at <= now()
            AND NOT EXISTS (SELECT 1 FROM reconciles x
                            WHERE x.workspace_id = c.workspace_id AND x.status = 'running'))
-       OR (c.status = 'running' AND c.lease_expires_at < now())
+       OR (c.status = 'running' AND c.lease_expires_at < now()
+           -- a run this process still executes (it stalled past its lease) is not taken twice
+           AND c.id <> ALL($4::uuid[]))
     ORDER BY c.next_attempt_at
     LIMIT $3
     FOR UPDATE SKIP LOCKED
 )
-RETURNING r.id, r.workspace_id, r.attempt, r.refresh
+RETURNING r.id, r.workspace_id, r.attempt, r.refresh, r.trigger
 """
 
 
-async def claim_due(conn: Connection, owner: str, lease_s: float, limit: int) -> list[Claim]:
+async def claim_due(
+    conn: Connection,
+    owner: str,
+    lease_s: float,
+    limit: int,
+    running_here: list[uuid.UUID],
+) -> list[Claim]:
     try:
-        rows = await conn.fetch(CLAIM_DUE, owner, lease_s, limit)
+        rows = await conn.fetch(CLAIM_DUE, owner, lease_s, limit, running_here)
     except asyncpg.UniqueViolationError:
         # Another process claimed a run of the same workspace in the same instant; the
         # index refused the second. Nothing was claimed; the next poll tries again.
         return []
-    return [Claim(r["id"], r["workspace_id"], r["attempt"], r["refresh"]) for r in rows]
+    return [
+        Claim(r["id"], r["workspace_id"], r["attempt"], r["refresh"], r["trigger"]) for r in rows
+    ]
 
 
 RENEW_LEASES = """
@@ -422,10 +433,14 @@ async def request_reconcile(
     both decide to create a run.
     """
     active = await conn.fetchrow(SELECT_ACTIVE, workspace_id)
-    if active is not None:
+    if active is not None and active["status"] == "queued":
         if refresh:
             await conn.execute(FOLD_REFRESH, active["id"], refresh)
         return Requested(active["id"], created=False)
+    if active is not None and (active["refresh"] or not refresh):
+        return Requested(active["id"], created=False)
+    # Nothing active, or the running run does not re-resolve sources and this request asks
+    # for that: a follow-up run must do it, or the refresh would be silently dropped.
     return Requested(
         await queue_reconcile(conn, workspace_id, "manual", refresh=refresh), created=True
     )
@@ -460,3 +475,15 @@ WHERE workspace_id = $1 AND status = 'queued'
 
 async def cancel_queued(conn: Connection, workspace_id: uuid.UUID, reason: str) -> None:
     await conn.execute(CANCEL_QUEUED, workspace_id, reason)
+
+
+BACKLOG = """
+SELECT status, count(*) AS n FROM reconciles
+WHERE status IN ('queued', 'running') GROUP BY status
+"""
+
+
+async def backlog(conn: Connection) -> dict[str, int]:
+    counts = {"queued": 0, "running": 0}
+    counts.update({row["status"]: row["n"] for row in await conn.fetch(BACKLOG)})
+    return counts

@@ -78,7 +78,7 @@ event AS (
     INSERT INTO workspace_events (workspace_id, kind, from_status, to_status, cause, actor)
     SELECT c.id, 'status', c.previous_status, $4, $5, 'sweeper' FROM changed c
 )
-SELECT count(*) FROM changed
+SELECT previous_status, count(*) AS n FROM changed GROUP BY previous_status
 """
 
 
@@ -90,11 +90,12 @@ async def expire_silent(
     to: Status,
     cause: str,
     limit: int,
-) -> int:
-    """Move up to `limit` workspaces silent for `silent_for_s` from `statuses` to `to`."""
+) -> dict[Status, int]:
+    """Move up to `limit` workspaces silent for `silent_for_s` from `statuses` to `to`;
+    returns how many moved, by the status they left."""
     sources = [s.value for s in statuses if s in legal_sources(to)]
-    count = await conn.fetchval(EXPIRE_SILENT, sources, silent_for_s, limit, to.value, cause)
-    return int(count)
+    rows = await conn.fetch(EXPIRE_SILENT, sources, silent_for_s, limit, to.value, cause)
+    return {Status(row["previous_status"]): row["n"] for row in rows}
 
 
 COUNT_SILENT = """

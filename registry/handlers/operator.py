@@ -13,8 +13,13 @@ from registry.db.transitions import TransitionResult
 from registry.errors import Conflict, NotFound
 from registry.handlers.workspaces import workspace_response
 from registry.jsonio import json_response
-from registry.keys import POOL
+from registry.keys import METRICS, POOL
 from registry.statuses import Status
+
+
+def _count(request: web.Request, result: TransitionResult, to: Status, cause: str) -> None:
+    if result.changed and result.previous is not None:
+        request.app[METRICS].transitions.labels(result.previous.value, to.value, cause).inc()
 
 
 def _check(result: TransitionResult, workspace_id: uuid.UUID, to: Status) -> None:
@@ -35,6 +40,7 @@ async def post_pause(request: web.Request) -> web.Response:
             conn, workspace_id, Status.PAUSED, cause="paused", actor="admin"
         )
         _check(result, workspace_id, Status.PAUSED)
+    _count(request, result, Status.PAUSED, "paused")
     return await workspace_response(request, workspace_id)
 
 
@@ -53,6 +59,7 @@ async def post_resume(request: web.Request) -> web.Response:
         if result.previous is not None and not result.changed:
             raise Conflict(f"workspace is {result.previous.value}, not paused", code="not_paused")
         _check(result, workspace_id, Status.OFFLINE)
+    _count(request, result, Status.OFFLINE, "resumed")
     return await workspace_response(request, workspace_id)
 
 
@@ -65,6 +72,7 @@ async def delete_workspace(request: web.Request) -> web.Response:
         )
         _check(result, workspace_id, Status.REMOVED)
         await reconciles.cancel_queued(conn, workspace_id, "workspace was removed")
+    _count(request, result, Status.REMOVED, "removed")
     return web.Response(status=204)
 
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import random
+import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
@@ -11,9 +13,9 @@ from aiohttp import web
 from registry import validation as v
 from registry.auth import bearer_token, hash_token
 from registry.db.heartbeats import Beat, BeatResult, apply_beat, workspace_for_token
-from registry.errors import Forbidden, Gone, InvalidField, Unauthorized
+from registry.errors import ApiError, Forbidden, Gone, InvalidField, Unauthorized
 from registry.jsonio import json_response
-from registry.keys import POOL, RECONCILER, SETTINGS
+from registry.keys import METRICS, POOL, RECONCILER, SETTINGS
 from registry.statuses import Health, Status, classify_heartbeat
 
 HEARTBEAT_FIELDS = frozenset(
@@ -123,6 +125,10 @@ async def _answer(request: web.Request, beat: Beat) -> web.Response:
             raise Forbidden("the token belongs to another workspace", field="workspace_id")
     if result.previous_status is Status.REMOVED:
         raise Gone("the workspace was removed: stop heartbeating")
+    if result.status is not None and result.status is not result.previous_status:
+        app[METRICS].transitions.labels(
+            result.previous_status.value, result.status.value, beat.cause
+        ).inc()
     if result.reconcile_queued:
         app[RECONCILER].wake()
     return json_response(_response_body(request, beat, result))
@@ -142,13 +148,28 @@ def _response_body(request: web.Request, beat: Beat, result: BeatResult) -> dict
     }
 
 
+async def _observed(
+    request: web.Request, kind: str, parse: Callable[[v.Body, bytes], Beat]
+) -> web.Response:
+    metrics = request.app[METRICS]
+    started = time.perf_counter()
+    code, outcome = 500, "error"
+    try:
+        token_hash = hash_token(bearer_token(request))
+        response = await _answer(request, parse(await v.read_json_object(request), token_hash))
+        code, outcome = 200, "ok"
+        return response
+    except ApiError as exc:
+        code, outcome = exc.status, exc.code
+        raise
+    finally:
+        metrics.heartbeats.labels(kind, outcome, str(code)).inc()
+        metrics.heartbeat_seconds.labels(kind).observe(time.perf_counter() - started)
+
+
 async def post_heartbeat(request: web.Request) -> web.Response:
-    token_hash = hash_token(bearer_token(request))
-    beat = parse_heartbeat(await v.read_json_object(request), token_hash)
-    return await _answer(request, beat)
+    return await _observed(request, "heartbeat", parse_heartbeat)
 
 
 async def post_register(request: web.Request) -> web.Response:
-    token_hash = hash_token(bearer_token(request))
-    beat = parse_register(await v.read_json_object(request), token_hash)
-    return await _answer(request, beat)
+    return await _observed(request, "register", parse_register)

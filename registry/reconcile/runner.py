@@ -7,6 +7,7 @@ import logging
 import random
 import shutil
 import tempfile
+import time
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -19,6 +20,7 @@ import asyncpg
 from registry.db import reconciles, workspaces
 from registry.db.reconciles import Claim, Outcome, RestartBudget, Step
 from registry.errors import DATABASE_DOWN
+from registry.metrics import Metrics
 from registry.plugins import (
     FetchFailed,
     FetchLimits,
@@ -75,7 +77,9 @@ class Reconciler:
         http: aiohttp.ClientSession,
         config: ReconcileConfig,
         owner: str,
+        metrics: Metrics,
     ) -> None:
+        self._metrics = metrics
         self._pool = pool
         self._scheduler = scheduler
         self._http = http
@@ -86,6 +90,7 @@ class Reconciler:
         """Run to a terminal status. A cancelled run (shutdown) is handed back as an intent."""
         context = {"reconcile_id": str(claim.id), "workspace_id": str(claim.workspace_id)}
         log.info("reconcile attempt %d started", claim.attempt, extra=context)
+        started = time.perf_counter()
         try:
             async with asyncio.timeout(self._config.timeout_s):
                 outcome = await self._execute(claim)
@@ -100,6 +105,7 @@ class Reconciler:
         except Exception as exc:
             log.exception("reconcile crashed", extra=context)
             outcome = Outcome("failed", f"internal error: {type(exc).__name__}")
+        self._metrics.reconcile_seconds.observe(time.perf_counter() - started)
         await self._scheduler.shield(self._conclude(claim, outcome))
         return outcome
 
@@ -116,6 +122,8 @@ class Reconciler:
                 delay = self._config.retry_delay(claim.attempt)
                 if await reconciles.retry_later(conn, claim.id, self._owner, outcome.error, delay):
                     log.info("reconcile retry in %.1f s: %s", delay, outcome.error, extra=context)
+                    self._metrics.reconcile_retries.inc()
+                    self._metrics.reconcile_runs.labels(claim.trigger, "retry").inc()
                     return
                 outcome = Outcome("failed", f"{outcome.error} (a queued run takes over)")
             elif outcome.status == "failed" and outcome.transient:
@@ -125,6 +133,7 @@ class Reconciler:
             finished = await reconciles.finish(
                 conn, claim.id, self._owner, outcome, budget=self._config.restart_budget
             )
+        self._metrics.reconcile_runs.labels(claim.trigger, finished.status).inc()
         if finished.status == "lost":
             log.warning("reconcile lease lost before the outcome was written", extra=context)
         else:
@@ -168,6 +177,14 @@ class Reconciler:
         return Outcome("succeeded", None)
 
     async def _apply(
+        self, claim: Claim, workspace: workspaces.Workspace, planned: PlannedStep
+    ) -> tuple[Step, PluginError | None]:
+        step, error = await self._perform(claim, workspace, planned)
+        seconds = (step.finished_at - step.started_at).total_seconds()
+        self._metrics.reconcile_step_seconds.labels(step.action, step.status).observe(seconds)
+        return step, error
+
+    async def _perform(
         self, claim: Claim, workspace: workspaces.Workspace, planned: PlannedStep
     ) -> tuple[Step, PluginError | None]:
         started = _now()

@@ -88,7 +88,9 @@ class ReconcileWorker:
                 await reconciles.renew_leases(conn, self.owner, self._lease_s, list(self._running))
             free = self._concurrency - len(self._running)
             claims = (
-                await reconciles.claim_due(conn, self.owner, self._lease_s, free)
+                await reconciles.claim_due(
+                    conn, self.owner, self._lease_s, free, list(self._running)
+                )
                 if free > 0
                 else []
             )

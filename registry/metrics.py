@@ -1,0 +1,91 @@
+"""Prometheus metrics: one registry of collectors per application instance."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+# Heartbeats are answered in milliseconds; reconciles take seconds to minutes.
+FAST_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+SLOW_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        r = self.registry
+        self.heartbeats = Counter(
+            "registry_heartbeats",
+            "Heartbeats and registrations answered, by outcome and HTTP status code.",
+            ["kind", "outcome", "code"],
+            registry=r,
+        )
+        self.heartbeat_seconds = Histogram(
+            "registry_heartbeat_seconds",
+            "Time to answer a heartbeat or registration.",
+            ["kind"],
+            buckets=FAST_BUCKETS,
+            registry=r,
+        )
+        self.transitions = Counter(
+            "registry_status_transitions",
+            "Workspace status changes made by this process.",
+            ["from_status", "to_status", "cause"],
+            registry=r,
+        )
+        self.reconcile_runs = Counter(
+            "registry_reconcile_runs",
+            "Reconcile attempts finished by this process, by trigger and outcome "
+            "(succeeded, failed, retry: a transient failure queued for another attempt, "
+            "lost: the lease was taken over).",
+            ["trigger", "outcome"],
+            registry=r,
+        )
+        self.reconcile_seconds = Histogram(
+            "registry_reconcile_seconds",
+            "Duration of one reconcile attempt.",
+            buckets=SLOW_BUCKETS,
+            registry=r,
+        )
+        self.reconcile_step_seconds = Histogram(
+            "registry_reconcile_step_seconds",
+            "Duration of one reconcile step, by action and status.",
+            ["action", "status"],
+            buckets=SLOW_BUCKETS,
+            registry=r,
+        )
+        self.reconcile_retries = Counter(
+            "registry_reconcile_retries",
+            "Reconcile attempts that failed transiently and were queued again.",
+            registry=r,
+        )
+        self.reconcile_backlog = Gauge(
+            "registry_reconcile_backlog",
+            "Reconcile runs queued (due or waiting for a retry) or running, fleet-wide.",
+            ["status"],
+            registry=r,
+        )
+        self.sweeper_expired = Counter(
+            "registry_sweeper_expired",
+            "Workspaces the liveness sweeper of this process moved, by target status.",
+            ["to_status"],
+            registry=r,
+        )
+        self.mass_expiry_guard_holding = Gauge(
+            "registry_mass_expiry_guard_holding",
+            "1 while the mass-expiry guard holds back a fleet-wide expiry.",
+            registry=r,
+        )
+        self.workspaces = Gauge(
+            "registry_workspaces", "Workspaces by status, fleet-wide.", ["status"], registry=r
+        )
+        self.pool_connections = Gauge(
+            "registry_db_pool_connections",
+            "Database pool connections of this process, in use or idle.",
+            ["state"],
+            registry=r,
+        )
+        self.event_subscribers = Gauge(
+            "registry_event_subscribers",
+            "Server-Sent-Events subscribers connected to this process.",
+            registry=r,
+        )
