@@ -27,9 +27,10 @@ from registry.settings import Settings
 
 log = logging.getLogger(__name__)
 
-# How long shutdown waits for background loops and running reconciles; a reconcile still
-# running then is cancelled and hands its run back as a queued intent.
-SHUTDOWN_GRACE_S = 10.0
+# Background loops stop at their next wake-up, well within this.
+LOOP_STOP_S = 5.0
+# After the scheduler cancels a job, how long it may take to hand its run back.
+CANCEL_GRACE_S = 5.0
 
 
 def create_app(settings: Settings, dsn: str) -> web.Application:
@@ -47,6 +48,7 @@ def create_app(settings: Settings, dsn: str) -> web.Application:
     # pool closes.
     app.cleanup_ctx.append(_database)
     app.cleanup_ctx.append(_background)
+    app.on_shutdown.append(_end_streams)
     return app
 
 
@@ -77,7 +79,7 @@ def reconcile_config(settings: Settings) -> ReconcileConfig:
 async def _background(app: web.Application) -> AsyncIterator[None]:
     """The reconcile worker, the liveness sweeper and the event hub, as aiojobs jobs."""
     settings, pool = app[SETTINGS], app[POOL]
-    scheduler = aiojobs.Scheduler(close_timeout=SHUTDOWN_GRACE_S)
+    scheduler = aiojobs.Scheduler(close_timeout=CANCEL_GRACE_S)
     # One client session for deliveries to runtimes; its connection pool is shared.
     http = aiohttp.ClientSession()
     owner = new_owner_id()
@@ -103,11 +105,17 @@ async def _background(app: web.Application) -> AsyncIterator[None]:
     ]
     yield
     # Stop the loops first, so nothing is claimed that the closing scheduler would refuse;
-    # then running reconciles are cancelled and hand their runs back as intents.
+    # running reconciles get the grace period to finish, then are cancelled and hand their
+    # runs back as queued intents.
     worker.stop()
     sweeper.stop()
     hub.stop()
     for loop in loops:
-        await loop.wait(timeout=SHUTDOWN_GRACE_S)
-    await scheduler.close()
+        await loop.wait(timeout=LOOP_STOP_S)
+    await scheduler.wait_and_close(timeout=settings.shutdown_grace_s)
     await http.close()
+
+
+async def _end_streams(app: web.Application) -> None:
+    """on_shutdown: event streams end now instead of holding the shutdown to its timeout."""
+    app[EVENT_HUB].stop()

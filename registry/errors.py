@@ -66,6 +66,11 @@ class Conflict(ApiError):
     code = "conflict"
 
 
+def workspace_removed() -> Conflict:
+    """Management actions on a tombstone: one answer everywhere (runtimes get 410 instead)."""
+    return Conflict("the workspace was removed", code="workspace_removed")
+
+
 class Gone(ApiError):
     status = 410
     code = "workspace_removed"

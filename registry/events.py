@@ -39,6 +39,10 @@ class EventHub:
         self._pending_wake = asyncio.Event()
         self.subscribers = 0
 
+    @property
+    def stopping(self) -> bool:
+        return self._stop.is_set()
+
     def stop(self) -> None:
         self._stop.set()
         self._pending_wake.set()

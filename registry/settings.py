@@ -46,6 +46,11 @@ class Settings:
     mass_expiry_share: float = 0.3
     mass_expiry_min_fleet: int = 10
     mass_expiry_rate: float = 0.01
+    # SIGTERM: in-flight requests and running reconciles get this long to finish; a
+    # reconcile still running then is handed back as a queued intent for the next process.
+    shutdown_grace_s: float = 10.0
+    log_format: str = "auto"  # json, text, or auto (text on a terminal)
+    log_level: str = "info"
     pool_min_size: int = 2
     pool_max_size: int = 10
     db_timeout_s: float = 5.0
@@ -125,6 +130,7 @@ class Settings:
             "restart_budget_window_s",
             "provision_timeout_s",
             "sweep_interval_s",
+            "shutdown_grace_s",
             "fetch_timeout_s",
         ):
             value = getattr(self, name)
@@ -133,6 +139,11 @@ class Settings:
             self.offline_after_s is None
             or (math.isfinite(self.offline_after_s) and self.offline_after_s > 0),
             "offline_after_s must be a positive number",
+        )
+        need(self.log_format in ("auto", "json", "text"), "log_format must be auto, json or text")
+        need(
+            self.log_level in ("debug", "info", "warning", "error"),
+            "log_level must be debug, info, warning or error",
         )
         need(0 < self.mass_expiry_share <= 1, "mass_expiry_share must be in (0, 1]")
         need(0 < self.mass_expiry_rate <= 1, "mass_expiry_rate must be in (0, 1]")
@@ -186,6 +197,9 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "mass_expiry_share": _float,
     "mass_expiry_min_fleet": _non_negative_int,
     "mass_expiry_rate": _float,
+    "shutdown_grace_s": _float,
+    "log_format": str.lower,
+    "log_level": str.lower,
     "pool_min_size": _positive_int,
     "pool_max_size": _positive_int,
     "db_timeout_s": _float,

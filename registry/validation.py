@@ -43,12 +43,14 @@ def parse_uuid(value: object, field: str) -> uuid.UUID:
         raise InvalidField(f"{field} must be a UUID string", field=field) from None
 
 
-def path_uuid(request: web.Request, name: str = "id") -> uuid.UUID:
-    """A UUID from the URL path; anything else cannot name a resource, so it is a 404."""
+def path_uuid(request: web.Request, resource: str = "workspace") -> uuid.UUID:
+    """The {id} of the URL path; anything but a UUID cannot name a resource: a 404."""
     try:
-        return uuid.UUID(request.match_info[name])
+        return uuid.UUID(request.match_info["id"])
     except ValueError:
-        raise NotFound(f"no such {name}: {request.match_info[name]!r}") from None
+        raise NotFound(
+            f"no {resource} {request.match_info['id']!r}", code=f"{resource}_not_found"
+        ) from None
 
 
 def required(body: Body, field: str) -> Any:

@@ -162,6 +162,9 @@ async def test_oversize_body_is_413(registry: Registry) -> None:
         pytest.param({"url": "http://x", "agent_card": "card"}, "agent_card", id="card-not-object"),
         pytest.param({"url": "ftp://x"}, "url", id="url-scheme"),
         pytest.param({"url": 5}, "url", id="url-type"),
+        pytest.param({"agent_card": {"a": "x\x00"}}, "agent_card", id="card-nul-value"),
+        pytest.param({"agent_card": {"\x00": 1}}, "agent_card", id="card-nul-key"),
+        pytest.param({"agent_card": {"a": "x" * 40_000}}, "agent_card", id="card-too-large"),
     ],
 )
 async def test_bad_register_is_400_and_changes_nothing(

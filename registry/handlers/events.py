@@ -91,7 +91,7 @@ async def get_events(request: web.Request) -> web.StreamResponse:
         # The client reconnects after this long if the stream drops.
         await response.write(b"retry: 1000\n\n")
         idle_s = 0.0
-        while True:
+        while not hub.stopping:
             async with pool.acquire() as conn:
                 page = await events.events_after(
                     conn, after, workspace_id=workspace_id, limit=MAX_EVENTS_PAGE

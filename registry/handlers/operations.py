@@ -7,7 +7,7 @@ import contextlib
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from registry import __version__
+from registry.buildinfo import build_info
 from registry.db import fleet, reconciles
 from registry.db.migrate import pending_migrations
 from registry.errors import DATABASE_DOWN, ServiceUnavailable
@@ -33,7 +33,7 @@ async def get_readyz(request: web.Request) -> web.Response:
 
 
 async def get_buildinfo(request: web.Request) -> web.Response:
-    return json_response({"version": __version__})
+    return json_response(build_info())
 
 
 async def get_metrics(request: web.Request) -> web.Response:

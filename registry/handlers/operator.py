@@ -10,7 +10,7 @@ from registry import validation as v
 from registry.auth import hash_token, new_workspace_token
 from registry.db import reconciles, transitions, workspaces
 from registry.db.transitions import TransitionResult
-from registry.errors import Conflict, NotFound
+from registry.errors import Conflict, NotFound, workspace_removed
 from registry.handlers.workspaces import workspace_response
 from registry.jsonio import json_response
 from registry.keys import METRICS, POOL
@@ -25,6 +25,8 @@ def _count(request: web.Request, result: TransitionResult, to: Status, cause: st
 def _check(result: TransitionResult, workspace_id: uuid.UUID, to: Status) -> None:
     if result.previous is None:
         raise NotFound(f"no workspace {workspace_id}", code="workspace_not_found")
+    if result.previous is Status.REMOVED and to is not Status.REMOVED:
+        raise workspace_removed()
     if not result.changed and result.previous is not to:
         raise Conflict(
             f"workspace is {result.previous.value}; it cannot become {to.value}",
@@ -56,7 +58,7 @@ async def post_resume(request: web.Request) -> web.Response:
             actor="admin",
             only_from=frozenset({Status.PAUSED}),
         )
-        if result.previous is not None and not result.changed:
+        if result.previous not in (None, Status.REMOVED) and not result.changed:
             raise Conflict(f"workspace is {result.previous.value}, not paused", code="not_paused")
         _check(result, workspace_id, Status.OFFLINE)
     _count(request, result, Status.OFFLINE, "resumed")
@@ -83,6 +85,6 @@ async def post_token(request: web.Request) -> web.Response:
     async with request.app[POOL].acquire() as conn:
         if not await workspaces.replace_token(conn, workspace_id, hash_token(token)):
             if await workspaces.workspace_exists(conn, workspace_id):
-                raise Conflict("the workspace was removed", code="workspace_removed")
+                raise workspace_removed()
             raise NotFound(f"no workspace {workspace_id}", code="workspace_not_found")
     return json_response({"workspace_id": workspace_id, "token": token})

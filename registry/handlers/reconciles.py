@@ -6,12 +6,12 @@ from aiohttp import web
 
 from registry import validation as v
 from registry.db import reconciles, workspaces
-from registry.errors import Conflict, InvalidField, NotFound
+from registry.errors import Conflict, InvalidField, NotFound, workspace_removed
 from registry.handlers.workspaces import source_settings
 from registry.jsonio import json_response
 from registry.keys import POOL, RECONCILER, SETTINGS
 from registry.plugins import PluginError, parse_source
-from registry.statuses import LIVE, LIVE_STATUSES
+from registry.statuses import LIVE, LIVE_STATUSES, Status
 from registry.views import reconcile_view
 
 MAX_LIST_LIMIT = 100
@@ -21,7 +21,8 @@ async def post_workspace_reconcile(request: web.Request) -> web.Response:
     workspace_id = v.path_uuid(request)
     body = await v.read_json_object(request) if request.can_read_body else {}
     v.reject_unknown_fields(body, ("refresh",))
-    refresh = body.get("refresh", False)
+    refresh = body.get("refresh")
+    refresh = False if refresh is None else refresh
     if not isinstance(refresh, bool):
         raise InvalidField("refresh must be a boolean", field="refresh")
     async with request.app[POOL].acquire() as conn:
@@ -29,6 +30,8 @@ async def post_workspace_reconcile(request: web.Request) -> web.Response:
             status = await reconciles.lock_workspace_status(conn, workspace_id)
             if status is None:
                 raise NotFound(f"no workspace {workspace_id}", code="workspace_not_found")
+            if status == Status.REMOVED:
+                raise workspace_removed()
             if status not in LIVE:
                 raise Conflict(
                     f"workspace is {status}; only online or degraded workspaces are reconciled",
@@ -68,7 +71,7 @@ async def post_plugins_reconcile(request: web.Request) -> web.Response:
 
 
 async def get_reconcile(request: web.Request) -> web.Response:
-    reconcile_id = v.path_uuid(request)
+    reconcile_id = v.path_uuid(request, "reconcile")
     async with request.app[POOL].acquire() as conn:
         run = await reconciles.get_reconcile(conn, reconcile_id)
     if run is None:

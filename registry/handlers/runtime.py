@@ -8,6 +8,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
+import orjson
 from aiohttp import web
 
 from registry import validation as v
@@ -92,8 +93,13 @@ def parse_register(body: v.Body, token_hash: bytes) -> Beat:
     agent_card = body.get("agent_card")
     if agent_card is not None and not isinstance(agent_card, dict):
         raise InvalidField("agent_card must be an object", field="agent_card")
-    if agent_card is not None and len(str(agent_card)) > MAX_AGENT_CARD_BYTES:
-        raise InvalidField("agent_card is too large", field="agent_card")
+    if agent_card is not None:
+        encoded = orjson.dumps(agent_card)
+        if len(encoded) > MAX_AGENT_CARD_BYTES:
+            raise InvalidField("agent_card is too large", field="agent_card")
+        if b"\\u0000" in encoded:
+            # PostgreSQL's jsonb cannot hold NUL characters.
+            raise InvalidField("agent_card must not contain NUL characters", field="agent_card")
     return Beat(
         workspace_id=v.parse_uuid(v.required(body, "workspace_id"), "workspace_id"),
         token_hash=token_hash,

@@ -11,7 +11,7 @@ from registry import validation as v
 from registry.auth import hash_token, new_workspace_token
 from registry.db import Connection, reconciles, workspaces
 from registry.db.workspaces import DeclaredPlugin
-from registry.errors import Forbidden, Gone, InvalidField, NotFound
+from registry.errors import Forbidden, InvalidField, NotFound, workspace_removed
 from registry.jsonio import json_response
 from registry.keys import POOL, RECONCILER, SETTINGS
 from registry.plugins import (
@@ -151,7 +151,7 @@ async def put_workspace_plugins(request: web.Request) -> web.Response:
             if status is None:
                 raise NotFound(f"no workspace {workspace_id}", code="workspace_not_found")
             if status == Status.REMOVED:
-                raise Gone("the workspace was removed")
+                raise workspace_removed()
             await workspaces.replace_declared(conn, workspace_id, plugins)
             if status in LIVE:
                 await reconciles.queue_reconcile(conn, workspace_id, "declared_changed")
