@@ -15,7 +15,8 @@ from registry.db.reconciles import RestartBudget
 from registry.errors import error_middleware
 from registry.events import EventHub
 from registry.handlers.workspaces import source_settings
-from registry.keys import DSN, EVENT_HUB, METRICS, POOL, RECONCILER, SCHEDULER, SETTINGS
+from registry.ingest import HeartbeatIngest
+from registry.keys import DSN, EVENT_HUB, INGEST, METRICS, POOL, RECONCILER, SCHEDULER, SETTINGS
 from registry.liveness import LivenessSweeper
 from registry.logs import echo_request_id, request_id_middleware
 from registry.metrics import Metrics
@@ -53,8 +54,16 @@ def create_app(settings: Settings, dsn: str) -> web.Application:
 
 
 async def _database(app: web.Application) -> AsyncIterator[None]:
-    pool = await create_pool(app[SETTINGS], app[DSN])
+    settings = app[SETTINGS]
+    pool = await create_pool(settings, app[DSN])
     app[POOL] = pool
+    app[INGEST] = HeartbeatIngest(
+        pool,
+        app[METRICS],
+        coalesce=settings.heartbeat_coalesce,
+        max_batch=settings.heartbeat_max_batch,
+        max_in_flight=settings.heartbeat_max_in_flight,
+    )
     yield
     await pool.close()
 

@@ -7,6 +7,7 @@ import asyncpg
 from aiohttp import web
 
 from registry.events import EventHub
+from registry.ingest import HeartbeatIngest
 from registry.metrics import Metrics
 from registry.reconcile.worker import ReconcileWorker
 from registry.settings import Settings
@@ -18,3 +19,4 @@ SCHEDULER = web.AppKey("scheduler", aiojobs.Scheduler)
 RECONCILER = web.AppKey("reconciler", ReconcileWorker)
 EVENT_HUB = web.AppKey("event_hub", EventHub)
 METRICS = web.AppKey("metrics", Metrics)
+INGEST = web.AppKey("ingest", HeartbeatIngest)

@@ -26,6 +26,12 @@ class Metrics:
             buckets=FAST_BUCKETS,
             registry=r,
         )
+        self.heartbeat_batch_size = Histogram(
+            "registry_heartbeat_batch_size",
+            "Beats applied by one heartbeat statement.",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
+            registry=r,
+        )
         self.transitions = Counter(
             "registry_status_transitions",
             "Workspace status changes made by this process.",

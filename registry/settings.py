@@ -36,6 +36,11 @@ class Settings:
     # 64 KiB holds a heartbeat with hundreds of observed plugins; anything larger is abuse.
     max_body_bytes: int = 64 * 1024
     heartbeat_interval_s: float = 30.0
+    # Concurrent heartbeats share one statement per batch; off: one statement per beat
+    # (kept to measure what coalescing buys). Batches in flight at once, and their size cap.
+    heartbeat_coalesce: bool = True
+    heartbeat_max_in_flight: int = 2
+    heartbeat_max_batch: int = 500
     # Liveness: silent this long → offline (None: three heartbeat intervals); provisioning
     # this long without a first heartbeat → failed.
     offline_after_s: float | None = None
@@ -112,8 +117,9 @@ class Settings:
             "need 1 <= pool_min_size <= pool_max_size",
         )
         need(
-            self.reconcile_concurrency < self.pool_max_size,
-            "reconcile_concurrency must be below pool_max_size, so heartbeats keep a connection",
+            self.reconcile_concurrency + self.heartbeat_max_in_flight <= self.pool_max_size,
+            # Background reconciles must never take the connections heartbeats need.
+            "reconcile_concurrency + heartbeat_max_in_flight must fit in pool_max_size",
         )
         need(
             self.admin_token is None or len(self.admin_token) >= 16,
@@ -164,6 +170,15 @@ def _non_negative_int(raw: str) -> int:
     return value
 
 
+def _bool(raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in ("1", "true", "yes", "on"):
+        return True
+    if value in ("0", "false", "no", "off"):
+        return False
+    raise ValueError("must be true or false")
+
+
 def _float(raw: str) -> float:
     value = float(raw)
     if not math.isfinite(value):
@@ -200,6 +215,9 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "shutdown_grace_s": _float,
     "log_format": str.lower,
     "log_level": str.lower,
+    "heartbeat_coalesce": _bool,
+    "heartbeat_max_in_flight": _positive_int,
+    "heartbeat_max_batch": _positive_int,
     "pool_min_size": _positive_int,
     "pool_max_size": _positive_int,
     "db_timeout_s": _float,

@@ -1,10 +1,13 @@
-"""The heartbeat statement: read the previous status and apply the beat in one round trip."""
+"""The heartbeat statement: for a batch of beats, read each previous status and apply each
+beat, in one statement, one transaction, one round trip."""
 
 from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
 from typing import Any
+
+import orjson
 
 from registry.db import Connection
 from registry.statuses import (
@@ -53,22 +56,41 @@ class BeatResult:
         return self.reconcile_id is not None
 
 
-# One statement, one transaction, the row locked for its whole duration: of any number of
-# concurrent beats for one workspace, exactly one sees `provisioning` (DESIGN lesson 1).
-# Side effects (event, reconcile intent) come only from rows the UPDATE returned (lesson 3).
-# The transition table is a parameter so statuses.py stays the one owner of the rules.
-HEARTBEAT = """
-WITH target AS (
-    SELECT w.id, w.status AS previous_status
-    FROM workspaces w
-    WHERE w.id = $1 AND w.token_hash = $2
-    FOR UPDATE
+NOT_FOUND = BeatResult(None, None, None, [])
+
+# The transition tables of every health, flattened once into the arrays the statement joins.
+_TABLE_HEALTH = [h.value for h, t in HEARTBEAT_TABLES.items() for _ in t.from_statuses]
+_TABLE_FROM = [s for t in HEARTBEAT_TABLES.values() for s in t.from_statuses]
+_TABLE_TO = [s for t in HEARTBEAT_TABLES.values() for s in t.to_statuses]
+
+# Rows are locked in id order, so concurrent batches cannot deadlock; the row lock makes the
+# previous status each beat reports exact: of any number of concurrent beats for one
+# workspace, one sees `provisioning` (DESIGN lesson 1). Events and reconcile intents come
+# only from rows the UPDATE changed (lesson 3). The transition table is a parameter, so
+# statuses.py stays the one owner of the rules. A batch never holds one workspace twice
+# (the batcher keeps duplicates for the next batch): UPDATE … FROM would apply only one.
+HEARTBEATS = """
+WITH input AS (
+    SELECT * FROM unnest(
+        $1::uuid[], $2::bytea[], $3::text[], $4::float8[], $5::text[], $6::int[],
+        $7::float8[], $8::text[], $9::float8[], $10::text[], $11::text[], $12::text[],
+        $13::text[], $14::text[]
+    ) AS i(id, token_hash, health, error_rate, sample_error, active_tasks,
+           uptime_seconds, current_task, monthly_spend, runtime_state, observed_plugins,
+           url, agent_card, cause)
+),
+target AS (
+    SELECT w.status AS previous_status, i.*
+    FROM input i
+    JOIN workspaces w ON w.id = i.id AND w.token_hash = i.token_hash
+    ORDER BY w.id
+    FOR UPDATE OF w
 ),
 transition AS (
-    SELECT t.id, t.previous_status, COALESCE(m.to_status, t.previous_status) AS status
+    SELECT t.*, COALESCE(m.to_status, t.previous_status) AS status
     FROM target t
-    LEFT JOIN unnest($12::text[], $13::text[]) AS m(from_status, to_status)
-        ON m.from_status = t.previous_status
+    LEFT JOIN unnest($15::text[], $16::text[], $17::text[]) AS m(health, from_status, to_status)
+        ON m.health = t.health AND m.from_status = t.previous_status
     WHERE t.previous_status <> 'removed'
 ),
 beat AS (
@@ -78,23 +100,23 @@ beat AS (
                                  THEN now() ELSE w.status_changed_at END,
         last_heartbeat_at = now(),
         -- NULL means "not reported" (register, or no plugins list): keep what we had.
-        error_rate = COALESCE($3, w.error_rate),
-        sample_error = COALESCE($4, w.sample_error),
-        active_tasks = COALESCE($5, w.active_tasks),
-        uptime_seconds = COALESCE($6, w.uptime_seconds),
-        current_task = COALESCE($7, w.current_task),
-        monthly_spend = COALESCE($8, w.monthly_spend),
-        runtime_state = COALESCE($9, w.runtime_state),
-        observed_plugins = COALESCE($10, w.observed_plugins),
-        url = COALESCE($16, w.url),
-        agent_card = COALESCE($17, w.agent_card)
+        error_rate = COALESCE(tr.error_rate, w.error_rate),
+        sample_error = COALESCE(tr.sample_error, w.sample_error),
+        active_tasks = COALESCE(tr.active_tasks, w.active_tasks),
+        uptime_seconds = COALESCE(tr.uptime_seconds, w.uptime_seconds),
+        current_task = COALESCE(tr.current_task, w.current_task),
+        monthly_spend = COALESCE(tr.monthly_spend, w.monthly_spend),
+        runtime_state = COALESCE(tr.runtime_state, w.runtime_state),
+        observed_plugins = COALESCE(tr.observed_plugins::jsonb, w.observed_plugins),
+        url = COALESCE(tr.url, w.url),
+        agent_card = COALESCE(tr.agent_card::jsonb, w.agent_card)
     FROM transition tr
     WHERE w.id = tr.id
-    RETURNING w.id, tr.previous_status, w.status
+    RETURNING w.id, tr.previous_status, w.status, tr.cause
 ),
 event AS (
     INSERT INTO workspace_events (workspace_id, kind, from_status, to_status, cause, actor)
-    SELECT b.id, 'status', b.previous_status, b.status, $18, 'runtime'
+    SELECT b.id, 'status', b.previous_status, b.status, b.cause, 'runtime'
     FROM beat b
     WHERE b.status <> b.previous_status
 ),
@@ -102,60 +124,82 @@ intent AS (
     INSERT INTO reconciles (workspace_id, trigger)
     SELECT b.id, 'online_transition'
     FROM beat b
-    WHERE b.previous_status = ANY($14::text[]) AND b.status = ANY($15::text[])
+    WHERE b.previous_status = ANY($18::text[]) AND b.status = ANY($19::text[])
     -- A queued run already covers this entry; fold into it.
     ON CONFLICT (workspace_id) WHERE status = 'queued' DO NOTHING
-    RETURNING id
+    RETURNING id, workspace_id
+),
+acks AS (
+    SELECT * FROM unnest($20::uuid[], $21::uuid[]) AS a(workspace_id, action_id)
 ),
 acked AS (
     UPDATE workspace_actions a SET acked_at = now()
-    FROM beat b
-    WHERE a.workspace_id = b.id AND a.id = ANY($11::uuid[]) AND a.acked_at IS NULL
+    FROM acks k JOIN beat b ON b.id = k.workspace_id
+    WHERE a.id = k.action_id AND a.workspace_id = k.workspace_id AND a.acked_at IS NULL
 )
 SELECT
+    t.id,
     t.previous_status,
     b.status,
-    (SELECT i.id FROM intent i) AS reconcile_id,
+    i.id AS reconcile_id,
     CASE WHEN b.id IS NULL THEN NULL ELSE (
         SELECT COALESCE(jsonb_agg(jsonb_build_object(
                    'id', a.id, 'type', a.type, 'reason', a.reason) ORDER BY a.created_at), '[]')
         FROM workspace_actions a
-        WHERE a.workspace_id = b.id AND a.acked_at IS NULL AND a.id <> ALL($11::uuid[])
+        WHERE a.workspace_id = b.id AND a.acked_at IS NULL
+          AND NOT EXISTS (SELECT 1 FROM acks k
+                          WHERE k.workspace_id = b.id AND k.action_id = a.id)
     ) END AS actions
 FROM target t
 LEFT JOIN beat b ON b.id = t.id
+LEFT JOIN intent i ON i.workspace_id = t.id
 """
 
 
-async def apply_beat(conn: Connection, beat: Beat) -> BeatResult:
-    table = HEARTBEAT_TABLES[beat.health]
-    row = await conn.fetchrow(
-        HEARTBEAT,
-        beat.workspace_id,
-        beat.token_hash,
-        beat.error_rate,
-        beat.sample_error,
-        beat.active_tasks,
-        beat.uptime_seconds,
-        beat.current_task,
-        beat.monthly_spend,
-        beat.runtime_state,
-        beat.observed_plugins,
-        beat.acks,
-        table.from_statuses,
-        table.to_statuses,
+def _json(value: Any) -> str | None:
+    return None if value is None else orjson.dumps(value).decode()
+
+
+async def apply_beats(conn: Connection, beats: list[Beat]) -> list[BeatResult]:
+    """Apply beats for distinct workspaces; one result per beat, in order."""
+    rows = await conn.fetch(
+        HEARTBEATS,
+        [b.workspace_id for b in beats],
+        [b.token_hash for b in beats],
+        [b.health.value for b in beats],
+        [b.error_rate for b in beats],
+        [b.sample_error for b in beats],
+        [b.active_tasks for b in beats],
+        [b.uptime_seconds for b in beats],
+        [b.current_task for b in beats],
+        [b.monthly_spend for b in beats],
+        [b.runtime_state for b in beats],
+        [_json(b.observed_plugins) for b in beats],
+        [b.url for b in beats],
+        [_json(b.agent_card) for b in beats],
+        [b.cause for b in beats],
+        _TABLE_HEALTH,
+        _TABLE_FROM,
+        _TABLE_TO,
         RECONCILE_ENTRY_FROM,
         LIVE_STATUSES,
-        beat.url,
-        beat.agent_card,
-        beat.cause,
+        [b.workspace_id for b in beats for _ in b.acks],
+        [ack for b in beats for ack in b.acks],
     )
-    if row is None:
-        return BeatResult(None, None, None, [])
-    status = None if row["status"] is None else Status(row["status"])
-    return BeatResult(
-        Status(row["previous_status"]), status, row["reconcile_id"], row["actions"] or []
-    )
+    found = {
+        row["id"]: BeatResult(
+            Status(row["previous_status"]),
+            None if row["status"] is None else Status(row["status"]),
+            row["reconcile_id"],
+            row["actions"] or [],
+        )
+        for row in rows
+    }
+    return [found.get(b.workspace_id, NOT_FOUND) for b in beats]
+
+
+async def apply_beat(conn: Connection, beat: Beat) -> BeatResult:
+    return (await apply_beats(conn, [beat]))[0]
 
 
 SELECT_WORKSPACE_BY_TOKEN = "SELECT id FROM workspaces WHERE token_hash = $1"

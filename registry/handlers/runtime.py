@@ -13,10 +13,10 @@ from aiohttp import web
 
 from registry import validation as v
 from registry.auth import bearer_token, hash_token
-from registry.db.heartbeats import Beat, BeatResult, apply_beat, workspace_for_token
+from registry.db.heartbeats import Beat, BeatResult, workspace_for_token
 from registry.errors import ApiError, Forbidden, Gone, InvalidField, Unauthorized
 from registry.jsonio import json_response
-from registry.keys import METRICS, POOL, RECONCILER, SETTINGS
+from registry.keys import INGEST, METRICS, POOL, RECONCILER, SETTINGS
 from registry.statuses import Health, Status, classify_heartbeat
 
 HEARTBEAT_FIELDS = frozenset(
@@ -122,13 +122,13 @@ def parse_register(body: v.Body, token_hash: bytes) -> Beat:
 
 async def _answer(request: web.Request, beat: Beat) -> web.Response:
     app = request.app
-    async with app[POOL].acquire() as conn:
-        result = await apply_beat(conn, beat)
-        if result.previous_status is None:
+    result = await app[INGEST].apply(beat)
+    if result.previous_status is None:
+        async with app[POOL].acquire() as conn:
             owner = await workspace_for_token(conn, beat.token_hash)
-            if owner is None:
-                raise Unauthorized("the token matches no workspace")
-            raise Forbidden("the token belongs to another workspace", field="workspace_id")
+        if owner is None:
+            raise Unauthorized("the token matches no workspace")
+        raise Forbidden("the token belongs to another workspace", field="workspace_id")
     if result.previous_status is Status.REMOVED:
         raise Gone("the workspace was removed: stop heartbeating")
     if result.status is not None and result.status is not result.previous_status:
