@@ -102,7 +102,7 @@ class PluginRuntime:
                     await asyncio.wait_for(self._released.wait(), HOLD_LIMIT_S)
             else:
                 low, high = self.delay_s
-                await asyncio.sleep(random.uniform(low, high))  # noqa: S311
+                await asyncio.sleep(random.uniform(low, high))
             put.answered_at = time.monotonic()
             return web.Response(status=204)
         finally:

@@ -68,7 +68,7 @@ async def test_coalesced_and_per_request_modes_agree(make_registry: MakeRegistry
     outcomes = []
     for coalesce in (True, False):
         registry = await make_registry(heartbeat_coalesce=coalesce)
-        await registry.db.execute("TRUNCATE workspaces CASCADE")
+        await registry.db.execute("DELETE FROM workspaces")
         fleet = [await registry.create_workspace(name=f"w{i:02d}") for i in range(30)]
         for i, workspace in enumerate(fleet):
             if i % 3 == 0:

@@ -167,7 +167,7 @@ async def test_two_processes_run_one_reconcile_per_workspace_at_a_time_and_lose_
         reconcile_lease_s=10,
         reconcile_retry_base_s=0.2,
     )
-    rng = random.Random(20240611)  # noqa: S311
+    rng = random.Random(20240611)
     async with (
         plugin_runtime(delay_s=(0.1, 0.2)) as runtime,
         registry_processes(dsn, tmp_path, 2, env) as processes,
@@ -215,7 +215,7 @@ async def test_two_processes_run_one_reconcile_per_workspace_at_a_time_and_lose_
             )
 
         async def driver(seed: int) -> None:
-            own = random.Random(seed)  # noqa: S311
+            own = random.Random(seed)
             deadline = time.monotonic() + STORM_S
             while time.monotonic() < deadline:
                 workspace = workspaces[own.choice(keys)]
