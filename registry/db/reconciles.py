@@ -236,6 +236,16 @@ UPDATE reconciles SET
 WHERE id = $1 AND lease_owner = $2 AND status = 'running'
 """
 
+# Lock order, to rule out deadlocks with heartbeats: a heartbeat holds its workspace row and
+# then may wait on an uncommitted queued run of it (the unique index). Anything that makes a
+# run queued and then writes a row referencing the workspace (an event: the foreign key
+# takes a share lock on it) must lock the workspace first, before the run becomes queued.
+LOCK_RUN_WORKSPACE = """
+SELECT 1 FROM workspaces
+WHERE id = (SELECT workspace_id FROM reconciles WHERE id = $1)
+FOR KEY SHARE
+"""
+
 # Back to the queue for another attempt, unless a queued follow-up already covers it.
 RETRY_LATER = """
 UPDATE reconciles r SET
@@ -370,6 +380,7 @@ async def retry_later(
 ) -> bool:
     """Queue the run again for a later attempt; False if a queued follow-up covers it."""
     async with conn.transaction():
+        await conn.execute(LOCK_RUN_WORKSPACE, reconcile_id)
         workspace_id = await conn.fetchval(RETRY_LATER, reconcile_id, owner, error, delay_s)
         if workspace_id is None:
             return False
@@ -448,13 +459,19 @@ async def request_reconcile(
 
 # Every live workspace that declares the plugin gets a refresh run, folded into any run
 # already queued for it (which then also refreshes).
+# The workspaces are locked first, in id order like heartbeats lock them, so that this
+# statement never holds a new queued run while waiting for a workspace a heartbeat holds.
 FAN_OUT = """
+WITH declaring AS (
+    SELECT w.id FROM workspaces w
+    WHERE w.status = ANY($3::text[])
+      AND EXISTS (SELECT 1 FROM declared_plugins d
+                  WHERE d.workspace_id = w.id AND (d.source = $1 OR d.name = $2))
+    ORDER BY w.id
+    FOR KEY SHARE OF w
+)
 INSERT INTO reconciles (workspace_id, trigger, refresh)
-SELECT DISTINCT d.workspace_id, 'plugin_updated', true
-FROM declared_plugins d
-JOIN workspaces w ON w.id = d.workspace_id
-WHERE w.status = ANY($3::text[])
-  AND (d.source = $1 OR d.name = $2)
+SELECT id, 'plugin_updated', true FROM declaring
 ON CONFLICT (workspace_id) WHERE status = 'queued' DO UPDATE SET refresh = true
 RETURNING id
 """

@@ -1,0 +1,274 @@
+"""The operator CLI's HTTP calls: one method per API route it uses, errors as exceptions."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any
+
+import aiohttp
+
+JSON = dict[str, Any]
+
+REQUEST_TIMEOUT = aiohttp.ClientTimeout(total=30)
+# The server sends a keepalive comment every 15 s; silence for much longer means a dead link.
+STREAM_TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=45)
+MAX_RECONNECT_DELAY_S = 30.0
+
+
+class ClientError(Exception):
+    """Anything that stops a command; `str()` is the message for the operator."""
+
+
+class ApiError(ClientError):
+    """The API answered with its error envelope (or, failing that, a bare status)."""
+
+    def __init__(self, status: int, code: str, message: str, field: str | None = None) -> None:
+        super().__init__(f"{status} {code}: {message}")
+        self.status = status
+        self.code = code
+        self.message = message
+        self.field = field
+
+
+class Unreachable(ClientError):
+    """No HTTP answer at all: refused, unresolvable, timed out."""
+
+
+@dataclass(frozen=True, slots=True)
+class StreamEvent:
+    id: int | None
+    kind: str
+    data: JSON
+
+
+async def _error_from(response: aiohttp.ClientResponse) -> ApiError:
+    try:
+        body = await response.json(content_type=None)
+        error = body["error"]
+        return ApiError(response.status, str(error["code"]), str(error["message"]), error.get("field"))
+    except (ValueError, KeyError, TypeError, aiohttp.ClientError):
+        return ApiError(response.status, "http_error", response.reason or "unexpected response")
+
+
+class Client:
+    """An admin-token session against one registry. Use as `async with Client(...) as api`."""
+
+    def __init__(self, base_url: str, token: str) -> None:
+        self.base_url = base_url.rstrip("/")
+        self._headers = {"Authorization": f"Bearer {token}", "Accept": "application/json"}
+        self._session: aiohttp.ClientSession | None = None
+
+    async def __aenter__(self) -> Client:
+        self._session = aiohttp.ClientSession(headers=self._headers)
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        if self._session is not None:
+            await self._session.close()
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        assert self._session is not None, "use the client as an async context manager"
+        return self._session
+
+    def _unreachable(self, exc: BaseException) -> Unreachable:
+        return Unreachable(f"cannot reach the registry at {self.base_url}: {exc}")
+
+    async def _call(
+        self,
+        method: str,
+        path: str,
+        *,
+        json: JSON | None = None,
+        params: dict[str, str] | None = None,
+    ) -> Any:
+        try:
+            async with self.session.request(
+                method,
+                self.base_url + path,
+                json=json,
+                params=params,
+                timeout=REQUEST_TIMEOUT,
+            ) as response:
+                if response.status >= 400:
+                    raise await _error_from(response)
+                if response.status == 204:
+                    return None
+                return await response.json(content_type=None)
+        except (aiohttp.ClientConnectionError, TimeoutError) as exc:
+            raise self._unreachable(exc) from None
+        except ValueError as exc:  # a body that is not JSON: not a registry, or a broken one
+            raise ClientError(f"{method} {path}: the answer is not JSON ({exc})") from None
+
+    # Management API.
+
+    async def create_workspace(
+        self, name: str, *, plugins: list[JSON], delivery: str | None, url: str | None
+    ) -> JSON:
+        body: JSON = {"name": name, "plugins": plugins}
+        if delivery is not None:
+            body["delivery"] = delivery
+        if url is not None:
+            body["url"] = url
+        result: JSON = await self._call("POST", "/workspaces", json=body)
+        return result
+
+    async def list_workspaces(
+        self, *, status: str | None, limit: int | None, cursor: str | None
+    ) -> JSON:
+        params = {
+            key: str(value)
+            for key, value in (("status", status), ("limit", limit), ("cursor", cursor))
+            if value is not None
+        }
+        result: JSON = await self._call("GET", "/workspaces", params=params)
+        return result
+
+    async def get_workspace(self, workspace_id: str) -> JSON:
+        result: JSON = await self._call("GET", f"/workspaces/{workspace_id}")
+        return result
+
+    async def workspace_action(self, workspace_id: str, action: str) -> JSON:
+        """`pause` or `resume`; returns the workspace as it is now."""
+        result: JSON = await self._call("POST", f"/workspaces/{workspace_id}/{action}")
+        return result
+
+    async def delete_workspace(self, workspace_id: str) -> None:
+        await self._call("DELETE", f"/workspaces/{workspace_id}")
+
+    async def workspace_events(self, workspace_id: str, *, after: int) -> list[JSON]:
+        """The whole history after `after`, following pages until a short one."""
+        page_size = 500
+        collected: list[JSON] = []
+        while True:
+            page: list[JSON] = (
+                await self._call(
+                    "GET",
+                    f"/workspaces/{workspace_id}/events",
+                    params={"after": str(after), "limit": str(page_size)},
+                )
+            )["events"]
+            collected.extend(page)
+            if len(page) < page_size:
+                return collected
+            after = int(page[-1]["id"])
+
+    # Internal reconcile API.
+
+    async def request_reconcile(self, workspace_id: str, *, refresh: bool) -> JSON:
+        result: JSON = (
+            await self._call(
+                "POST", f"/internal/workspaces/{workspace_id}/reconcile", json={"refresh": refresh}
+            )
+        )["reconcile"]
+        return result
+
+    async def get_reconcile(self, reconcile_id: str) -> JSON:
+        result: JSON = await self._call("GET", f"/internal/reconciles/{reconcile_id}")
+        return result
+
+    # The live stream.
+
+    async def follow_events(
+        self,
+        *,
+        workspace_id: str | None,
+        after: int | None,
+        notify: Callable[[str], None],
+    ) -> AsyncIterator[StreamEvent]:
+        """Server-Sent Events from GET /events, for ever; reconnects with Last-Event-ID.
+
+        The first connection must succeed (else Unreachable / ApiError); once the stream has
+        been up, drops and restarts of the registry are waited out with backoff. `notify`
+        hears about the connection coming up and going down.
+        """
+        last_id = after
+        retry_s = 1.0
+        connected_once = False
+        failures = 0
+        params = {"workspace_id": workspace_id} if workspace_id else None
+        while True:
+            headers = {"Accept": "text/event-stream"}
+            if last_id is not None:
+                headers["Last-Event-ID"] = str(last_id)
+            try:
+                async with self.session.get(
+                    self.base_url + "/events",
+                    params=params,
+                    headers=headers,
+                    timeout=STREAM_TIMEOUT,
+                ) as response:
+                    if response.status >= 400:
+                        error = await _error_from(response)
+                        if response.status != 503 or not connected_once:
+                            raise error
+                        raise aiohttp.ClientConnectionError(str(error))
+                    if not connected_once:
+                        notify("following events (Ctrl-C to stop)")
+                    connected_once = True
+                    failures = 0
+                    async for message in _parse_sse(response.content):
+                        if message.retry_ms is not None:
+                            retry_s = message.retry_ms / 1000
+                        if message.id is not None:
+                            last_id = message.id
+                        if message.data is None:
+                            continue
+                        try:
+                            data = json.loads(message.data)
+                        except ValueError:
+                            continue
+                        if isinstance(data, dict):
+                            yield StreamEvent(message.id, message.kind, data)
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                if not connected_once:
+                    raise self._unreachable(exc) from None
+                failures += 1
+                notify(f"event stream dropped ({exc or type(exc).__name__}); reconnecting")
+            else:
+                failures += 1  # the server ended the stream (restart, shutdown): come back
+                notify("event stream ended; reconnecting")
+            await asyncio.sleep(min(MAX_RECONNECT_DELAY_S, retry_s * 2 ** max(0, failures - 1)))
+
+
+@dataclass(slots=True)
+class _Message:
+    id: int | None = None
+    kind: str = "message"
+    data: str | None = None
+    retry_ms: int | None = None
+
+
+async def _parse_sse(content: aiohttp.StreamReader) -> AsyncIterator[_Message]:
+    """Frames of a text/event-stream: fields up to a blank line; comments skipped."""
+    message = _Message()
+    data: list[str] = []
+    async for raw in content:
+        line = raw.decode("utf-8", errors="replace").rstrip("\r\n")
+        if not line:
+            if data or message.retry_ms is not None or message.id is not None:
+                message.data = "\n".join(data) if data else None
+                yield message
+            message, data = _Message(), []
+            continue
+        if line.startswith(":"):
+            continue
+        field, _, value = line.partition(":")
+        value = value.removeprefix(" ")
+        if field == "data":
+            data.append(value)
+        elif field == "event":
+            message.kind = value
+        elif field == "id" and value.isdigit():
+            message.id = int(value)
+        elif field == "retry" and value.isdigit():
+            message.retry_ms = int(value)

@@ -1,0 +1,268 @@
+"""The operator CLI's human output: aligned tables and key/value blocks, from API JSON."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+JSON = dict[str, Any]
+NONE = "-"
+SHA_WIDTH = 12
+
+
+def text(value: Any) -> str:
+    if value is None or value == "":
+        return NONE
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    return str(value)
+
+
+def when(value: Any, *, now: datetime | None = None) -> str:
+    """An RFC 3339 time as `2024-05-01 12:00:03Z (5 s ago)`; anything else as it came."""
+    if not isinstance(value, str) or not value:
+        return text(value)
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        return value
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    moment = moment.astimezone(UTC)
+    seconds = round(((now or datetime.now(UTC)) - moment).total_seconds())
+    return f"{moment:%Y-%m-%d %H:%M:%S}Z ({_age(seconds)})"
+
+
+def _age(seconds: int) -> str:
+    if seconds < 0:
+        return f"in {_span(-seconds)}"
+    return f"{_span(seconds)} ago"
+
+
+def _span(seconds: int) -> str:
+    if seconds < 120:
+        return f"{seconds} s"
+    if seconds < 2 * 3600:
+        return f"{seconds // 60} min"
+    if seconds < 2 * 86400:
+        return f"{seconds // 3600} h"
+    return f"{seconds // 86400} d"
+
+
+def short_sha(value: Any) -> str:
+    return text(value)[:SHA_WIDTH] if value else NONE
+
+
+def table(headers: Sequence[str], rows: Iterable[Sequence[Any]], *, indent: str = "") -> str:
+    """Columns padded to their widest cell; the last column is never padded."""
+    cells = [list(headers), *([text(cell) for cell in row] for row in rows)]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    lines = []
+    for row in cells:
+        padded = [cell.ljust(width) for cell, width in zip(row[:-1], widths, strict=False)]
+        lines.append((indent + "  ".join([*padded, row[-1]])).rstrip())
+    return "\n".join(lines)
+
+
+def block(pairs: Sequence[tuple[str, Any]], *, indent: str = "") -> str:
+    """`key   value` lines, keys padded to the longest one."""
+    width = max((len(key) for key, _ in pairs), default=0)
+    return "\n".join(f"{indent}{key.ljust(width)}  {text(value)}".rstrip() for key, value in pairs)
+
+
+def workspaces_table(workspaces: Sequence[JSON]) -> str:
+    if not workspaces:
+        return "no workspaces"
+    return table(
+        ("ID", "NAME", "STATUS", "DELIVERY", "LAST HEARTBEAT", "CREATED"),
+        (
+            (
+                w["id"],
+                w["name"],
+                w["status"],
+                w["delivery"],
+                when(w.get("last_heartbeat_at")),
+                when(w.get("created_at")),
+            )
+            for w in workspaces
+        ),
+    )
+
+
+def created(result: JSON) -> str:
+    workspace = result["workspace"]
+    return "\n".join(
+        [
+            block(
+                [
+                    ("id", workspace["id"]),
+                    ("name", workspace["name"]),
+                    ("status", workspace["status"]),
+                    ("delivery", workspace["delivery"]),
+                    ("url", workspace.get("url")),
+                    ("plugins", ", ".join(p["name"] for p in workspace["declared_plugins"])),
+                    ("token", result["token"]),
+                ]
+            ),
+            "",
+            "The token is shown only this once (the registry keeps only its hash).",
+            "Give it to the workspace runtime now; a lost token can only be rotated.",
+        ]
+    )
+
+
+def _plugins(title: str, headers: Sequence[str], rows: list[Sequence[Any]]) -> list[str]:
+    if not rows:
+        return [f"{title}: none"]
+    return [f"{title}:", table(headers, rows, indent="  ")]
+
+
+def workspace(view: JSON) -> str:
+    beat = view.get("heartbeat") or {}
+    lines = [
+        block(
+            [
+                ("id", view["id"]),
+                ("name", view["name"]),
+                ("status", f"{view['status']} since {when(view.get('status_changed_at'))}"),
+                ("delivery", view["delivery"]),
+                ("url", view.get("url")),
+                ("created", when(view.get("created_at"))),
+                ("last heartbeat", when(beat.get("last_heartbeat_at"))),
+                ("runtime state", beat.get("runtime_state")),
+                ("error rate", beat.get("error_rate")),
+                ("sample error", beat.get("sample_error")),
+                ("active tasks", beat.get("active_tasks")),
+                ("current task", beat.get("current_task")),
+                ("uptime", _seconds(beat.get("uptime_seconds"))),
+                ("monthly spend", beat.get("monthly_spend")),
+                ("plugins sync", view.get("plugins_sync")),
+                ("why", view.get("why")),
+            ]
+        ),
+        "",
+        *_plugins(
+            "declared plugins",
+            ("NAME", "SOURCE"),
+            [(p["name"], p["source"]) for p in view.get("declared_plugins") or []],
+        ),
+        *_plugins(
+            "installed plugins",
+            ("NAME", "SHA", "INSTALLED", "SOURCE"),
+            [
+                (p["name"], short_sha(p.get("sha")), when(p.get("installed_at")), p["source"])
+                for p in view.get("installed_plugins") or []
+            ],
+        ),
+    ]
+    observed = view.get("observed_plugins")
+    if observed is None:
+        lines.append("observed plugins: not reported by the runtime")
+    else:
+        lines.extend(
+            _plugins(
+                "observed plugins",
+                ("NAME", "SHA"),
+                [(p.get("name"), short_sha(p.get("sha"))) for p in observed],
+            )
+        )
+    last = view.get("last_reconcile")
+    lines.append("")
+    if last is None:
+        lines.append("last reconcile: none")
+    else:
+        lines.append("last reconcile:")
+        lines.append(reconcile(last, indent="  "))
+    return "\n".join(lines)
+
+
+def _seconds(value: Any) -> str:
+    return NONE if value is None else f"{value:g} s" if isinstance(value, float) else f"{value} s"
+
+
+def reconcile(run: JSON, *, indent: str = "") -> str:
+    pairs: list[tuple[str, Any]] = [
+        ("reconcile", run["id"]),
+        ("workspace", run["workspace_id"]),
+        ("status", run["status"]),
+        ("trigger", run.get("trigger")),
+        ("refresh", run.get("refresh")),
+        ("attempt", run.get("attempt")),
+        ("created", when(run.get("created_at"))),
+        ("started", when(run.get("started_at"))),
+        ("finished", when(run.get("finished_at"))),
+        ("error", run.get("error")),
+    ]
+    if run.get("next_attempt_at"):
+        pairs.append(("next attempt", when(run["next_attempt_at"])))
+    restart = run.get("restart_requested")
+    if run.get("restart_withheld"):
+        restart = "withheld (restart budget used up)"
+    pairs.append(("restart", restart))
+    steps = run.get("steps") or []
+    lines = [block(pairs, indent=indent)]
+    if not steps:
+        lines.append(f"{indent}steps: none")
+    else:
+        lines.append(f"{indent}steps:")
+        lines.append(
+            table(
+                ("PLUGIN", "ACTION", "STATUS", "SHA", "ERROR"),
+                (
+                    (s["plugin"], s["action"], s["status"], short_sha(s.get("sha")), s.get("error"))
+                    for s in steps
+                ),
+                indent=indent + "  ",
+            )
+        )
+    return "\n".join(lines)
+
+
+def progress(run: JSON) -> str:
+    """One line on where a run is, for the wait in `registry reconcile`."""
+    line = f"reconcile {run['id']}: {run['status']}, attempt {run.get('attempt', 1)}"
+    if run.get("error") and run["status"] in ("queued", "running"):
+        line += f"; last error: {run['error']}"
+    if run.get("next_attempt_at") and run["status"] == "queued":
+        line += f"; next attempt {when(run['next_attempt_at'])}"
+    return line
+
+
+def _change(event: JSON) -> str:
+    if event.get("kind") == "status":
+        return f"{text(event.get('from'))} -> {text(event.get('to'))}"
+    detail = event.get("detail")
+    if not isinstance(detail, dict):
+        return text(detail)
+    parts = []
+    if detail.get("changes"):
+        parts.append(", ".join(map(str, detail["changes"])))
+    if detail.get("error"):
+        parts.append(f"error: {detail['error']}")
+    if detail.get("delay_s") is not None:
+        parts.append(f"retry in {detail['delay_s']} s")
+    if detail.get("restart_requested"):
+        parts.append("restart requested")
+    return "; ".join(parts) or NONE
+
+
+def events_table(events: Sequence[JSON]) -> str:
+    if not events:
+        return "no events"
+    return table(
+        ("ID", "AT", "KIND", "CAUSE", "ACTOR", "CHANGE"),
+        (
+            (e["id"], when(e.get("at")), e["kind"], e.get("cause"), e.get("actor"), _change(e))
+            for e in events
+        ),
+    )
+
+
+def event_line(event: JSON) -> str:
+    """One streamed event: `#12 2024-… <workspace> status provisioning -> online (heartbeat)`."""
+    return (
+        f"#{text(event.get('id'))} {when(event.get('at'))} {text(event.get('workspace_id'))} "
+        f"{text(event.get('kind'))} {_change(event)} "
+        f"({text(event.get('cause'))}, by {text(event.get('actor'))})"
+    )
