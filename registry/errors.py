@@ -91,6 +91,8 @@ DATABASE_DOWN = (
     asyncpg.exceptions.AdminShutdownError,
     asyncpg.exceptions.CrashShutdownError,
     asyncpg.exceptions.InterfaceError,
+    # Raised on a pooled connection whose server went away while it sat idle.
+    asyncpg.InternalClientError,
 )
 
 _HTTP_CODES = {

@@ -67,6 +67,7 @@ class EventHub:
                     await events.sequence_pending(conn)
             except DATABASE_DOWN as exc:
                 log.warning("event sequencer: database unavailable: %r", exc)
+                await self._pool.expire_connections()
             except Exception:
                 log.exception("event sequencer failed")
             with contextlib.suppress(TimeoutError):

@@ -121,6 +121,8 @@ class HeartbeatIngest:
         try:
             results = await self._execute([p.beat for p in batch])
         except asyncpg.PostgresError as exc:
+            if isinstance(exc, DATABASE_DOWN):
+                await self._pool.expire_connections()
             if len(batch) == 1 or isinstance(exc, DATABASE_DOWN):
                 _fail(batch, exc)
                 return
@@ -130,7 +132,10 @@ class HeartbeatIngest:
                 await self._send([pending])
             return
         except Exception as exc:
-            _fail(batch, exc)  # the database is down: every beat gets the same 503
+            # The database is down: every beat gets the same 503, and the pool's connections
+            # (its no-op reset keeps broken ones otherwise) are replaced on next use.
+            await self._pool.expire_connections()
+            _fail(batch, exc)
             return
         except BaseException as exc:
             _fail(batch, asyncpg.InterfaceError("heartbeat batch interrupted"))

@@ -148,6 +148,7 @@ class LivenessSweeper:
                         )
                 except DATABASE_DOWN as exc:
                     log.warning("sweep skipped: database unavailable: %r", exc)
+                    await self._pool.expire_connections()
                 except Exception:
                     log.exception("sweep failed")
             with contextlib.suppress(TimeoutError):

@@ -9,8 +9,10 @@ The database server is found in this order, and the suite fails loudly when none
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import os
+import shutil
 import socket
 import tempfile
 import uuid
@@ -29,6 +31,7 @@ from registry.db.migrate import migrate
 from registry.embedded_pg import EmbeddedPostgresError, start_embedded_postgres
 from registry.settings import Settings
 from tests.fake_runtime import FakeRuntime
+from tests.pg_cluster import StoppableCluster
 from tests.support import ADMIN_TOKEN, Registry
 
 
@@ -189,3 +192,16 @@ async def fake_runtime() -> AsyncIterator[FakeRuntime]:
     await runtime.start()
     yield runtime
     await runtime.close()
+
+
+@pytest.fixture
+def own_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[StoppableCluster]:
+    """A migrated PostgreSQL of this test's own, to stop and start at will."""
+    # A short path: the server's unix socket lives in its data directory.
+    cluster = StoppableCluster(Path(tempfile.mkdtemp(prefix="pgc-")))
+    cluster.start()
+    asyncio.run(migrate(cluster.dsn))
+    yield cluster
+    with contextlib.suppress(Exception):
+        cluster.stop()
+    shutil.rmtree(cluster.data_dir, ignore_errors=True)

@@ -75,6 +75,7 @@ class ReconcileWorker:
                 await self._tick()
             except DATABASE_DOWN as exc:
                 log.warning("reconcile worker: database unavailable: %r", exc)
+                await self._pool.expire_connections()
             except Exception:
                 log.exception("reconcile worker: poll failed")
             if self._stopping:
