@@ -1,0 +1,28 @@
+# The registry as a container. git is needed for git plugin sources; nothing else is.
+FROM python:3.11-slim
+
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends git \
+    && rm -rf /var/lib/apt/lists/* \
+    && useradd --create-home --uid 10001 registry
+
+WORKDIR /app
+COPY pyproject.toml README.md ./
+COPY registry ./registry
+COPY migrations ./migrations
+# Editable, so the migrations/ beside the package are the ones `serve` applies.
+RUN pip install --no-cache-dir -e .
+
+ARG GIT_SHA=""
+ENV REGISTRY_GIT_SHA=${GIT_SHA} \
+    REGISTRY_HOST=0.0.0.0 \
+    REGISTRY_PORT=8080 \
+    REGISTRY_PLUGINS_DIR=/var/lib/registry/plugins \
+    REGISTRY_LOG_FORMAT=json
+
+RUN mkdir -p /var/lib/registry/plugins && chown -R registry /var/lib/registry
+USER registry
+EXPOSE 8080
+HEALTHCHECK --interval=10s --timeout=3s CMD python -c "import urllib.request,sys; sys.exit(urllib.request.urlopen('http://127.0.0.1:8080/healthz').status != 200)"
+# serve applies pending migrations (serialised by an advisory lock) before it listens.
+CMD ["registry", "serve"]
