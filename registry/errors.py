@@ -66,6 +66,10 @@ class Conflict(ApiError):
     code = "conflict"
 
 
+def workspace_not_found(workspace_id: object) -> NotFound:
+    return NotFound(f"no workspace {workspace_id}", code="workspace_not_found")
+
+
 def workspace_removed() -> Conflict:
     """Management actions on a tombstone: one answer everywhere (runtimes get 410 instead)."""
     return Conflict("the workspace was removed", code="workspace_removed")

@@ -11,7 +11,7 @@ from aiohttp import web
 from registry import validation as v
 from registry.db import events, fleet, workspaces
 from registry.db.events import Event
-from registry.errors import InvalidField, NotFound
+from registry.errors import InvalidField, workspace_not_found
 from registry.jsonio import dumps, json_response
 from registry.keys import EVENT_HUB, POOL
 
@@ -53,7 +53,7 @@ async def get_workspace_events(request: web.Request) -> web.Response:
     limit = v.query_int(request, "limit", 100, minimum=1, maximum=MAX_EVENTS_PAGE)
     async with request.app[POOL].acquire() as conn:
         if not await workspaces.workspace_exists(conn, workspace_id):
-            raise NotFound(f"no workspace {workspace_id}", code="workspace_not_found")
+            raise workspace_not_found(workspace_id)
         page = await events.events_after(conn, after, workspace_id=workspace_id, limit=limit)
     return json_response({"events": [event_view(e) for e in page]})
 

@@ -10,7 +10,7 @@ from registry import validation as v
 from registry.auth import hash_token, new_workspace_token
 from registry.db import reconciles, transitions, workspaces
 from registry.db.transitions import TransitionResult
-from registry.errors import Conflict, NotFound, workspace_removed
+from registry.errors import Conflict, workspace_not_found, workspace_removed
 from registry.handlers.workspaces import workspace_response
 from registry.jsonio import json_response
 from registry.keys import METRICS, POOL
@@ -24,7 +24,7 @@ def _count(request: web.Request, result: TransitionResult, to: Status, cause: st
 
 def _check(result: TransitionResult, workspace_id: uuid.UUID, to: Status) -> None:
     if result.previous is None:
-        raise NotFound(f"no workspace {workspace_id}", code="workspace_not_found")
+        raise workspace_not_found(workspace_id)
     if result.previous is Status.REMOVED and to is not Status.REMOVED:
         raise workspace_removed()
     if not result.changed and result.previous is not to:
@@ -86,5 +86,5 @@ async def post_token(request: web.Request) -> web.Response:
         if not await workspaces.replace_token(conn, workspace_id, hash_token(token)):
             if await workspaces.workspace_exists(conn, workspace_id):
                 raise workspace_removed()
-            raise NotFound(f"no workspace {workspace_id}", code="workspace_not_found")
+            raise workspace_not_found(workspace_id)
     return json_response({"workspace_id": workspace_id, "token": token})

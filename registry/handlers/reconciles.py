@@ -6,12 +6,12 @@ from aiohttp import web
 
 from registry import validation as v
 from registry.db import reconciles, workspaces
-from registry.errors import Conflict, InvalidField, NotFound, workspace_removed
-from registry.handlers.workspaces import source_settings
+from registry.errors import Conflict, InvalidField, NotFound, workspace_not_found
+from registry.handlers.workspaces import lock_existing_workspace, source_settings
 from registry.jsonio import json_response
 from registry.keys import POOL, RECONCILER, SETTINGS
 from registry.plugins import PluginError, parse_source
-from registry.statuses import LIVE, LIVE_STATUSES, Status
+from registry.statuses import LIVE, LIVE_STATUSES
 from registry.views import reconcile_view
 
 MAX_LIST_LIMIT = 100
@@ -27,11 +27,7 @@ async def post_workspace_reconcile(request: web.Request) -> web.Response:
         raise InvalidField("refresh must be a boolean", field="refresh")
     async with request.app[POOL].acquire() as conn:
         async with conn.transaction():
-            status = await reconciles.lock_workspace_status(conn, workspace_id)
-            if status is None:
-                raise NotFound(f"no workspace {workspace_id}", code="workspace_not_found")
-            if status == Status.REMOVED:
-                raise workspace_removed()
+            status = await lock_existing_workspace(conn, workspace_id)
             if status not in LIVE:
                 raise Conflict(
                     f"workspace is {status}; only online or degraded workspaces are reconciled",
@@ -84,6 +80,6 @@ async def get_workspace_reconciles(request: web.Request) -> web.Response:
     limit = v.query_int(request, "limit", 20, minimum=1, maximum=MAX_LIST_LIMIT)
     async with request.app[POOL].acquire() as conn:
         if not await workspaces.workspace_exists(conn, workspace_id):
-            raise NotFound(f"no workspace {workspace_id}", code="workspace_not_found")
+            raise workspace_not_found(workspace_id)
         runs = await reconciles.reconciles_for_workspace(conn, workspace_id, limit)
     return json_response({"reconciles": [reconcile_view(run) for run in runs]})

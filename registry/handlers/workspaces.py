@@ -11,7 +11,12 @@ from registry import validation as v
 from registry.auth import hash_token, new_workspace_token
 from registry.db import Connection, reconciles, workspaces
 from registry.db.workspaces import DeclaredPlugin
-from registry.errors import Forbidden, InvalidField, NotFound, workspace_removed
+from registry.errors import (
+    Forbidden,
+    InvalidField,
+    workspace_not_found,
+    workspace_removed,
+)
 from registry.jsonio import json_response
 from registry.keys import POOL, RECONCILER, SETTINGS
 from registry.plugins import (
@@ -96,7 +101,7 @@ async def _workspace_view(
 ) -> dict[str, Any]:
     workspace = await workspaces.get_workspace(conn, workspace_id)
     if workspace is None:
-        raise NotFound(f"no workspace {workspace_id}", code="workspace_not_found")
+        raise workspace_not_found(workspace_id)
     return workspace_view(
         workspace,
         declared=await workspaces.declared_plugins(conn, workspace_id),
@@ -137,6 +142,16 @@ async def get_workspaces(request: web.Request) -> web.Response:
     )
 
 
+async def lock_existing_workspace(conn: Connection, workspace_id: uuid.UUID) -> Status:
+    """Lock the workspace row for this transaction: 404 if unknown, 409 if removed."""
+    status = await reconciles.lock_workspace_status(conn, workspace_id)
+    if status is None:
+        raise workspace_not_found(workspace_id)
+    if status == Status.REMOVED:
+        raise workspace_removed()
+    return Status(status)
+
+
 async def put_workspace_plugins(request: web.Request) -> web.Response:
     """Replace the declared set; a live workspace is reconciled (removals uninstall)."""
     workspace_id = v.path_uuid(request)
@@ -147,11 +162,7 @@ async def put_workspace_plugins(request: web.Request) -> web.Response:
     queued = False
     async with request.app[POOL].acquire() as conn:
         async with conn.transaction():
-            status = await reconciles.lock_workspace_status(conn, workspace_id)
-            if status is None:
-                raise NotFound(f"no workspace {workspace_id}", code="workspace_not_found")
-            if status == Status.REMOVED:
-                raise workspace_removed()
+            status = await lock_existing_workspace(conn, workspace_id)
             await workspaces.replace_declared(conn, workspace_id, plugins)
             if status in LIVE:
                 await reconciles.queue_reconcile(conn, workspace_id, "declared_changed")
