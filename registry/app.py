@@ -10,7 +10,7 @@ import aiojobs
 from aiohttp import web
 
 from registry.auth import admin_auth_middleware
-from registry.db.pool import create_pool
+from registry.db.pool import create_heartbeat_pool, create_pool
 from registry.db.reconciles import RestartBudget
 from registry.errors import DATABASE_DOWN, Handler, error_middleware
 from registry.events import EventHub
@@ -75,15 +75,17 @@ def create_app(settings: Settings, dsn: str) -> web.Application:
 async def _database(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
     pool = await create_pool(settings, app[DSN])
+    heartbeat_pool = await create_heartbeat_pool(settings, app[DSN])
     app[POOL] = pool
     app[INGEST] = HeartbeatIngest(
-        pool,
+        heartbeat_pool,
         app[METRICS],
         coalesce=settings.heartbeat_coalesce,
         max_batch=settings.heartbeat_max_batch,
         max_in_flight=settings.heartbeat_max_in_flight,
     )
     yield
+    await heartbeat_pool.close()
     await pool.close()
 
 

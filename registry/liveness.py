@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 
 SWEEP_LOCK_KEY = 0x7377_6565_7065_72  # "sweeper"
 TRY_SWEEP_LOCK = "SELECT pg_try_advisory_xact_lock($1)"
+SWEEP_WORK_MEM = "SET LOCAL work_mem = '64MB'"
 
 # Provisioning timeouts are not subject to the mass-expiry guard, but are still bounded so a
 # single sweep's transaction stays short.
@@ -76,6 +77,8 @@ async def sweep(conn: Connection, policy: SweepPolicy) -> SweepResult:
     async with conn.transaction():
         if not await conn.fetchval(TRY_SWEEP_LOCK, SWEEP_LOCK_KEY):
             return SweepResult(swept=False)
+        # A mass expiry sorts up to the whole fleet by silence; keep that sort in memory.
+        await conn.execute(SWEEP_WORK_MEM)
         count = await transitions.count_silent(conn, LIVE, policy.offline_after_s)
         holding, limit = policy.expiry_limit(count.live, count.silent)
         expired = await transitions.expire_silent(

@@ -117,9 +117,9 @@ class Settings:
             "need 1 <= pool_min_size <= pool_max_size",
         )
         need(
-            self.reconcile_concurrency + self.heartbeat_max_in_flight <= self.pool_max_size,
-            # Background reconciles must never take the connections heartbeats need.
-            "reconcile_concurrency + heartbeat_max_in_flight must fit in pool_max_size",
+            self.reconcile_concurrency < self.pool_max_size,
+            # Reconciles must leave connections for API requests and the background loops.
+            "reconcile_concurrency must be below pool_max_size",
         )
         need(
             self.admin_token is None or len(self.admin_token) >= 16,

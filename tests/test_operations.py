@@ -130,11 +130,13 @@ async def test_readyz_is_503_while_the_database_is_down_and_recovers_by_itself(
 async def test_request_id_is_accepted_or_generated_and_returned(registry: Registry) -> None:
     given = await registry.client.get("/healthz", headers={"X-Request-Id": "req-42"})
     generated = await registry.client.get("/healthz")
+    another = await registry.client.get("/healthz")
     unsafe = await registry.client.get("/healthz", headers={"X-Request-Id": "a b\tc"})
     error = await registry.client.get("/workspaces/nope", headers={**ADMIN, "X-Request-Id": "e1"})
 
     assert given.headers["X-Request-Id"] == "req-42"
-    assert len(generated.headers["X-Request-Id"]) == 32
+    assert generated.headers["X-Request-Id"] != another.headers["X-Request-Id"]
+    assert len(generated.headers["X-Request-Id"]) == 24
     assert unsafe.headers["X-Request-Id"] != "a b\tc"
     assert error.headers["X-Request-Id"] == "e1"
 

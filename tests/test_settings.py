@@ -41,7 +41,7 @@ def test_flags_override_the_environment() -> None:
         ("REGISTRY_PORT", "70000", "port must be 1..65535"),
         ("REGISTRY_HEARTBEAT_INTERVAL_S", "nan", "finite"),
         ("REGISTRY_ADMIN_TOKEN", "short", "at least 16"),
-        ("REGISTRY_RECONCILE_CONCURRENCY", "50", "must fit in pool_max_size"),
+        ("REGISTRY_RECONCILE_CONCURRENCY", "50", "below pool_max_size"),
     ],
 )
 def test_bad_setting_is_a_clear_error(name: str, value: str, message: str) -> None:
