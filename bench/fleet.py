@@ -1,0 +1,83 @@
+"""A synthetic fleet: N workspaces whose ids and tokens are derived from (salt, n).
+
+Deriving both from the index lets three parties agree on the fleet without shipping a list:
+the seeding SQL, the pgbench script (which can only draw a random integer) and the Python
+load generator. wrk cannot compute md5, so it reads a file written by `write_file`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import asyncpg
+import orjson
+
+# The same derivations in SQL, shared with bench/pgbench.py: keep the two in step.
+SQL_ID = "md5({salt} || ':' || {n})::uuid"
+SQL_TOKEN_HASH = "sha256(convert_to('rwt_' || {salt} || '_' || {n}, 'UTF8'))"
+
+SEED = f"""
+INSERT INTO workspaces (id, name, status, status_changed_at, token_hash, last_heartbeat_at,
+                        error_rate, active_tasks, runtime_state)
+SELECT {SQL_ID.format(salt="$1::text", n="n::text")},
+       'bench-' || n,
+       $4::text,
+       now() - interval '1 hour',
+       {SQL_TOKEN_HASH.format(salt="$1::text", n="n::text")},
+       now() - make_interval(secs => $5),
+       0, 0, 'ok'
+FROM generate_series($2::int, $3::int) AS n
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Fleet:
+    salt: str
+    size: int
+
+    @classmethod
+    def new(cls, size: int) -> Fleet:
+        # A fresh salt per run: tokens of an old bench database never match a new one.
+        return cls(secrets.token_hex(4), size)
+
+    def workspace_id(self, n: int) -> uuid.UUID:
+        return uuid.UUID(hashlib.md5(f"{self.salt}:{n}".encode()).hexdigest())  # noqa: S324
+
+    def token(self, n: int) -> str:
+        return f"rwt_{self.salt}_{n}"
+
+    def heartbeat_body(self, n: int) -> bytes:
+        # What a healthy runtime sends every interval; no plugins list, so the stored one stays.
+        return orjson.dumps(
+            {
+                "workspace_id": str(self.workspace_id(n)),
+                "error_rate": 0.0,
+                "active_tasks": 1,
+                "uptime_seconds": 3600.0,
+                "runtime_state": "ok",
+            }
+        )
+
+    def write_file(self, path: Path) -> Path:
+        """`<id> <token>` per line, for wrk's Lua script."""
+        with path.open("w") as out:
+            for n in range(1, self.size + 1):
+                out.write(f"{self.workspace_id(n)} {self.token(n)}\n")
+        return path
+
+
+async def seed(
+    dsn: str, fleet: Fleet, *, status: str = "online", heartbeat_age_s: float = 1.0
+) -> None:
+    """Insert the fleet in one set-based statement, then VACUUM ANALYZE so the first
+    measured seconds do not pay for hint bits and a missing visibility map."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        await conn.execute(SEED, fleet.salt, 1, fleet.size, status, heartbeat_age_s)
+        await conn.execute("VACUUM ANALYZE workspaces")
+    finally:
+        await conn.close()

@@ -1,0 +1,62 @@
+"""Plain-text tables for the terminal and for docs/benchmarks.md (Markdown)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from bench.cpu import CpuSplit
+from bench.stats import Latencies
+
+
+@dataclass(frozen=True, slots=True)
+class Row:
+    phase: str
+    rate: float
+    latencies: Latencies
+    errors: int
+    cpu: CpuSplit
+    note: str = ""
+
+
+HEADER = (
+    "phase",
+    "beats/s",
+    "p50 ms",
+    "p99 ms",
+    "errors",
+    "CPU registry",
+    "CPU postgres",
+    "CPU loadgen",
+    "CPU other",
+    "note",
+)
+
+
+def _ms(seconds: float) -> str:
+    return "n/a" if math.isnan(seconds) else f"{seconds * 1e3:.2f}"
+
+
+def cells(row: Row) -> tuple[str, ...]:
+    return (
+        row.phase,
+        f"{row.rate:,.0f}",
+        _ms(row.latencies.p50_s),
+        _ms(row.latencies.p99_s),
+        str(row.errors),
+        f"{row.cpu.registry:.2f}",
+        f"{row.cpu.postgres:.2f}",
+        f"{row.cpu.loadgen:.2f}",
+        f"{row.cpu.other:.2f}",
+        row.note,
+    )
+
+
+def markdown(rows: list[Row]) -> str:
+    lines = ["| " + " | ".join(HEADER) + " |", "|" + "---|" * len(HEADER)]
+    lines += ["| " + " | ".join(cells(row)) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def verdict(ok: bool) -> str:
+    return "met" if ok else "MISSED"
