@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from types import TracebackType
@@ -49,7 +50,9 @@ async def _error_from(response: aiohttp.ClientResponse) -> ApiError:
     try:
         body = await response.json(content_type=None)
         error = body["error"]
-        return ApiError(response.status, str(error["code"]), str(error["message"]), error.get("field"))
+        return ApiError(
+            response.status, str(error["code"]), str(error["message"]), error.get("field")
+        )
     except (ValueError, KeyError, TypeError, aiohttp.ClientError):
         return ApiError(response.status, "http_error", response.reason or "unexpected response")
 
@@ -81,7 +84,16 @@ class Client:
         return self._session
 
     def _unreachable(self, exc: BaseException) -> Unreachable:
-        return Unreachable(f"cannot reach the registry at {self.base_url}: {exc}")
+        if isinstance(exc, aiohttp.ClientConnectorError) and exc.os_error.errno:
+            reason = os.strerror(exc.os_error.errno).lower()
+        elif isinstance(exc, TimeoutError):
+            reason = "no answer in time"
+        else:
+            reason = str(exc) or type(exc).__name__
+        return Unreachable(
+            f"cannot reach the registry at {self.base_url}: {reason} "
+            "(is it running? set --url or REGISTRY_URL)"
+        )
 
     async def _call(
         self,

@@ -19,7 +19,7 @@ def text(value: Any) -> str:
     return str(value)
 
 
-def when(value: Any, *, now: datetime | None = None) -> str:
+def when(value: Any, *, relative: bool = True, now: datetime | None = None) -> str:
     """An RFC 3339 time as `2024-05-01 12:00:03Z (5 s ago)`; anything else as it came."""
     if not isinstance(value, str) or not value:
         return text(value)
@@ -30,6 +30,8 @@ def when(value: Any, *, now: datetime | None = None) -> str:
     if moment.tzinfo is None:
         moment = moment.replace(tzinfo=UTC)
     moment = moment.astimezone(UTC)
+    if not relative:
+        return f"{moment:%Y-%m-%d %H:%M:%S}Z"
     seconds = round(((now or datetime.now(UTC)) - moment).total_seconds())
     return f"{moment:%Y-%m-%d %H:%M:%S}Z ({_age(seconds)})"
 
@@ -221,17 +223,22 @@ def reconcile(run: JSON, *, indent: str = "") -> str:
 
 def progress(run: JSON) -> str:
     """One line on where a run is, for the wait in `registry reconcile`."""
-    line = f"reconcile {run['id']}: {run['status']}, attempt {run.get('attempt', 1)}"
-    if run.get("error") and run["status"] in ("queued", "running"):
-        line += f"; last error: {run['error']}"
-    if run.get("next_attempt_at") and run["status"] == "queued":
-        line += f"; next attempt {when(run['next_attempt_at'])}"
+    status, attempt = run["status"], run.get("attempt") or 0
+    line = f"reconcile {run['id']}: {status}"
+    if status == "queued" and run.get("error"):
+        # A failed attempt waits for its retry; the API keeps the last error on the run.
+        line += f" for a retry (attempt {attempt} failed: {run['error']})"
+        if run.get("next_attempt_at"):
+            line += f", next attempt {when(run['next_attempt_at'])}"
+    elif attempt:
+        line += f", attempt {attempt}"
     return line
 
 
 def _change(event: JSON) -> str:
     if event.get("kind") == "status":
-        return f"{text(event.get('from'))} -> {text(event.get('to'))}"
+        before = event.get("from")
+        return f"{before} -> {event.get('to')}" if before else f"-> {event.get('to')}"
     detail = event.get("detail")
     if not isinstance(detail, dict):
         return text(detail)
@@ -244,7 +251,7 @@ def _change(event: JSON) -> str:
         parts.append(f"retry in {detail['delay_s']} s")
     if detail.get("restart_requested"):
         parts.append("restart requested")
-    return "; ".join(parts) or NONE
+    return "; ".join(parts) or "no changes"
 
 
 def events_table(events: Sequence[JSON]) -> str:
@@ -262,7 +269,8 @@ def events_table(events: Sequence[JSON]) -> str:
 def event_line(event: JSON) -> str:
     """One streamed event: `#12 2024-… <workspace> status provisioning -> online (heartbeat)`."""
     return (
-        f"#{text(event.get('id'))} {when(event.get('at'))} {text(event.get('workspace_id'))} "
+        f"#{text(event.get('id'))} {when(event.get('at'), relative=False)} "
+        f"{text(event.get('workspace_id'))} "
         f"{text(event.get('kind'))} {_change(event)} "
         f"({text(event.get('cause'))}, by {text(event.get('actor'))})"
     )

@@ -167,3 +167,20 @@ async def test_bad_list_query_is_400(registry: Registry, query: str) -> None:
     response = await registry.client.get(f"/workspaces?{query}", headers=ADMIN)
 
     assert response.status == 400
+
+
+async def test_listing_returns_workspaces_oldest_first(registry: Registry) -> None:
+    created = [await registry.create_workspace() for _ in range(5)]
+
+    response = await registry.client.get("/workspaces", headers=ADMIN)
+
+    assert [w["id"] for w in (await response.json())["workspaces"]] == [w.id for w in created]
+
+
+def test_uuid7_ids_are_valid_version_7_and_ordered() -> None:
+    from registry.ids import uuid7
+
+    ids = [uuid7() for _ in range(1000)]
+
+    assert all(i.version == 7 and i.variant == uuid.RFC_4122 for i in ids)
+    assert [i.bytes[:6] for i in ids] == sorted(i.bytes[:6] for i in ids)

@@ -11,6 +11,7 @@ import asyncpg
 
 from registry.db import Connection
 from registry.db.events import insert_status_event
+from registry.ids import uuid7
 from registry.statuses import Status
 
 
@@ -62,8 +63,8 @@ WORKSPACE_COLUMNS = """
 """
 
 INSERT_WORKSPACE = f"""
-INSERT INTO workspaces (name, status, token_hash, delivery, url)
-VALUES ($1, $2, $3, $4, $5)
+INSERT INTO workspaces (id, name, status, token_hash, delivery, url)
+VALUES ($6, $1, $2, $3, $4, $5)
 RETURNING {WORKSPACE_COLUMNS}
 """
 
@@ -86,7 +87,7 @@ async def create_workspace(
     """Insert a provisioning workspace, its declared plugins and its creation event."""
     async with conn.transaction():
         row = await conn.fetchrow(
-            INSERT_WORKSPACE, name, Status.PROVISIONING.value, token_hash, delivery, url
+            INSERT_WORKSPACE, name, Status.PROVISIONING.value, token_hash, delivery, url, uuid7()
         )
         assert row is not None
         workspace = Workspace.from_record(row)
