@@ -22,6 +22,7 @@ import aiohttp
 import asyncpg
 import pytest
 
+from registry.keys import RECONCILER
 from registry.plugins import tree_digest
 from tests.durability_support import (
     Api,
@@ -386,3 +387,36 @@ async def test_refresh_requested_while_a_plain_run_runs_gets_a_follow_up(
     assert response.status == 202
     assert [(r["status"], r["refresh"]) for r in runs] == [("running", False), ("queued", True)]
     assert body["reconcile"]["id"] == str(runs[1]["id"])
+
+
+async def test_a_run_whose_lease_was_taken_over_is_stopped_here(
+    registry: Registry, plugin_dir: Path
+) -> None:
+    worker = registry.client.app[RECONCILER]
+    async with plugin_runtime(hold_first=1) as runtime:
+        workspace = await registry.create_workspace(
+            [{"source": f"file://{plugin_dir}"}], delivery="http", url=runtime.url
+        )
+        await registry.heartbeat(workspace, plugins=[])
+        await runtime.wait_for_puts(1)
+        [run] = await registry.reconciles(workspace)
+        assert run["id"] in worker.running
+
+        # Another process took the run over (this one stalled past its lease).
+        await registry.db.execute(
+            "UPDATE reconciles SET lease_owner = 'other', lease_expires_at = now() + "
+            "interval '1 hour' WHERE id = $1",
+            run["id"],
+        )
+
+        async def stopped() -> bool:
+            return run["id"] not in worker.running
+
+        async def describe() -> str:
+            return str(worker.running)
+
+        await wait_until(stopped, 10, describe)
+        [after] = await registry.reconciles(workspace)
+
+    assert (after["status"], after["lease_owner"]) == ("running", "other")
+    assert after["finished_at"] is None  # the loser wrote nothing

@@ -169,11 +169,15 @@ async def claim_due(
 RENEW_LEASES = """
 UPDATE reconciles SET lease_expires_at = now() + make_interval(secs => $2)
 WHERE lease_owner = $1 AND status = 'running' AND id = ANY($3::uuid[])
+RETURNING id
 """
 
 
-async def renew_leases(conn: Connection, owner: str, lease_s: float, ids: list[uuid.UUID]) -> None:
-    await conn.execute(RENEW_LEASES, owner, lease_s, ids)
+async def renew_leases(
+    conn: Connection, owner: str, lease_s: float, ids: list[uuid.UUID]
+) -> set[uuid.UUID]:
+    """Extend this owner's leases; returns the runs it still holds (the others were taken)."""
+    return {row["id"] for row in await conn.fetch(RENEW_LEASES, owner, lease_s, ids)}
 
 
 # Give a run back (this process is shutting down): it becomes the queued intent again, due at

@@ -7,6 +7,7 @@ import contextlib
 import logging
 import os
 import socket
+import time
 import uuid
 
 import aiojobs
@@ -53,7 +54,9 @@ class ReconcileWorker:
         self._poll_s = min(poll_s, lease_s / 3)
         self._lease_s = lease_s
         self._wakeup = asyncio.Event()
-        self._running: set[uuid.UUID] = set()
+        # The runs this process executes, by id; each lease renewed at every poll.
+        self._jobs: dict[uuid.UUID, aiojobs.Job[None]] = {}
+        self._leases_renewed_at = time.monotonic()
         self._stopping = False
 
     def wake(self) -> None:
@@ -62,7 +65,7 @@ class ReconcileWorker:
 
     @property
     def running(self) -> frozenset[uuid.UUID]:
-        return frozenset(self._running)
+        return frozenset(self._jobs)
 
     def stop(self) -> None:
         self._stopping = True
@@ -76,6 +79,7 @@ class ReconcileWorker:
             except DATABASE_DOWN as exc:
                 log.warning("reconcile worker: database unavailable: %r", exc)
                 await self._pool.expire_connections()
+                await self._fence_if_leases_lapsed()
             except Exception:
                 log.exception("reconcile worker: poll failed")
             if self._stopping:
@@ -85,31 +89,46 @@ class ReconcileWorker:
 
     async def _tick(self) -> None:
         async with self._pool.acquire() as conn:
-            if self._running:
-                await reconciles.renew_leases(conn, self.owner, self._lease_s, list(self._running))
-            free = self._concurrency - len(self._running)
-            claims = (
-                await reconciles.claim_due(
-                    conn, self.owner, self._lease_s, free, list(self._running)
+            if self._jobs:
+                held = await reconciles.renew_leases(
+                    conn, self.owner, self._lease_s, list(self._jobs)
                 )
+                await self._stop_runs(set(self._jobs) - held, "its lease was taken over")
+            self._leases_renewed_at = time.monotonic()
+            free = self._concurrency - len(self._jobs)
+            claims = (
+                await reconciles.claim_due(conn, self.owner, self._lease_s, free, list(self._jobs))
                 if free > 0
                 else []
             )
         for claim in claims:
-            self._running.add(claim.id)
-            job = self._run(claim)
+            run = self._run(claim)
             try:
-                await self._scheduler.spawn(job, name=f"reconcile-{claim.id}")
+                self._jobs[claim.id] = await self._scheduler.spawn(
+                    run, name=f"reconcile-{claim.id}"
+                )
             except BaseException:
                 # Not started: the claim's lease lapses and another poll takes the run over.
-                job.close()
-                self._running.discard(claim.id)
+                run.close()
                 raise
+
+    async def _fence_if_leases_lapsed(self) -> None:
+        """Unable to renew for a whole lease, this process must assume others took its runs
+        over: stop them, so that no workspace ever gets two reconciles at once."""
+        if time.monotonic() - self._leases_renewed_at >= self._lease_s:
+            await self._stop_runs(set(self._jobs), "its lease could not be renewed")
+
+    async def _stop_runs(self, ids: set[uuid.UUID], why: str) -> None:
+        for reconcile_id in ids:
+            job = self._jobs.pop(reconcile_id, None)
+            if job is not None:
+                log.warning("reconcile stopped: %s", why, extra={"reconcile_id": str(reconcile_id)})
+                await job.close()
 
     async def _run(self, claim: Claim) -> None:
         try:
             await self._reconciler.run(claim)
         finally:
-            self._running.discard(claim.id)
+            self._jobs.pop(claim.id, None)
             # A slot is free: more may be waiting.
             self._wakeup.set()
