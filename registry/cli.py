@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import dataclasses
+import gc
 import json
 import logging
 import os
@@ -236,6 +237,7 @@ def _serve(settings: Settings, dsn: str) -> None:
         settings.port,
         extra={"build": info},
     )
+    _tune_garbage_collector()
     web.run_app(
         create_app(settings, dsn),
         host=settings.host,
@@ -246,6 +248,15 @@ def _serve(settings: Settings, dsn: str) -> None:
         # SIGTERM: stop accepting, let in-flight requests finish within the grace period.
         shutdown_timeout=settings.shutdown_grace_s,
     )
+
+
+def _tune_garbage_collector() -> None:
+    """Fewer, cheaper collections: the heartbeat path allocates many short-lived objects and
+    each full collection walks every long-lived one (modules, settings, pools); frozen, those
+    are skipped. Collections were a source of tail latency under load."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(20_000, 20, 50)
 
 
 def main(argv: list[str] | None = None) -> int:
