@@ -36,7 +36,13 @@ def bearer_token(request: web.Request) -> str:
     header = request.headers.get("Authorization", "")
     scheme, _, token = header.partition(" ")
     token = token.strip()
-    if scheme.lower() != "bearer" or not token or len(token) > 512:
+    # Tokens are printable ASCII; anything else (e.g. bytes that are not UTF-8) matches nothing.
+    if (
+        scheme.lower() != "bearer"
+        or not token
+        or len(token) > 512
+        or not (token.isascii() and token.isprintable())
+    ):
         raise Unauthorized("missing or malformed Authorization: Bearer <token>")
     return token
 

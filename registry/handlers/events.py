@@ -16,6 +16,7 @@ from registry.jsonio import dumps, json_response
 from registry.keys import EVENT_HUB, POOL
 
 MAX_EVENTS_PAGE = 500
+MAX_EVENT_ID = 2**63 - 1  # event ids are PostgreSQL bigints
 # A comment line this often keeps proxies and load balancers from closing an idle stream.
 KEEPALIVE_S = 15.0
 
@@ -42,7 +43,7 @@ def _after(request: web.Request) -> int | None:
         value = int(raw)
     except ValueError:
         raise InvalidField("after / Last-Event-ID must be an event id", field="after") from None
-    if value < 0:
+    if not 0 <= value <= MAX_EVENT_ID:
         raise InvalidField("after / Last-Event-ID must be an event id", field="after")
     return value
 

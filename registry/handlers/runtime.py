@@ -94,7 +94,11 @@ def parse_register(body: v.Body, token_hash: bytes) -> Beat:
     if agent_card is not None and not isinstance(agent_card, dict):
         raise InvalidField("agent_card must be an object", field="agent_card")
     if agent_card is not None:
-        encoded = orjson.dumps(agent_card)
+        try:
+            encoded = orjson.dumps(agent_card)
+        except (orjson.JSONEncodeError, TypeError):
+            # orjson reads deeper nesting than it writes; such a card cannot be stored.
+            raise InvalidField("agent_card is nested too deeply", field="agent_card") from None
         if len(encoded) > MAX_AGENT_CARD_BYTES:
             raise InvalidField("agent_card is too large", field="agent_card")
         if b"\\u0000" in encoded:

@@ -1,0 +1,376 @@
+"""Who may call what: every route of the router against every kind of credential, token
+rotation, tokens kept out of the database and the logs, a constant-time admin check, and
+auth that fails closed when the database is unreachable."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import inspect
+import logging
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+import pytest
+import pytest_asyncio
+
+from registry import auth
+from registry.app import create_app
+from registry.auth import PUBLIC_ROUTES, WORKSPACE_TOKEN_ROUTES
+from registry.settings import Settings
+from tests.hostile_support import (
+    World,
+    assert_error,
+    database_down,
+    diff,
+    make_world,
+    router_routes,
+    shared_registry,
+    state,
+)
+from tests.support import ADMIN, ADMIN_TOKEN, Registry, Workspace, bearer, write_tree
+
+
+def _collected_routes() -> list[tuple[str, str, str]]:
+    """The router's table, read from an app that is built but never started (no I/O)."""
+    app = create_app(Settings(admin_token="collect-only"), "postgresql://collect-only/x")
+    return sorted(
+        (route.name or "", route.method, route.resource.canonical)
+        for route in app.router.routes()
+        if route.method != "HEAD" and route.resource is not None
+    )
+
+
+ROUTES = _collected_routes()
+CREDENTIALS = (
+    "none",
+    "malformed-scheme",
+    "malformed-empty",
+    "admin-token-without-scheme",
+    "wrong-token",
+    "own-workspace-token",
+    "other-workspace-token",
+    "admin-token",
+)
+
+
+def kind(name: str) -> str:
+    if name in PUBLIC_ROUTES:
+        return "public"
+    if name in WORKSPACE_TOKEN_ROUTES:
+        return "workspace"
+    return "admin"
+
+
+@pytest_asyncio.fixture(loop_scope="class", scope="class")
+async def shared(dsn: str, tmp_path_factory: pytest.TempPathFactory) -> AsyncIterator[Registry]:
+    async with shared_registry(dsn, tmp_path_factory.mktemp("auth")) as registry:
+        yield registry
+
+
+@pytest_asyncio.fixture(loop_scope="class", scope="class")
+async def world(shared: Registry) -> World:
+    return await make_world(shared, shared.settings.data_dir.parent / "sources")
+
+
+def credential_headers(credential: str, own: Workspace, other: Workspace) -> dict[str, str]:
+    return {
+        "none": {},
+        "malformed-scheme": {"Authorization": f"Token {own.token}"},
+        "malformed-empty": {"Authorization": "Bearer    "},
+        "admin-token-without-scheme": {"Authorization": ADMIN_TOKEN},
+        "wrong-token": bearer("rwt_" + "A" * 43),
+        "own-workspace-token": own.auth,
+        "other-workspace-token": other.auth,
+        "admin-token": ADMIN,
+    }[credential]
+
+
+def expected(route_kind: str, credential: str) -> int | None:
+    """The status the matrix demands; None: 'authorized' (anything but 401/403/5xx)."""
+    if route_kind == "public":
+        return 200
+    if route_kind == "workspace":
+        return {"own-workspace-token": 200, "other-workspace-token": 403}.get(credential, 401)
+    return None if credential == "admin-token" else 401
+
+
+# --- token rotation -------------------------------------------------------------------------
+
+
+# --- the admin-token comparison -------------------------------------------------------------
+
+
+def test_admin_check_compares_equal_length_digests_with_compare_digest() -> None:
+    source = inspect.getsource(auth.is_admin_token)
+
+    assert "hmac.compare_digest(" in source
+    assert "hash_token(token)" in source
+    assert "hash_token(admin_token)" in source
+    assert "==" not in source
+    lengths = {len(auth.hash_token("x" * n)) for n in (0, 1, 26, 27, 512, 4096)}
+    assert lengths == {hashlib.sha256().digest_size}
+    assert auth.is_admin_token(ADMIN_TOKEN, ADMIN_TOKEN)
+
+
+def _flip(char: str) -> str:
+    return "a" if char != "a" else "b"
+
+
+# --- fail closed ----------------------------------------------------------------------------
+
+
+@pytest.mark.asyncio(loop_scope="class")
+class TestMatrix:
+    """Every route against every credential, on one app shared by the class."""
+
+    async def test_the_live_router_is_the_collected_table_and_every_route_is_classified(
+        self,
+        world: World,
+    ) -> None:
+        live = sorted((r.name, r.method, r.path) for r in router_routes(world.registry))
+
+        assert live == ROUTES
+        names = {name for name, _, _ in ROUTES}
+        assert names >= PUBLIC_ROUTES
+        assert names >= WORKSPACE_TOKEN_ROUTES
+        assert not PUBLIC_ROUTES & WORKSPACE_TOKEN_ROUTES
+        assert all(name for name in names), "an unnamed route would skip the admin gate"
+        assert {
+            "get_healthz",
+            "get_readyz",
+            "get_buildinfo",
+            "get_openapi",
+            "get_metrics",
+        } == PUBLIC_ROUTES
+
+    @pytest.mark.parametrize("credential", CREDENTIALS)
+    @pytest.mark.parametrize(
+        ("name", "method", "path"), [pytest.param(*r, id=f"{r[1]}-{r[0]}") for r in ROUTES]
+    )
+    async def test_auth_matrix(
+        self, world: World, name: str, method: str, path: str, credential: str
+    ) -> None:
+        registry = world.registry
+        # A target of the test's own (online), so that an authorized call may change it freely.
+        own = await registry.create_workspace()
+        await registry.set_status(own, "online")
+        other = await registry.create_workspace()
+        route = next(r for r in router_routes(registry) if r.name == name)
+        body = world.valid_body(route)
+        if body is not None and "workspace_id" in body:
+            body["workspace_id"] = own.id
+        headers = credential_headers(credential, own, other)
+        want = expected(kind(name), credential)
+        before = await state(registry.db)
+
+        response = await registry.client.request(
+            method, world.fill(route, own.id), json=body, headers=headers
+        )
+        try:
+            if want is None:
+                assert response.status not in (401, 403), await response.text()
+                assert response.status < 500, await response.text()
+            elif want == 200:
+                assert response.status == 200, await response.text()
+            else:
+                code = "forbidden" if want == 403 else "unauthorized"
+                await assert_error(response, want, code)
+                assert diff(before, await state(registry.db)) == {}
+        finally:
+            response.close()  # GET /events answers an endless stream
+            if name == "get_events":
+                await asyncio.sleep(0.05)  # let the server finish the cancelled handler
+
+    @pytest.mark.parametrize("path", ["/registry/heartbeat", "/registry/register"])
+    async def test_rotation_invalidates_the_old_token_at_once(
+        self, world: World, path: str
+    ) -> None:
+        registry = world.registry
+        workspace = await registry.create_workspace()
+        await registry.heartbeat(workspace)
+
+        rotated = await registry.client.post(f"/workspaces/{workspace.id}/token", headers=ADMIN)
+        assert rotated.status == 200, await rotated.text()
+        new = Workspace(workspace.id, (await rotated.json())["token"])
+        assert new.token != workspace.token
+        before = await state(registry.db)
+        old_answer = await registry.client.post(
+            path, json={"workspace_id": workspace.id}, headers=workspace.auth
+        )
+
+        await assert_error(old_answer, 401, "unauthorized")
+        assert diff(before, await state(registry.db)) == {}
+        new_answer = await registry.client.post(
+            path, json={"workspace_id": workspace.id}, headers=new.auth
+        )
+        assert new_answer.status == 200, await new_answer.text()
+
+    async def test_a_second_rotation_invalidates_the_first_rotated_token(
+        self, world: World
+    ) -> None:
+        registry = world.registry
+        workspace = await registry.create_workspace()
+        tokens = [workspace.token]
+        for _ in range(2):
+            response = await registry.client.post(
+                f"/workspaces/{workspace.id}/token", headers=ADMIN
+            )
+            tokens.append((await response.json())["token"])
+
+        for token in tokens[:-1]:
+            response = await registry.client.post(
+                "/registry/heartbeat", json={"workspace_id": workspace.id}, headers=bearer(token)
+            )
+            await assert_error(response, 401, "unauthorized")
+        await registry.heartbeat(Workspace(workspace.id, tokens[-1]))
+
+    async def test_near_miss_admin_tokens_are_refused_alike(self, world: World) -> None:
+        near_misses = {
+            "first-char": _flip(ADMIN_TOKEN[0]) + ADMIN_TOKEN[1:],
+            "last-char": ADMIN_TOKEN[:-1] + _flip(ADMIN_TOKEN[-1]),
+            "prefix": ADMIN_TOKEN[:-1],
+            "extended": ADMIN_TOKEN + "0",
+            "upper-case": ADMIN_TOKEN.upper(),
+        }
+        answers = {}
+        for label, token in near_misses.items():
+            response = await world.registry.client.get("/workspaces", headers=bearer(token))
+            answers[label] = (response.status, await assert_error(response, 401, "unauthorized"))
+
+        assert len({repr(answer) for answer in answers.values()}) == 1, answers
+        for label, token in near_misses.items():
+            assert not auth.is_admin_token(token, ADMIN_TOKEN), label
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [
+        pytest.param(ConnectionRefusedError("down (test)"), id="connection-refused"),
+        pytest.param(TimeoutError(), id="checkout-timeout"),
+        pytest.param(asyncpg.exceptions.CannotConnectNowError("starting up"), id="starting-up"),
+        pytest.param(asyncpg.exceptions.InterfaceError("pool is closed"), id="pool-closed"),
+    ],
+)
+async def test_auth_fails_closed_when_the_database_is_unreachable(
+    registry: Registry, monkeypatch: pytest.MonkeyPatch, failure: BaseException
+) -> None:
+    workspace = await registry.create_workspace()
+    other = await registry.create_workspace()
+    client = registry.client
+    beat = {"workspace_id": workspace.id}
+
+    with database_down(monkeypatch, failure):
+        own = await client.post("/registry/heartbeat", json=beat, headers=workspace.auth)
+        stolen = await client.post("/registry/heartbeat", json=beat, headers=other.auth)
+        forged = await client.post("/registry/register", json=beat, headers=bearer("rwt_forged"))
+        admin = await client.get(f"/workspaces/{workspace.id}", headers=ADMIN)
+        anonymous = await client.get(f"/workspaces/{workspace.id}")
+        for response in (own, stolen, forged, admin):
+            await assert_error(response, 503, "database_unavailable")
+            assert int(response.headers["Retry-After"]) > 0
+        # The admin gate needs no database: a missing token is still a 401, never a pass.
+        await assert_error(anonymous, 401, "unauthorized")
+
+    row = await registry.db.fetchrow(
+        "SELECT status, last_heartbeat_at FROM workspaces WHERE id = $1", uuid.UUID(workspace.id)
+    )
+    assert (row["status"], row["last_heartbeat_at"]) == ("provisioning", None)
+    await registry.heartbeat(workspace)  # and it recovers by itself
+
+
+# --- tokens never kept in clear, never logged -----------------------------------------------
+
+
+async def full_workflow(registry: Registry, plugin_sources: Path) -> list[str]:
+    """Everything a token goes through, errors included; returns every token issued."""
+    plugin = write_tree(plugin_sources / "p", {"p.py": "print('p')\n"})
+    client = registry.client
+    first = await registry.create_workspace(
+        [{"source": f"file://{plugin}"}], url="http://127.0.0.1:9"
+    )
+    second = await registry.create_workspace()
+    await registry.heartbeat(first, error_rate=0.1, sample_error="boom", plugins=[])
+    await client.post(
+        "/registry/register",
+        json={"workspace_id": first.id, "url": "http://127.0.0.1:9", "agent_card": {"n": 1}},
+        headers=first.auth,
+    )
+    await registry.settled(first)
+    rotated = await client.post(f"/workspaces/{first.id}/token", headers=ADMIN)
+    new_token = (await rotated.json())["token"]
+    # Refused requests of every kind, each carrying a token.
+    for headers, body in [
+        (first.auth, {"workspace_id": first.id}),  # rotated away: 401
+        (second.auth, {"workspace_id": first.id}),  # another workspace's: 403
+        (bearer(new_token), {"workspace_id": first.id, "error_rate": 7}),  # 400
+        (bearer(new_token), b"{not json"),  # 400
+        (bearer(new_token + "x"), {"workspace_id": first.id}),  # 401
+    ]:
+        kwargs: dict[str, Any] = {"data": body} if isinstance(body, bytes) else {"json": body}
+        response = await client.post("/registry/heartbeat", headers=headers, **kwargs)
+        assert 400 <= response.status < 500
+    for headers in (bearer(new_token), bearer(ADMIN_TOKEN + "x"), {"Authorization": ADMIN_TOKEN}):
+        response = await client.get("/workspaces", headers=headers)
+        assert response.status == 401
+    await client.post(f"/workspaces/{second.id}/pause", headers=ADMIN)
+    await client.post(f"/workspaces/{second.id}/resume", headers=ADMIN)
+    await client.post(f"/internal/workspaces/{first.id}/reconcile", json={}, headers=ADMIN)
+    await client.post("/internal/plugins/reconcile", json={"name": "p"}, headers=ADMIN)
+    await client.get(f"/workspaces/{first.id}/events", headers=ADMIN)
+    await client.delete(f"/workspaces/{second.id}", headers=ADMIN)
+    gone = await client.post(
+        "/registry/heartbeat", json={"workspace_id": second.id}, headers=second.auth
+    )
+    assert gone.status == 410
+    await registry.settled(first)
+    return [first.token, second.token, new_token, ADMIN_TOKEN]
+
+
+TEXTUAL_TYPES = ("text", "character varying", "character", "json", "jsonb", "bytea", "ARRAY")
+
+
+async def test_the_database_keeps_no_token_in_clear(
+    registry: Registry, plugin_sources: Path
+) -> None:
+    tokens = await full_workflow(registry, plugin_sources)
+    columns = await registry.db.fetch(
+        "SELECT table_name, column_name, data_type FROM information_schema.columns "
+        "WHERE table_schema = 'public' AND data_type = ANY($1::text[])",
+        list(TEXTUAL_TYPES),
+    )
+    assert {c["table_name"] for c in columns} >= {"workspaces", "workspace_events"}
+
+    found = []
+    for column in columns:
+        table, name = column["table_name"], column["column_name"]
+        if column["data_type"] == "bytea":
+            predicate = f"position(convert_to($1, 'UTF8') in \"{name}\") > 0"
+        else:
+            predicate = f'strpos("{name}"::text, $1) > 0'
+        for token in tokens:
+            for needle in (token, token.removeprefix(auth.WORKSPACE_TOKEN_PREFIX)):
+                hits = await registry.db.fetchval(
+                    f'SELECT count(*) FROM "{table}" WHERE {predicate}', needle
+                )
+                if hits:
+                    found.append((table, name, needle[:8]))
+
+    assert found == []
+
+
+async def test_tokens_never_reach_the_logs(
+    registry: Registry, plugin_sources: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG)
+
+    tokens = await full_workflow(registry, plugin_sources)
+
+    assert caplog.records, "the workflow logged nothing: the check would prove nothing"
+    for record in caplog.records:
+        rendered = f"{record.getMessage()} {record.__dict__!r}"
+        for token in tokens:
+            assert token not in rendered, f"{record.name}: {record.getMessage()}"
