@@ -174,25 +174,6 @@ async def forget_installed(conn: Connection, workspace_id: uuid.UUID, name: str)
     await conn.execute(DELETE_INSTALLED, workspace_id, name)
 
 
-SELECT_PENDING_ACTIONS = """
-SELECT id, type, reason, created_at FROM workspace_actions
-WHERE workspace_id = $1 AND acked_at IS NULL ORDER BY created_at
-"""
-
-
-@dataclass(frozen=True, slots=True)
-class Action:
-    id: uuid.UUID
-    type: str
-    reason: str
-    created_at: datetime
-
-
-async def pending_actions(conn: Connection, workspace_id: uuid.UUID) -> list[Action]:
-    rows = await conn.fetch(SELECT_PENDING_ACTIONS, workspace_id)
-    return [Action(r["id"], r["type"], r["reason"], r["created_at"]) for r in rows]
-
-
 # Keyset pagination on id: stable under inserts, one index range scan per page.
 SELECT_PAGE = f"""
 SELECT {WORKSPACE_COLUMNS} FROM workspaces
