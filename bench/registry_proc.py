@@ -50,29 +50,33 @@ class RegistryProcess:
                 raise RuntimeError(f"registry did not start:\n{self.log_path.read_text()}")
             time.sleep(0.1)
 
-    def stop(self, within_s: float = 20.0) -> None:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        try:
-            self.process.wait(within_s)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+    def stop(self, within_s: float = 20.0) -> int:
+        return stop_process(self.process, within_s)
 
 
-def start(dsn: str, work_dir: Path, env: dict[str, str]) -> RegistryProcess:
+def stop_process(process: subprocess.Popen[bytes], within_s: float = 20.0) -> int:
+    """SIGTERM (the graceful path), then SIGKILL if it does not exit in time."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+    try:
+        return process.wait(within_s)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        return process.wait()
+
+
+def spawn(
+    dsn: str, work_dir: Path, env: dict[str, str]
+) -> tuple[subprocess.Popen[bytes], str, Path]:
+    """`python -m registry serve` on a free port; returns the process, its URL and its log.
+    The benchmark and the tests start registries this one way."""
     port = free_port()
     log_path = work_dir / f"registry-{port}.log"
     environment = {
         **os.environ,
         "REGISTRY_DSN": dsn,
         "REGISTRY_PORT": str(port),
-        "REGISTRY_ADMIN_TOKEN": ADMIN_TOKEN,
         "REGISTRY_DATA_DIR": str(work_dir / "data"),
-        "REGISTRY_LOG_FORMAT": "text",
-        # Warnings still show (a failed batch, a sweep error); info lines are not per request
-        # anyway, but keep the log quiet so it costs nothing.
-        "REGISTRY_LOG_LEVEL": "warning",
         **env,
     }
     with log_path.open("wb") as log:
@@ -82,7 +86,18 @@ def start(dsn: str, work_dir: Path, env: dict[str, str]) -> RegistryProcess:
             stdout=log,
             stderr=subprocess.STDOUT,
         )
-    return RegistryProcess(process, f"http://127.0.0.1:{port}", log_path)
+    return process, f"http://127.0.0.1:{port}", log_path
+
+
+def start(dsn: str, work_dir: Path, env: dict[str, str]) -> RegistryProcess:
+    quiet = {
+        "REGISTRY_ADMIN_TOKEN": ADMIN_TOKEN,
+        "REGISTRY_LOG_FORMAT": "text",
+        # Warnings still show (a failed batch, a sweep error); info lines are not per request
+        # anyway, but keep the log quiet so it costs nothing.
+        "REGISTRY_LOG_LEVEL": "warning",
+    }
+    return RegistryProcess(*spawn(dsn, work_dir, {**quiet, **env}))
 
 
 def start_many(dsn: str, work_dir: Path, env: dict[str, str], count: int) -> list[RegistryProcess]:

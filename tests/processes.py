@@ -3,25 +3,17 @@
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
-import socket
 import subprocess
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
 
+from bench.registry_proc import free_port, spawn, stop_process
 from tests.support import ADMIN_TOKEN
 
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port: int = probe.getsockname()[1]
-        return port
+__all__ = ["RegistryProcess", "free_port", "start_registry"]
 
 
 @dataclass
@@ -51,31 +43,10 @@ class RegistryProcess:
         self.process.send_signal(signum)
 
     def stop(self, within_s: float = 20.0) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        try:
-            return self.process.wait(within_s)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            return self.process.wait()
+        return stop_process(self.process, within_s)
 
 
 def start_registry(dsn: str, work_dir: Path, env: dict[str, str] | None = None) -> RegistryProcess:
-    port = free_port()
-    log_path = work_dir / f"registry-{port}.log"
-    environment = {
-        **os.environ,
-        "REGISTRY_DSN": dsn,
-        "REGISTRY_PORT": str(port),
-        "REGISTRY_ADMIN_TOKEN": ADMIN_TOKEN,
-        "REGISTRY_DATA_DIR": str(work_dir / "data"),
-        **(env or {}),
-    }
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "registry", "serve"],
-            env=environment,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-        )
-    return RegistryProcess(process, f"http://127.0.0.1:{port}", log_path)
+    return RegistryProcess(
+        *spawn(dsn, work_dir, {"REGISTRY_ADMIN_TOKEN": ADMIN_TOKEN, **(env or {})})
+    )
