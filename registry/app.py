@@ -14,13 +14,12 @@ from registry.db.pool import create_heartbeat_pool, create_pool
 from registry.db.reconciles import RestartBudget
 from registry.errors import DATABASE_DOWN, Handler, error_middleware
 from registry.events import EventHub
-from registry.handlers.workspaces import source_settings
 from registry.ingest import HeartbeatIngest
-from registry.keys import DSN, EVENT_HUB, INGEST, METRICS, POOL, RECONCILER, SCHEDULER, SETTINGS
+from registry.keys import DSN, EVENT_HUB, INGEST, METRICS, POOL, RECONCILER, SETTINGS, SOURCES
 from registry.liveness import LivenessSweeper
 from registry.logs import echo_request_id, request_id_middleware
 from registry.metrics import Metrics
-from registry.plugins import FetchLimits
+from registry.plugins import FetchLimits, SourceSettings
 from registry.reconcile.runner import ReconcileConfig, Reconciler
 from registry.reconcile.worker import ReconcileWorker, new_owner_id
 from registry.routes import setup_routes
@@ -62,6 +61,7 @@ def create_app(settings: Settings, dsn: str) -> web.Application:
     app[SETTINGS] = settings
     app[DSN] = dsn
     app[METRICS] = Metrics()
+    app[SOURCES] = source_settings(settings)
     app.on_response_prepare.append(echo_request_id)
     setup_routes(app)
     # Dependency order: the pool first, background work last, so jobs drain before the
@@ -89,10 +89,18 @@ async def _database(app: web.Application) -> AsyncIterator[None]:
     await pool.close()
 
 
-def reconcile_config(settings: Settings) -> ReconcileConfig:
+def source_settings(settings: Settings) -> SourceSettings:
+    return SourceSettings(
+        github_base=settings.github_base,
+        gitea_scheme=settings.gitea_scheme,
+        allowlist=settings.plugin_allowlist,
+    )
+
+
+def reconcile_config(settings: Settings, sources: SourceSettings) -> ReconcileConfig:
     return ReconcileConfig(
         plugins_dir=settings.resolved_plugins_dir,
-        sources=source_settings(settings),
+        sources=sources,
         limits=FetchLimits(
             max_bytes=settings.fetch_max_bytes,
             max_files=settings.fetch_max_files,
@@ -116,7 +124,9 @@ async def _background(app: web.Application) -> AsyncIterator[None]:
     worker = ReconcileWorker(
         pool,
         scheduler,
-        Reconciler(pool, scheduler, http, reconcile_config(settings), owner, app[METRICS]),
+        Reconciler(
+            pool, scheduler, http, reconcile_config(settings, app[SOURCES]), owner, app[METRICS]
+        ),
         owner=owner,
         concurrency=settings.reconcile_concurrency,
         poll_s=settings.reconcile_poll_s,
@@ -124,7 +134,6 @@ async def _background(app: web.Application) -> AsyncIterator[None]:
     )
     sweeper = LivenessSweeper(pool, settings, app[METRICS])
     hub = EventHub(pool, app[DSN])
-    app[SCHEDULER] = scheduler
     app[RECONCILER] = worker
     app[EVENT_HUB] = hub
     loops = [

@@ -2,20 +2,21 @@
 
 from __future__ import annotations
 
-import aiojobs
 import asyncpg
 from aiohttp import web
 
 from registry.events import EventHub
 from registry.ingest import HeartbeatIngest
 from registry.metrics import Metrics
+from registry.plugins import SourceSettings
 from registry.reconcile.worker import ReconcileWorker
 from registry.settings import Settings
 
 SETTINGS = web.AppKey("settings", Settings)
 DSN = web.AppKey("dsn", str)
 POOL = web.AppKey("pool", asyncpg.Pool)
-SCHEDULER = web.AppKey("scheduler", aiojobs.Scheduler)
+# The plugin-source policy (schemes, bases, allowlist), built once from the settings.
+SOURCES = web.AppKey("sources", SourceSettings)
 RECONCILER = web.AppKey("reconciler", ReconcileWorker)
 EVENT_HUB = web.AppKey("event_hub", EventHub)
 METRICS = web.AppKey("metrics", Metrics)

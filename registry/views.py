@@ -153,13 +153,7 @@ def workspace_view(
 ) -> dict[str, Any]:
     sync = plugins_sync(declared, installed, workspace.observed_plugins, last)
     return {
-        "id": workspace.id,
-        "name": workspace.name,
-        "status": workspace.status.value,
-        "status_changed_at": workspace.status_changed_at,
-        "created_at": workspace.created_at,
-        "delivery": workspace.delivery,
-        "url": workspace.url,
+        **_identity(workspace),
         "agent_card": workspace.agent_card,
         "heartbeat": {
             "last_heartbeat_at": workspace.last_heartbeat_at,
@@ -185,6 +179,11 @@ def workspace_view(
 
 def workspace_summary(workspace: Workspace) -> dict[str, Any]:
     """The short form used in lists."""
+    return {**_identity(workspace), "last_heartbeat_at": workspace.last_heartbeat_at}
+
+
+def _identity(workspace: Workspace) -> dict[str, Any]:
+    """What every rendering of a workspace starts with."""
     return {
         "id": workspace.id,
         "name": workspace.name,
@@ -193,5 +192,4 @@ def workspace_summary(workspace: Workspace) -> dict[str, Any]:
         "created_at": workspace.created_at,
         "delivery": workspace.delivery,
         "url": workspace.url,
-        "last_heartbeat_at": workspace.last_heartbeat_at,
     }

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import uuid
+from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
 from registry import validation as v
 from registry.auth import hash_token, new_workspace_token
-from registry.db import reconciles, transitions, workspaces
+from registry.db import Connection, reconciles, transitions, workspaces
 from registry.db.transitions import TransitionResult
 from registry.errors import Conflict, workspace_not_found, workspace_removed
 from registry.handlers.workspaces import workspace_response
@@ -17,64 +18,74 @@ from registry.keys import METRICS, POOL
 from registry.statuses import Status
 
 
-def _count(request: web.Request, result: TransitionResult, to: Status, cause: str) -> None:
+async def _operator_transition(
+    request: web.Request,
+    to: Status,
+    cause: str,
+    *,
+    only_from: frozenset[Status] | None = None,
+    also: Callable[[Connection, uuid.UUID], Awaitable[None]] | None = None,
+) -> uuid.UUID:
+    """Move the workspace of the path to `to` (idempotent when it is there already), run
+    `also` in the same transaction, and count the change once it committed."""
+    workspace_id = v.path_uuid(request)
+    async with request.app[POOL].acquire() as conn, conn.transaction():
+        result = await transitions.transition(
+            conn, workspace_id, to, cause=cause, actor="admin", only_from=only_from
+        )
+        _check(result, workspace_id, to, only_from)
+        if also is not None:
+            await also(conn, workspace_id)
     if result.changed and result.previous is not None:
         request.app[METRICS].transitions.labels(result.previous.value, to.value, cause).inc()
+    return workspace_id
 
 
-def _check(result: TransitionResult, workspace_id: uuid.UUID, to: Status) -> None:
+def _check(
+    result: TransitionResult,
+    workspace_id: uuid.UUID,
+    to: Status,
+    only_from: frozenset[Status] | None,
+) -> None:
     if result.previous is None:
         raise workspace_not_found(workspace_id)
     if result.previous is Status.REMOVED and to is not Status.REMOVED:
         raise workspace_removed()
-    if not result.changed and result.previous is not to:
+    if result.changed or (result.previous is to and only_from is None):
+        return
+    if only_from is not None:
+        allowed = sorted(s.value for s in only_from)
         raise Conflict(
-            f"workspace is {result.previous.value}; it cannot become {to.value}",
-            code="illegal_transition",
+            f"workspace is {result.previous.value}, not {' or '.join(allowed)}",
+            code=f"not_{'_or_'.join(allowed)}",
         )
+    raise Conflict(
+        f"workspace is {result.previous.value}; it cannot become {to.value}",
+        code="illegal_transition",
+    )
 
 
 async def post_pause(request: web.Request) -> web.Response:
     """Hold the workspace: heartbeats are still recorded but never promote it."""
-    workspace_id = v.path_uuid(request)
-    async with request.app[POOL].acquire() as conn, conn.transaction():
-        result = await transitions.transition(
-            conn, workspace_id, Status.PAUSED, cause="paused", actor="admin"
-        )
-        _check(result, workspace_id, Status.PAUSED)
-    _count(request, result, Status.PAUSED, "paused")
+    workspace_id = await _operator_transition(request, Status.PAUSED, "paused")
     return await workspace_response(request, workspace_id)
 
 
 async def post_resume(request: web.Request) -> web.Response:
     """Release the hold. The workspace is `offline` until its next heartbeat promotes it."""
-    workspace_id = v.path_uuid(request)
-    async with request.app[POOL].acquire() as conn, conn.transaction():
-        result = await transitions.transition(
-            conn,
-            workspace_id,
-            Status.OFFLINE,
-            cause="resumed",
-            actor="admin",
-            only_from=frozenset({Status.PAUSED}),
-        )
-        if result.previous not in (None, Status.REMOVED) and not result.changed:
-            raise Conflict(f"workspace is {result.previous.value}, not paused", code="not_paused")
-        _check(result, workspace_id, Status.OFFLINE)
-    _count(request, result, Status.OFFLINE, "resumed")
+    workspace_id = await _operator_transition(
+        request, Status.OFFLINE, "resumed", only_from=frozenset({Status.PAUSED})
+    )
     return await workspace_response(request, workspace_id)
+
+
+async def _end_queued_reconciles(conn: Connection, workspace_id: uuid.UUID) -> None:
+    await reconciles.cancel_queued(conn, workspace_id, "workspace was removed")
 
 
 async def delete_workspace(request: web.Request) -> web.Response:
     """Tombstone the workspace: its runtime gets 410 from now on; queued reconciles end."""
-    workspace_id = v.path_uuid(request)
-    async with request.app[POOL].acquire() as conn, conn.transaction():
-        result = await transitions.transition(
-            conn, workspace_id, Status.REMOVED, cause="removed", actor="admin"
-        )
-        _check(result, workspace_id, Status.REMOVED)
-        await reconciles.cancel_queued(conn, workspace_id, "workspace was removed")
-    _count(request, result, Status.REMOVED, "removed")
+    await _operator_transition(request, Status.REMOVED, "removed", also=_end_queued_reconciles)
     return web.Response(status=204)
 
 

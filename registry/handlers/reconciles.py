@@ -7,9 +7,9 @@ from aiohttp import web
 from registry import validation as v
 from registry.db import reconciles, workspaces
 from registry.errors import Conflict, InvalidField, NotFound, workspace_not_found
-from registry.handlers.workspaces import lock_existing_workspace, source_settings
+from registry.handlers.workspaces import lock_existing_workspace
 from registry.jsonio import json_response
-from registry.keys import POOL, RECONCILER, SETTINGS
+from registry.keys import POOL, RECONCILER, SOURCES
 from registry.plugins import PluginError, parse_source
 from registry.statuses import LIVE, LIVE_STATUSES
 from registry.views import reconcile_view
@@ -54,7 +54,7 @@ async def post_plugins_reconcile(request: web.Request) -> web.Response:
     source = None
     if raw_source is not None:
         try:
-            source = parse_source(raw_source, source_settings(request.app[SETTINGS])).raw
+            source = parse_source(raw_source, request.app[SOURCES]).raw
         except PluginError as exc:
             raise InvalidField(exc.message, field="source", code=exc.code) from None
     async with request.app[POOL].acquire() as conn:

@@ -18,7 +18,7 @@ from registry.errors import (
     workspace_removed,
 )
 from registry.jsonio import json_response
-from registry.keys import POOL, RECONCILER, SETTINGS
+from registry.keys import POOL, RECONCILER, SETTINGS, SOURCES
 from registry.plugins import (
     PluginError,
     SourceDenied,
@@ -36,14 +36,6 @@ CREATE_FIELDS = frozenset({"name", "url", "delivery", "plugins"})
 DELIVERY_MODES = ("filesystem", "http")
 MAX_DECLARED_PLUGINS = 100
 MAX_SOURCE_LENGTH = 2048
-
-
-def source_settings(settings: Settings) -> SourceSettings:
-    return SourceSettings(
-        github_base=settings.github_base,
-        gitea_scheme=settings.gitea_scheme,
-        allowlist=settings.plugin_allowlist,
-    )
 
 
 def parse_declared_plugins(body: v.Body, sources: SourceSettings) -> list[DeclaredPlugin]:
@@ -80,7 +72,7 @@ async def post_workspaces(request: web.Request) -> web.Response:
         raise InvalidField("name is required", field="name", code="missing_field")
     delivery = v.choice(body, "delivery", "filesystem", DELIVERY_MODES)
     url = v.http_url(body, "url")
-    plugins = parse_declared_plugins(body, source_settings(request.app[SETTINGS]))
+    plugins = parse_declared_plugins(body, request.app[SOURCES])
     token = new_workspace_token()
     async with request.app[POOL].acquire() as conn:
         workspace = await workspaces.create_workspace(
@@ -158,7 +150,7 @@ async def put_workspace_plugins(request: web.Request) -> web.Response:
     body = await v.read_json_object(request)
     v.reject_unknown_fields(body, ("plugins",))
     v.required(body, "plugins")
-    plugins = parse_declared_plugins(body, source_settings(request.app[SETTINGS]))
+    plugins = parse_declared_plugins(body, request.app[SOURCES])
     queued = False
     async with request.app[POOL].acquire() as conn:
         async with conn.transaction():
