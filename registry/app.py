@@ -15,7 +15,17 @@ from registry.db.reconciles import RestartBudget
 from registry.errors import DATABASE_DOWN, Handler, error_middleware
 from registry.events import EventHub
 from registry.ingest import HeartbeatIngest
-from registry.keys import DSN, EVENT_HUB, INGEST, METRICS, POOL, RECONCILER, SETTINGS, SOURCES
+from registry.keys import (
+    DSN,
+    EVENT_HUB,
+    IGNORED_FIELDS,
+    INGEST,
+    METRICS,
+    POOL,
+    RECONCILER,
+    SETTINGS,
+    SOURCES,
+)
 from registry.liveness import LivenessSweeper
 from registry.logs import echo_request_id, request_id_middleware
 from registry.metrics import Metrics
@@ -24,6 +34,7 @@ from registry.reconcile.runner import ReconcileConfig, Reconciler
 from registry.reconcile.worker import ReconcileWorker, new_owner_id
 from registry.routes import setup_routes
 from registry.settings import Settings
+from registry.tolerance import IgnoredFieldReporter
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +72,7 @@ def create_app(settings: Settings, dsn: str) -> web.Application:
     app[SETTINGS] = settings
     app[DSN] = dsn
     app[METRICS] = Metrics()
+    app[IGNORED_FIELDS] = IgnoredFieldReporter(app[METRICS])
     app[SOURCES] = source_settings(settings)
     app.on_response_prepare.append(echo_request_id)
     setup_routes(app)

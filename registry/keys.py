@@ -11,6 +11,7 @@ from registry.metrics import Metrics
 from registry.plugins import SourceSettings
 from registry.reconcile.worker import ReconcileWorker
 from registry.settings import Settings
+from registry.tolerance import IgnoredFieldReporter
 
 SETTINGS = web.AppKey("settings", Settings)
 DSN = web.AppKey("dsn", str)
@@ -21,3 +22,4 @@ RECONCILER = web.AppKey("reconciler", ReconcileWorker)
 EVENT_HUB = web.AppKey("event_hub", EventHub)
 METRICS = web.AppKey("metrics", Metrics)
 INGEST = web.AppKey("ingest", HeartbeatIngest)
+IGNORED_FIELDS = web.AppKey("ignored_fields", IgnoredFieldReporter)

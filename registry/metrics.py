@@ -26,6 +26,13 @@ class Metrics:
             buckets=FAST_BUCKETS,
             registry=r,
         )
+        self.ignored_fields = Counter(
+            "registry_runtime_ignored_fields",
+            "Unknown fields runtimes sent and the registry ignored, by route and field name "
+            "(names outside a known list are counted as `other`).",
+            ["kind", "field"],
+            registry=r,
+        )
         self.heartbeat_batch_size = Histogram(
             "registry_heartbeat_batch_size",
             "Beats applied by one heartbeat statement.",

@@ -34,6 +34,14 @@ def reject_unknown_fields(body: Body, allowed: Iterable[str]) -> None:
         raise InvalidField(f"unknown field: {unknown[0]}", field=unknown[0], code="unknown_field")
 
 
+def unknown_fields(body: Body, known: frozenset[str]) -> list[str]:
+    """The fields of `body` outside `known`, sorted: what a tolerant reader ignores."""
+    # The common case (nothing unknown) costs one subset test.
+    if body.keys() <= known:
+        return []
+    return sorted(body.keys() - known)
+
+
 def parse_uuid(value: object, field: str) -> uuid.UUID:
     if not isinstance(value, str):
         raise InvalidField(f"{field} must be a UUID string", field=field)
@@ -72,10 +80,21 @@ def number(body: Body, field: str, default: float, *, minimum: float, maximum: f
     return value
 
 
-def integer(body: Body, field: str, default: int, *, minimum: int, maximum: int) -> int:
+def integer(
+    body: Body,
+    field: str,
+    default: int,
+    *,
+    minimum: int,
+    maximum: int,
+    integral_floats: bool = False,
+) -> int:
     value = body.get(field, default)
     if value is None:
         return default
+    # Runtimes written in languages without an integer type send `3.0`; it means 3.
+    if integral_floats and isinstance(value, float) and value.is_integer():
+        value = int(value)
     if isinstance(value, bool) or not isinstance(value, int):
         raise InvalidField(f"{field} must be an integer", field=field)
     if not minimum <= value <= maximum:

@@ -67,7 +67,7 @@ async def assert_error(response: Any, status: int, code: str, field: str | None 
             {"plugins": [{"sha": "x"}]}, 400, "invalid_field", "plugins", id="plugin-name"
         ),
         pytest.param({"acks": ["not-a-uuid"]}, 400, "invalid_field", "acks", id="bad-ack"),
-        pytest.param({"colour": "red"}, 400, "unknown_field", "colour", id="unknown-field"),
+        pytest.param({"active_tasks": 3.5}, 400, "invalid_field", "active_tasks", id="tasks-3.5"),
     ],
 )
 async def test_bad_heartbeat_is_400_and_changes_nothing(

@@ -395,14 +395,6 @@ FIELD_CASES = [
         "invalid_field",
         "acks",
     ),
-    bad(
-        "post_heartbeat",
-        "unknown-__proto__",
-        {"workspace_id": W, "__proto__": {}},
-        400,
-        "unknown_field",
-        "__proto__",
-    ),
     # Register.
     bad(
         "post_register",

@@ -6,6 +6,7 @@ import random
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import orjson
@@ -16,7 +17,7 @@ from registry.auth import bearer_token, hash_token
 from registry.db.heartbeats import Beat, BeatResult, workspace_for_token
 from registry.errors import ApiError, Forbidden, Gone, InvalidField, Unauthorized
 from registry.jsonio import json_response
-from registry.keys import INGEST, METRICS, POOL, RECONCILER, SETTINGS
+from registry.keys import IGNORED_FIELDS, INGEST, METRICS, POOL, RECONCILER, SETTINGS
 from registry.statuses import Health, Status, classify_heartbeat
 
 HEARTBEAT_FIELDS = frozenset(
@@ -33,7 +34,7 @@ HEARTBEAT_FIELDS = frozenset(
         "acks",
     }
 )
-REGISTER_FIELDS = frozenset({"workspace_id", "url", "agent_card"})
+REGISTER_FIELDS = frozenset({"workspace_id", "id", "url", "agent_card"})
 
 # Bounds that no real runtime reaches; they keep garbage and abuse out of the table.
 MAX_OBSERVED_PLUGINS = 500
@@ -41,14 +42,28 @@ MAX_ACKS = 100
 MAX_AGENT_CARD_BYTES = 32 * 1024
 
 
-def _observed_plugins(body: v.Body) -> list[dict[str, str]] | None:
+PLUGIN_FIELDS = frozenset({"name", "sha"})
+
+
+@dataclass(frozen=True, slots=True)
+class Parsed:
+    """A validated beat and the unknown fields the tolerant reader ignored (`plugins.x`
+    for a field inside an item of `plugins`)."""
+
+    beat: Beat
+    ignored: list[str]
+
+
+def _observed_plugins(body: v.Body, ignored: list[str]) -> list[dict[str, str]] | None:
     items = v.array(body, "plugins", max_items=MAX_OBSERVED_PLUGINS)
     if items is None:
         return None
     observed = []
     for item in items:
         entry = v.item_object(item, "plugins")
-        v.reject_unknown_fields(entry, ("name", "sha"))
+        for name in v.unknown_fields(entry, PLUGIN_FIELDS):
+            if f"plugins.{name}" not in ignored:
+                ignored.append(f"plugins.{name}")
         observed.append(
             {
                 "name": v.text(entry, "name", "", max_length=128) or _missing("plugins"),
@@ -67,28 +82,45 @@ def _acks(body: v.Body) -> list[uuid.UUID]:
     return [v.parse_uuid(item, "acks") for item in items]
 
 
-def parse_heartbeat(body: v.Body, token_hash: bytes) -> Beat:
-    v.reject_unknown_fields(body, HEARTBEAT_FIELDS)
+def parse_heartbeat(body: v.Body, token_hash: bytes) -> Parsed:
+    # Liberal in what it accepts: unknown fields are ignored (and reported), known ones are
+    # validated exactly; one field of version skew must not take a fleet down.
+    ignored = v.unknown_fields(body, HEARTBEAT_FIELDS)
     error_rate = v.number(body, "error_rate", 0.0, minimum=0.0, maximum=1.0)
     runtime_state = v.text(body, "runtime_state", "ok", max_length=64)
-    return Beat(
+    beat = Beat(
         workspace_id=v.parse_uuid(v.required(body, "workspace_id"), "workspace_id"),
         token_hash=token_hash,
         health=classify_heartbeat(error_rate, runtime_state),
         error_rate=error_rate,
         sample_error=v.text(body, "sample_error", "", max_length=4096),
-        active_tasks=v.integer(body, "active_tasks", 0, minimum=0, maximum=1_000_000),
+        active_tasks=v.integer(
+            body, "active_tasks", 0, minimum=0, maximum=1_000_000, integral_floats=True
+        ),
         uptime_seconds=v.number(body, "uptime_seconds", 0.0, minimum=0.0, maximum=1e10),
         current_task=v.text(body, "current_task", "", max_length=1024),
         monthly_spend=v.number(body, "monthly_spend", 0.0, minimum=0.0, maximum=1e12),
         runtime_state=runtime_state,
-        observed_plugins=_observed_plugins(body),
+        observed_plugins=_observed_plugins(body, ignored),
         acks=_acks(body),
     )
+    return Parsed(beat, ignored)
 
 
-def parse_register(body: v.Body, token_hash: bytes) -> Beat:
-    v.reject_unknown_fields(body, REGISTER_FIELDS)
+def _register_workspace_id(body: v.Body) -> uuid.UUID:
+    """`workspace_id`, or its alias `id` (older runtimes send that); both must agree."""
+    workspace_id = body.get("workspace_id")
+    alias = body.get("id")
+    if workspace_id is None and alias is not None:
+        return v.parse_uuid(alias, "id")
+    parsed = v.parse_uuid(v.required(body, "workspace_id"), "workspace_id")
+    if alias is not None and v.parse_uuid(alias, "id") != parsed:
+        raise InvalidField("id and workspace_id name different workspaces", field="id")
+    return parsed
+
+
+def parse_register(body: v.Body, token_hash: bytes) -> Parsed:
+    ignored = v.unknown_fields(body, REGISTER_FIELDS)
     url = v.http_url(body, "url")
     agent_card = body.get("agent_card")
     if agent_card is not None and not isinstance(agent_card, dict):
@@ -104,8 +136,8 @@ def parse_register(body: v.Body, token_hash: bytes) -> Beat:
         if b"\\u0000" in encoded:
             # PostgreSQL's jsonb cannot hold NUL characters.
             raise InvalidField("agent_card must not contain NUL characters", field="agent_card")
-    return Beat(
-        workspace_id=v.parse_uuid(v.required(body, "workspace_id"), "workspace_id"),
+    beat = Beat(
+        workspace_id=_register_workspace_id(body),
         token_hash=token_hash,
         # Registering says "I am up" but nothing of health: promote, keep degraded degraded.
         health=Health.UNWELL,
@@ -122,10 +154,14 @@ def parse_register(body: v.Body, token_hash: bytes) -> Beat:
         agent_card=agent_card,
         cause="register",
     )
+    return Parsed(beat, ignored)
 
 
-async def _answer(request: web.Request, beat: Beat) -> web.Response:
+async def _answer(request: web.Request, parsed: Parsed, kind: str) -> web.Response:
     app = request.app
+    beat = parsed.beat
+    if parsed.ignored:
+        app[IGNORED_FIELDS].report(kind, beat.workspace_id, parsed.ignored)
     result = await app[INGEST].apply(beat)
     if result.previous_status is None:
         async with app[POOL].acquire() as conn:
@@ -141,32 +177,34 @@ async def _answer(request: web.Request, beat: Beat) -> web.Response:
         ).inc()
     if result.reconcile_queued:
         app[RECONCILER].wake()
-    return json_response(_response_body(request, beat, result))
+    return json_response(_response_body(request, parsed, result))
 
 
-def _response_body(request: web.Request, beat: Beat, result: BeatResult) -> dict[str, Any]:
+def _response_body(request: web.Request, parsed: Parsed, result: BeatResult) -> dict[str, Any]:
     interval = request.app[SETTINGS].heartbeat_interval_s
     # ±10% jitter spreads a fleet that started together across the interval.
     next_heartbeat_s = round(interval * random.uniform(0.9, 1.1), 1)  # noqa: S311
     assert result.status is not None and result.previous_status is not None
     return {
-        "workspace_id": beat.workspace_id,
+        "workspace_id": parsed.beat.workspace_id,
         "status": result.status.value,
         "previous_status": result.previous_status.value,
         "next_heartbeat_s": next_heartbeat_s,
         "actions": result.actions,
+        "ignored_fields": parsed.ignored,
     }
 
 
 async def _observed(
-    request: web.Request, kind: str, parse: Callable[[v.Body, bytes], Beat]
+    request: web.Request, kind: str, parse: Callable[[v.Body, bytes], Parsed]
 ) -> web.Response:
     metrics = request.app[METRICS]
     started = time.perf_counter()
     code, outcome = 500, "error"
     try:
         token_hash = hash_token(bearer_token(request))
-        response = await _answer(request, parse(await v.read_json_object(request), token_hash))
+        parsed = parse(await v.read_json_object(request), token_hash)
+        response = await _answer(request, parsed, kind)
         code, outcome = 200, "ok"
         return response
     except ApiError as exc:
