@@ -136,6 +136,15 @@ acked AS (
     UPDATE workspace_actions a SET acked_at = now()
     FROM acks k JOIN beat b ON b.id = k.workspace_id
     WHERE a.id = k.action_id AND a.workspace_id = k.workspace_id AND a.acked_at IS NULL
+),
+-- Stamp the actions this answer hands out for the first time (not those acked just now:
+-- one statement must not update a row twice), so a later install knows they may be done.
+delivered AS (
+    UPDATE workspace_actions a SET delivered_at = now()
+    FROM beat b
+    WHERE a.workspace_id = b.id AND a.acked_at IS NULL AND a.delivered_at IS NULL
+      AND NOT EXISTS (SELECT 1 FROM acks k
+                      WHERE k.workspace_id = b.id AND k.action_id = a.id)
 )
 SELECT
     t.id,

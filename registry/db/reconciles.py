@@ -274,9 +274,12 @@ WHERE id = $1 AND lease_owner = $2 AND status = 'running'
 FOR UPDATE
 """
 
+# Only a restart not yet handed out can absorb a new install: one handed out may already
+# have been carried out, before these plugins were on disk.
 PENDING_RESTART = """
 SELECT EXISTS (SELECT 1 FROM workspace_actions
-               WHERE workspace_id = $1 AND type = 'restart' AND acked_at IS NULL)
+               WHERE workspace_id = $1 AND type = 'restart' AND acked_at IS NULL
+                 AND delivered_at IS NULL)
 """
 
 RECENT_RESTARTS = """
@@ -331,7 +334,7 @@ async def _request_restart(
 ) -> tuple[bool, bool]:
     """Ask the runtime to restart within the budget; returns (requested, withheld)."""
     if await conn.fetchval(PENDING_RESTART, workspace_id):
-        return True, False  # the restart not yet acked will load these plugins too
+        return True, False  # the restart not yet handed out will load these plugins too
     recent = await conn.fetchval(RECENT_RESTARTS, workspace_id, budget.window_s)
     if recent >= budget.limit:
         return False, True
