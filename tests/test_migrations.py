@@ -69,3 +69,8 @@ async def test_a_failing_migration_leaves_nothing_behind(empty_dsn: str, tmp_pat
     assert await conn.fetchval("SELECT to_regclass('half')") is None
     assert await pending_migrations(conn, load_migrations(broken)) != []
     await conn.close()
+
+
+def test_finding_no_migrations_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(MigrationError, match="no migrations found"):
+        load_migrations(tmp_path)

@@ -57,6 +57,10 @@ def load_migrations(directory: Path = MIGRATIONS_DIR) -> list[Migration]:
         if match is None:
             raise MigrationError(f"migration file name must look like 0001_name.sql: {path.name}")
         migrations.append(Migration(int(match[1]), match[2], path.read_text(encoding="utf-8")))
+    if not migrations:
+        # An install that lost its migrations must not start on an empty schema and call
+        # itself ready.
+        raise MigrationError(f"no migrations found in {directory}: the install is incomplete")
     versions = [m.version for m in migrations]
     if len(set(versions)) != len(versions):
         raise MigrationError(f"duplicate migration versions in {directory}")

@@ -332,6 +332,9 @@ _GIT_CONFIG_ARGS = (
     "fetch.recurseSubmodules=false",
     "-c",
     "credential.interactive=never",
+    # A fetched object that is corrupt or malformed is refused, not stored and served.
+    "-c",
+    "transfer.fsckObjects=true",
 )
 
 _PEELED = "^{}"
@@ -350,7 +353,10 @@ def _git_env() -> dict[str, str]:
         GIT_TERMINAL_PROMPT="0",
         GIT_ASKPASS="true",
         SSH_ASKPASS="true",
+        # No system or user configuration: a `url.<x>.insteadOf` in the service user's
+        # ~/.gitconfig would otherwise redirect an allowlisted source somewhere else.
         GIT_CONFIG_NOSYSTEM="1",
+        GIT_CONFIG_GLOBAL=os.devnull,
         GIT_ALLOW_PROTOCOL="file:git:http:https:ssh",
         # Error classification reads git's messages, so they must not be translated.
         LC_ALL="C",

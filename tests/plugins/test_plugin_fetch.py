@@ -425,3 +425,27 @@ async def test_cancelled_stage_kills_git_and_cleans_up(silent_server: int, work_
     with pytest.raises(asyncio.CancelledError):
         await task
     assert entries(work_dir) == []
+
+
+# --------------------------------------------------------------------------- git: isolation
+
+
+async def test_stage_ignores_insteadof_in_the_service_users_gitconfig(
+    repo, make_repo, tmp_path: Path, work_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The service user's ~/.gitconfig would redirect the allowlisted source to another repo.
+    elsewhere = make_repo("elsewhere")
+    elsewhere.write("plugin.json", '{"name": "impostor"}')
+    elsewhere.commit("impostor")
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / ".gitconfig").write_text(
+        f'[url "file://{elsewhere.path}"]\n\tinsteadOf = file://{repo.path}\n', encoding="utf-8"
+    )
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(home / ".config"))
+
+    staged = await _stage(f"{repo.source}#main", work_dir)
+
+    assert staged.sha == repo.head()
+    assert files_under(staged.path)["plugin.json"] == b'{"name": "tool"}'
