@@ -2,7 +2,8 @@
 
 The database server is found in this order, and the suite fails loudly when none can be had:
 1. REGISTRY_TEST_DSN: any PostgreSQL you point it at (the tests create their own database);
-2. testcontainers, when a Docker daemon answers;
+2. testcontainers, when a Docker daemon answers and the container starts (REGISTRY_TEST_DOCKER=0
+   never uses Docker, =1 requires it; see tests/pg_source.py);
 3. an embedded PostgreSQL the tests start themselves (the pgserver wheel).
 """
 
@@ -32,52 +33,75 @@ from registry.embedded_pg import EmbeddedPostgresError, start_embedded_postgres
 from registry.settings import Settings
 from tests.fake_runtime import FakeRuntime
 from tests.pg_cluster import StoppableCluster
+from tests.pg_source import DEFAULT_IMAGE, IMAGE_ENV, container_dsn, docker_answers, docker_switch
 from tests.support import ADMIN_TOKEN, Registry
 
 
-def _docker_answers() -> bool:
-    """Ask the daemon's /_ping directly: cheap, and leaks nothing when no daemon runs."""
-    host = os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
-    if host.startswith("unix://"):
-        family, address = socket.AF_UNIX, host.removeprefix("unix://")
-    elif host.startswith("tcp://"):
-        parts = urlsplit(host)
-        family, address = socket.AF_INET, (parts.hostname, parts.port or 2375)  # type: ignore[assignment]
-    else:
-        return False
-    try:
-        with socket.socket(family) as conn:
-            conn.settimeout(1)
-            conn.connect(address)
-            conn.sendall(b"GET /_ping HTTP/1.0\r\nHost: docker\r\n\r\n")
-            return b" 200 " in conn.recv(64)
-    except OSError:
-        return False
+def _source() -> str:
+    """Which PostgreSQL the chain will try first; printed in the pytest header."""
+    if os.environ.get("REGISTRY_TEST_DSN"):
+        return "dsn"
+    switch = docker_switch()
+    if switch is False:
+        return "embedded"
+    return "docker" if switch or docker_answers() else "embedded"
 
 
-@pytest.fixture(scope="session")
-def server_dsn() -> Iterator[str]:
-    explicit = os.environ.get("REGISTRY_TEST_DSN")
-    if explicit:
-        yield explicit
-        return
-    if _docker_answers():
-        from testcontainers.postgres import PostgresContainer
+def pytest_report_header(config: pytest.Config) -> str:
+    source = _source()
+    detail = {
+        "dsn": "REGISTRY_TEST_DSN",
+        "docker": f"testcontainers ({os.environ.get(IMAGE_ENV, DEFAULT_IMAGE)}), "
+        "else embedded unless REGISTRY_TEST_DOCKER=1",
+        "embedded": "embedded (pgserver)",
+    }[source]
+    return f"registry database: {detail}"
 
-        with PostgresContainer("postgres:16-alpine", driver=None) as container:
-            yield container.get_connection_url()
-        return
+
+def _embedded(reason: str) -> Iterator[str]:
     try:
         data_dir = Path(tempfile.mkdtemp(prefix="registry-test-pg-"))
         dsn, server = start_embedded_postgres(data_dir, keep_data=False)
     except EmbeddedPostgresError as exc:
         pytest.fail(
-            "no PostgreSQL for the tests: REGISTRY_TEST_DSN is not set, no Docker daemon "
-            f"answers, and the embedded PostgreSQL did not start: {exc!r}",
+            f"no PostgreSQL for the tests: {reason}, and the embedded PostgreSQL did not "
+            f"start: {exc!r}",
             pytrace=False,
         )
     yield dsn
     server.cleanup()
+
+
+@pytest.fixture(scope="session")
+def server_dsn(pytestconfig: pytest.Config) -> Iterator[str]:
+    reporter = pytestconfig.pluginmanager.get_plugin("terminalreporter")
+
+    def say(line: str) -> None:
+        if reporter is not None:
+            reporter.write_line(f"\nregistry database: {line}")
+
+    explicit = os.environ.get("REGISTRY_TEST_DSN")
+    if explicit:
+        say("dsn=REGISTRY_TEST_DSN")
+        yield explicit
+        return
+    if _source() == "docker":
+        try:
+            with container_dsn() as (dsn, container_id):
+                say(f"dsn=testcontainers container={container_id}")
+                yield dsn
+            return
+        except Exception as exc:  # any failure to get a container: fall back unless forced
+            if docker_switch():
+                pytest.fail(
+                    f"REGISTRY_TEST_DOCKER=1 but Docker could not serve a PostgreSQL: {exc!r}",
+                    pytrace=False,
+                )
+            say(f"Docker answers but the container did not start ({exc!r}); using embedded")
+            yield from _embedded("the Docker container did not start")
+            return
+    say("dsn=embedded")
+    yield from _embedded("REGISTRY_TEST_DSN is not set and Docker is not used")
 
 
 def with_database(dsn: str, database: str) -> str:

@@ -1,0 +1,76 @@
+"""Where the suite's PostgreSQL comes from: an explicit DSN, a container, or embedded.
+
+The chain is REGISTRY_TEST_DSN -> testcontainers (when a Docker daemon answers AND the container
+starts) -> an embedded server. REGISTRY_TEST_DOCKER forces the middle step: `0` never uses Docker
+(even when a daemon answers), `1` uses only Docker and fails loudly if it cannot serve; unset, a
+daemon that answers but cannot supply a container (no image, no registry, no Ryuk) falls back to
+embedded instead of failing every database test.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+from collections.abc import Iterator
+from typing import Any
+from urllib.parse import urlsplit
+
+IMAGE_ENV = "REGISTRY_TEST_PG_IMAGE"
+DEFAULT_IMAGE = "postgres:16-alpine"
+SWITCH_ENV = "REGISTRY_TEST_DOCKER"
+
+
+class DockerUnavailable(Exception):
+    """Docker was asked for (REGISTRY_TEST_DOCKER=1) and could not serve a PostgreSQL."""
+
+
+def docker_answers() -> bool:
+    """Ask the daemon's /_ping directly: cheap, and leaks nothing when no daemon runs."""
+    host = os.environ.get("DOCKER_HOST", "unix:///var/run/docker.sock")
+    if host.startswith("unix://"):
+        family, address = socket.AF_UNIX, host.removeprefix("unix://")
+    elif host.startswith("tcp://"):
+        parts = urlsplit(host)
+        family, address = socket.AF_INET, (parts.hostname, parts.port or 2375)  # type: ignore[assignment]
+    else:
+        return False
+    try:
+        with socket.socket(family) as conn:
+            conn.settimeout(1)
+            conn.connect(address)
+            conn.sendall(b"GET /_ping HTTP/1.0\r\nHost: docker\r\n\r\n")
+            return b" 200 " in conn.recv(64)
+    except OSError:
+        return False
+
+
+def docker_switch() -> bool | None:
+    """REGISTRY_TEST_DOCKER: True (only Docker), False (never Docker), None (when it works)."""
+    value = os.environ.get(SWITCH_ENV, "").strip()
+    if value in ("", "auto"):
+        return None
+    if value in ("0", "1"):
+        return value == "1"
+    raise DockerUnavailable(f"{SWITCH_ENV} must be 0, 1 or unset, not {value!r}")
+
+
+def postgres_container_class() -> Any:
+    """testcontainers' current PostgresContainer; its deprecated module only on old releases."""
+    try:
+        from testcontainers.community.postgres import PostgresContainer
+    except ImportError:  # pragma: no cover - releases before 4.15 had only this module
+        from testcontainers.postgres import PostgresContainer
+    return PostgresContainer
+
+
+@contextlib.contextmanager
+def container_dsn() -> Iterator[tuple[str, str]]:
+    """Start a PostgreSQL container; yields (dsn, short container id)."""
+    postgres_container = postgres_container_class()
+    container = postgres_container(os.environ.get(IMAGE_ENV, DEFAULT_IMAGE), driver=None)
+    container.start()
+    try:
+        yield container.get_connection_url(), container.get_wrapped_container().short_id
+    finally:
+        container.stop()

@@ -1,0 +1,31 @@
+"""The suite's database chain: the REGISTRY_TEST_DOCKER switch and the testcontainers import."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+
+from tests.pg_source import DockerUnavailable, docker_switch, postgres_container_class
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"), [("", None), ("auto", None), ("0", False), ("1", True)]
+)
+def test_docker_switch_reads_0_1_or_unset(
+    monkeypatch: pytest.MonkeyPatch, value: str, expected: bool | None
+) -> None:
+    monkeypatch.setenv("REGISTRY_TEST_DOCKER", value)
+    assert docker_switch() is expected
+
+
+def test_docker_switch_rejects_other_values(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("REGISTRY_TEST_DOCKER", "yes")
+    with pytest.raises(DockerUnavailable, match="must be 0, 1 or unset"):
+        docker_switch()
+
+
+def test_postgres_container_import_raises_no_deprecation_warning() -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert postgres_container_class().__name__ == "PostgresContainer"
