@@ -108,6 +108,10 @@ _HTTP_CODES = {
 }
 
 
+# Headers of an HTTPException that describe its text/plain body, which the envelope replaces.
+_OWN_HEADERS = frozenset({"content-type", "content-length"})
+
+
 def _error_response(status: int, code: str, message: str, **extra: object) -> web.Response:
     error: dict[str, object] = {"code": code, "message": message, **extra}
     return json_response({"error": error}, status=status)
@@ -126,7 +130,13 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         if exc.status < 400:
             raise
         code = _HTTP_CODES.get(exc.status, "http_error")
-        return _error_response(exc.status, code, exc.reason)
+        response = _error_response(exc.status, code, exc.reason)
+        # Keep what the exception says about the resource, e.g. the Allow header that RFC 9110
+        # requires on a 405; the body and its type are ours.
+        for name, value in exc.headers.items():
+            if name.lower() not in _OWN_HEADERS:
+                response.headers.add(name, value)
+        return response
     except DATABASE_DOWN as exc:
         log.warning("database unavailable during %s %s: %r", request.method, request.path, exc)
         response = _error_response(503, "database_unavailable", "the database is unreachable")

@@ -14,6 +14,9 @@ from registry.handlers import (
     workspaces,
 )
 
+# Routes that health checkers and load balancers probe, often with HEAD.
+PROBES = frozenset({"/healthz", "/readyz", "/metrics"})
+
 
 def setup_routes(app: web.Application) -> None:
     table = [
@@ -41,4 +44,8 @@ def setup_routes(app: web.Application) -> None:
         ("GET", "/internal/reconciles/{id}", reconciles.get_reconcile),
     ]
     for method, path, handler in table:
-        app.router.add_route(method, path, handler, name=handler.__name__)
+        if path in PROBES:
+            # add_get also answers HEAD (same handler, body dropped) for probes and balancers.
+            app.router.add_get(path, handler, name=handler.__name__)
+        else:
+            app.router.add_route(method, path, handler, name=handler.__name__)

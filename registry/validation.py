@@ -142,19 +142,6 @@ def array(body: Body, field: str, *, max_items: int) -> list[Any] | None:
     return value
 
 
-def query_int(request: web.Request, name: str, default: int, *, minimum: int, maximum: int) -> int:
-    raw = request.query.get(name)
-    if raw is None:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise InvalidField(f"{name} must be an integer", field=name) from None
-    if not minimum <= value <= maximum:
-        raise InvalidField(f"{name} must be between {minimum} and {maximum}", field=name)
-    return value
-
-
 def item_object(value: object, field: str) -> Body:
     if not isinstance(value, dict):
         raise InvalidField(f"each item of {field} must be an object", field=field)

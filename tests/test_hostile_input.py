@@ -711,6 +711,22 @@ QUERY_CASES = [
     ("get_events", "workspace_id=not-a-uuid", "workspace_id"),
     ("get_events", "after=-1", "after"),
     ("get_events", "after=tomorrow", "after"),
+    # Present but empty is not absent: `cursor=` must not restart a pager at page one, and
+    # `workspace_id=` must not widen a filter to the whole fleet.
+    ("get_workspaces", "cursor=", "cursor"),
+    ("get_workspaces", "status=", "status"),
+    ("get_events", "workspace_id=", "workspace_id"),
+    ("get_events", "after=", "after"),
+    ("get_workspace_events", "after=", "after"),
+    ("get_workspace_reconciles", "limit=", "limit"),
+    # Integers are ASCII digits only; int() alone would take every one of these.
+    ("get_workspaces", "limit=1_0", "limit"),
+    ("get_workspaces", "limit=%2B2", "limit"),
+    ("get_workspaces", "limit=%202%20", "limit"),
+    ("get_workspaces", "limit=%D9%A3", "limit"),
+    ("get_workspace_events", "after=%2B1", "after"),
+    ("get_workspace_reconciles", "limit=%EF%BC%93", "limit"),
+    ("get_events", "after=0_1", "after"),
 ]
 
 
@@ -1008,6 +1024,28 @@ class TestBadRequests:
             world.fill(route), headers={**ADMIN, "Last-Event-ID": "-5"}
         )
 
+        await assert_error(response, 400, "invalid_field", "Last-Event-ID")
+
+    @pytest.mark.parametrize("name", ["get_workspace_events", "get_events"])
+    async def test_empty_last_event_id_header_is_400(self, world: World, name: str) -> None:
+        route = route_named(world, name)
+
+        response = await world.registry.client.get(
+            world.fill(route), headers={**ADMIN, "Last-Event-ID": ""}
+        )
+
+        await assert_error(response, 400, "invalid_field", "Last-Event-ID")
+
+    @pytest.mark.parametrize("name", ["get_workspace_events", "get_events"])
+    async def test_bad_after_is_400_even_beside_a_valid_last_event_id(
+        self, world: World, name: str
+    ) -> None:
+        route = route_named(world, name)
+
+        response = await world.registry.client.get(
+            f"{world.fill(route)}?after=yesterday", headers={**ADMIN, "Last-Event-ID": "1"}
+        )
+
         await assert_error(response, 400, "invalid_field", "after")
 
     @pytest.mark.parametrize("where", ["query", "header"])
@@ -1021,7 +1059,9 @@ class TestBadRequests:
 
         response = await world.registry.client.get(path, headers=headers)
 
-        await assert_error(response, 400, "invalid_field", "after")
+        await assert_error(
+            response, 400, "invalid_field", "after" if where == "query" else "Last-Event-ID"
+        )
 
     async def test_event_stream_cursor_beyond_bigint_is_400(self, world: World) -> None:
         response = await world.registry.client.get(f"/events?after={BEYOND_BIGINT}", headers=ADMIN)

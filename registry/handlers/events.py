@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import contextlib
-import uuid
 from typing import Any
 
 from aiohttp import web
 
+from registry import query
 from registry import validation as v
 from registry.db import events, fleet, workspaces
 from registry.db.events import Event
-from registry.errors import InvalidField, workspace_not_found
+from registry.errors import workspace_not_found
 from registry.jsonio import dumps, json_response
 from registry.keys import EVENT_HUB, POOL
 
@@ -35,23 +35,24 @@ def event_view(event: Event) -> dict[str, Any]:
     }
 
 
-def _after(request: web.Request) -> int | None:
-    raw = request.headers.get("Last-Event-ID") or request.query.get("after")
+def _event_id(raw: str | None, field: str) -> int | None:
     if raw is None:
         return None
-    try:
-        value = int(raw)
-    except ValueError:
-        raise InvalidField("after / Last-Event-ID must be an event id", field="after") from None
-    if not 0 <= value <= MAX_EVENT_ID:
-        raise InvalidField("after / Last-Event-ID must be an event id", field="after")
-    return value
+    return query.canonical_int(raw, field, minimum=0, maximum=MAX_EVENT_ID, what="an event id")
+
+
+def _after(request: web.Request) -> int | None:
+    """Where to resume. Both spellings are checked when both are sent; the header wins, as
+    it is what an EventSource sends when it reconnects to a URL that still carries `after`."""
+    from_query = _event_id(query.query_text(request, "after"), "after")
+    from_header = _event_id(query.header_text(request, "Last-Event-ID"), "Last-Event-ID")
+    return from_header if from_header is not None else from_query
 
 
 async def get_workspace_events(request: web.Request) -> web.Response:
     workspace_id = v.path_uuid(request)
     after = _after(request) or 0
-    limit = v.query_int(request, "limit", 100, minimum=1, maximum=MAX_EVENTS_PAGE)
+    limit = query.query_int(request, "limit", 100, minimum=1, maximum=MAX_EVENTS_PAGE)
     async with request.app[POOL].acquire() as conn:
         if not await workspaces.workspace_exists(conn, workspace_id):
             raise workspace_not_found(workspace_id)
@@ -69,10 +70,7 @@ def _frame(event: Event) -> bytes:
 
 async def get_events(request: web.Request) -> web.StreamResponse:
     """Server-Sent Events: resumes after Last-Event-ID (or ?after=), else starts from now."""
-    raw_filter = request.query.get("workspace_id")
-    workspace_id: uuid.UUID | None = (
-        v.parse_uuid(raw_filter, "workspace_id") if raw_filter else None
-    )
+    workspace_id = query.query_uuid(request, "workspace_id")
     after = _after(request)
     pool = request.app[POOL]
     hub = request.app[EVENT_HUB]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from registry import query
 from registry import validation as v
 from registry.db import reconciles, workspaces
 from registry.errors import Conflict, InvalidField, NotFound, workspace_not_found
@@ -77,7 +78,7 @@ async def get_reconcile(request: web.Request) -> web.Response:
 
 async def get_workspace_reconciles(request: web.Request) -> web.Response:
     workspace_id = v.path_uuid(request)
-    limit = v.query_int(request, "limit", 20, minimum=1, maximum=MAX_LIST_LIMIT)
+    limit = query.query_int(request, "limit", 20, minimum=1, maximum=MAX_LIST_LIMIT)
     async with request.app[POOL].acquire() as conn:
         if not await workspaces.workspace_exists(conn, workspace_id):
             raise workspace_not_found(workspace_id)

@@ -7,6 +7,7 @@ from typing import Any
 
 from aiohttp import web
 
+from registry import query
 from registry import validation as v
 from registry.auth import hash_token, new_workspace_token
 from registry.db import Connection, reconciles, workspaces
@@ -116,12 +117,11 @@ MAX_PAGE = 500
 
 
 async def get_workspaces(request: web.Request) -> web.Response:
-    status = request.query.get("status")
+    status = query.query_text(request, "status")
     if status is not None and status not in {s.value for s in Status}:
         raise InvalidField(f"unknown status: {status!r}", field="status")
-    cursor = request.query.get("cursor")
-    after = v.parse_uuid(cursor, "cursor") if cursor else None
-    limit = v.query_int(request, "limit", 100, minimum=1, maximum=MAX_PAGE)
+    after = query.query_uuid(request, "cursor")
+    limit = query.query_int(request, "limit", 100, minimum=1, maximum=MAX_PAGE)
     async with request.app[POOL].acquire() as conn:
         page = await workspaces.list_workspaces(conn, status=status, after=after, limit=limit + 1)
     more = len(page) > limit
