@@ -140,3 +140,13 @@ def item_object(value: object, field: str) -> Body:
     if not isinstance(value, dict):
         raise InvalidField(f"each item of {field} must be an object", field=field)
     return value
+
+
+def query_bool(request: web.Request, name: str) -> bool:
+    """?name=true|false (absent: false); anything else is a 400 naming the parameter."""
+    raw = request.query.get(name)
+    if raw is None or raw == "false":
+        return False
+    if raw == "true":
+        return True
+    raise InvalidField(f"{name} must be true or false", field=name)
