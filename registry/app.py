@@ -32,6 +32,7 @@ from registry.metrics import Metrics
 from registry.plugins import FetchLimits, SourceSettings
 from registry.reconcile.runner import ReconcileConfig, Reconciler
 from registry.reconcile.worker import ReconcileWorker, new_owner_id
+from registry.retention import Pruner
 from registry.routes import setup_routes
 from registry.settings import Settings
 from registry.tolerance import IgnoredFieldReporter
@@ -146,6 +147,7 @@ async def _background(app: web.Application) -> AsyncIterator[None]:
     )
     sweeper = LivenessSweeper(pool, settings, app[METRICS])
     hub = EventHub(pool, app[DSN])
+    pruner = Pruner(pool, settings, app[METRICS])
     app[RECONCILER] = worker
     app[EVENT_HUB] = hub
     loops = [
@@ -153,6 +155,7 @@ async def _background(app: web.Application) -> AsyncIterator[None]:
         await scheduler.spawn(sweeper.run_forever(), name="liveness-sweeper"),
         await scheduler.spawn(hub.run_sequencer(), name="event-sequencer"),
         await scheduler.spawn(hub.run_listener(), name="event-listener"),
+        await scheduler.spawn(pruner.run_forever(), name="retention-pruner"),
     ]
     yield
     # Stop the loops first, so nothing is claimed that the closing scheduler would refuse;
@@ -160,6 +163,7 @@ async def _background(app: web.Application) -> AsyncIterator[None]:
     # runs back as queued intents.
     worker.stop()
     sweeper.stop()
+    pruner.stop()
     hub.stop()
     for loop in loops:
         await loop.wait(timeout=LOOP_STOP_S)

@@ -80,6 +80,13 @@ class Gone(ApiError):
     code = "workspace_removed"
 
 
+class HistoryPruned(ApiError):
+    """A resume point older than what retention deleted: events may be missing after it."""
+
+    status = 410
+    code = "history_pruned"
+
+
 class ServiceUnavailable(ApiError):
     status = 503
     code = "database_unavailable"

@@ -102,3 +102,19 @@ class Metrics:
             "Server-Sent-Events subscribers connected to this process.",
             registry=r,
         )
+        self.pruned_rows = Counter(
+            "registry_pruned_rows",
+            "History rows the retention pruner of this process deleted, by table.",
+            ["table"],
+            registry=r,
+        )
+        self.prune_last_run = Gauge(
+            "registry_prune_last_run_timestamp_seconds",
+            "When this process last finished a pruning pass (Unix time).",
+            registry=r,
+        )
+        self.prune_duration = Gauge(
+            "registry_prune_last_duration_seconds",
+            "How long this process's last pruning pass took, pauses included.",
+            registry=r,
+        )

@@ -62,3 +62,13 @@ def query_uuid(request: web.Request, name: str) -> uuid.UUID | None:
 def header_text(request: web.Request, name: str) -> str | None:
     """A header's value, None when absent; present but empty is a 400 naming the header."""
     return _present(request.headers, name, name)
+
+
+def query_bool(request: web.Request, name: str) -> bool:
+    """?name=true|false (absent: false); anything else, empty included, is a 400."""
+    raw = query_text(request, name)
+    if raw is None or raw == "false":
+        return False
+    if raw == "true":
+        return True
+    raise InvalidField(f"{name} must be true or false", field=name)

@@ -75,6 +75,20 @@ class Settings:
     fetch_timeout_s: float = 60.0
     fetch_max_bytes: int = 50 * 1024 * 1024
     fetch_max_files: int = 10_000
+    # Retention: events older than this go, but each workspace keeps its last N whatever their
+    # age; finished runs (with their steps) likewise; acknowledged actions after an age;
+    # removed workspaces (their token answered 410 until then, 401 after) after an age.
+    event_retention_s: float = 14 * 86400.0
+    event_keep_per_workspace: int = 100
+    reconcile_retention_s: float = 14 * 86400.0
+    reconcile_keep_per_workspace: int = 20
+    action_retention_s: float = 7 * 86400.0
+    tombstone_retention_s: float = 30 * 86400.0
+    # Pruning runs this often, deleting at most prune_batch rows per transaction, pausing
+    # prune_pause_s between batches.
+    prune_interval_s: float = 60.0
+    prune_batch: int = 1000
+    prune_pause_s: float = 0.05
 
     @property
     def resolved_offline_after_s(self) -> float:
@@ -138,6 +152,11 @@ class Settings:
             "sweep_interval_s",
             "shutdown_grace_s",
             "fetch_timeout_s",
+            "event_retention_s",
+            "reconcile_retention_s",
+            "action_retention_s",
+            "tombstone_retention_s",
+            "prune_interval_s",
         ):
             value = getattr(self, name)
             need(math.isfinite(value) and value > 0, f"{name} must be a positive number")
@@ -154,6 +173,21 @@ class Settings:
         need(0 < self.mass_expiry_share <= 1, "mass_expiry_share must be in (0, 1]")
         need(0 < self.mass_expiry_rate <= 1, "mass_expiry_rate must be in (0, 1]")
         need(self.fetch_max_bytes > 0 and self.fetch_max_files > 0, "fetch limits must be positive")
+        need(
+            self.event_keep_per_workspace >= 1 and self.reconcile_keep_per_workspace >= 1,
+            # A workspace's latest event and last run explain its state: never prune them.
+            "event_keep_per_workspace and reconcile_keep_per_workspace must be at least 1",
+        )
+        need(
+            self.action_retention_s >= self.restart_budget_window_s,
+            # The restart budget counts the restart actions of its window.
+            "action_retention_s must be at least restart_budget_window_s",
+        )
+        need(self.prune_batch > 0, "prune_batch must be positive")
+        need(
+            math.isfinite(self.prune_pause_s) and self.prune_pause_s >= 0,
+            "prune_pause_s must be zero or positive",
+        )
 
 
 def _positive_int(raw: str) -> int:
@@ -233,4 +267,13 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "fetch_timeout_s": _float,
     "fetch_max_bytes": _positive_int,
     "fetch_max_files": _positive_int,
+    "event_retention_s": _float,
+    "event_keep_per_workspace": _positive_int,
+    "reconcile_retention_s": _float,
+    "reconcile_keep_per_workspace": _positive_int,
+    "action_retention_s": _float,
+    "tombstone_retention_s": _float,
+    "prune_interval_s": _float,
+    "prune_batch": _positive_int,
+    "prune_pause_s": _float,
 }

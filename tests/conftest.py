@@ -145,6 +145,7 @@ async def db(dsn: str) -> AsyncIterator[asyncpg.Connection]:
     conn = await asyncpg.connect(dsn)
     await conn.execute(f"TRUNCATE {', '.join(TABLES)} RESTART IDENTITY CASCADE")
     await conn.execute("UPDATE fleet_guard SET holding = false, since = NULL, live = 0, stale = 0")
+    await conn.execute("UPDATE retention_state SET events_pruned_through = 0")
     yield conn
     await conn.close()
 

@@ -103,9 +103,19 @@ EVENT_COLUMNS = """
     seq AS id, workspace_id, kind, from_status, to_status, cause, actor, detail, at
 """
 
+# One statement per filter shape, never "$2 IS NULL OR workspace_id = $2": a prepared
+# statement's generic plan cannot know which half applies, and at millions of rows it walked
+# the whole seq index filtering on workspace_id (1.3 s instead of 0.05 ms).
 SELECT_EVENTS_AFTER = f"""
 SELECT {EVENT_COLUMNS} FROM workspace_events
-WHERE seq > $1 AND ($2::uuid IS NULL OR workspace_id = $2)
+WHERE seq > $1
+ORDER BY seq
+LIMIT $2
+"""
+
+SELECT_WORKSPACE_EVENTS_AFTER = f"""
+SELECT {EVENT_COLUMNS} FROM workspace_events
+WHERE workspace_id = $2 AND seq > $1
 ORDER BY seq
 LIMIT $3
 """
@@ -116,7 +126,10 @@ SELECT_LAST_SEQ = "SELECT COALESCE(max(seq), 0) FROM workspace_events"
 async def events_after(
     conn: Connection, after: int, *, workspace_id: uuid.UUID | None, limit: int
 ) -> list[Event]:
-    rows = await conn.fetch(SELECT_EVENTS_AFTER, after, workspace_id, limit)
+    if workspace_id is None:
+        rows = await conn.fetch(SELECT_EVENTS_AFTER, after, limit)
+    else:
+        rows = await conn.fetch(SELECT_WORKSPACE_EVENTS_AFTER, after, workspace_id, limit)
     return [Event(**dict(row)) for row in rows]
 
 

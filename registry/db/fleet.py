@@ -51,7 +51,13 @@ async def write_guard(conn: Connection, *, holding: bool, live: int, stale: int)
     return True
 
 
-STATUS_COUNTS = "SELECT status, count(*) AS n FROM workspaces GROUP BY status"
+# Live rows through their partial index, tombstones through theirs (an index-only count,
+# bounded by tombstone retention), so tombstones never make the live count scan them.
+STATUS_COUNTS = """
+SELECT status, count(*) AS n FROM workspaces WHERE status <> 'removed' GROUP BY status
+UNION ALL
+SELECT 'removed', count(*) FROM workspaces WHERE status = 'removed'
+"""
 
 
 async def status_counts(conn: Connection) -> dict[str, int]:

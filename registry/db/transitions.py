@@ -62,7 +62,7 @@ async def transition(
 EXPIRE_SILENT = """
 WITH silent AS (
     SELECT id, status FROM workspaces
-    WHERE status = ANY($1::text[])
+    WHERE status = ANY($1::text[]) AND status <> 'removed'
       AND COALESCE(last_heartbeat_at, status_changed_at) < now() - make_interval(secs => $2)
     ORDER BY COALESCE(last_heartbeat_at, status_changed_at)
     LIMIT $3
@@ -103,7 +103,7 @@ SELECT count(*) AS live,
        count(*) FILTER (WHERE COALESCE(last_heartbeat_at, status_changed_at)
                               < now() - make_interval(secs => $2)) AS silent
 FROM workspaces
-WHERE status = ANY($1::text[])
+WHERE status = ANY($1::text[]) AND status <> 'removed'
 """
 
 

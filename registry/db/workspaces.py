@@ -174,19 +174,49 @@ async def forget_installed(conn: Connection, workspace_id: uuid.UUID, name: str)
     await conn.execute(DELETE_INSTALLED, workspace_id, name)
 
 
-# Keyset pagination on id: stable under inserts, one index range scan per page.
-SELECT_PAGE = f"""
+# Keyset pagination on id: stable under inserts, one index range scan per page. One
+# statement per filter shape (never "$1 IS NULL OR status = $1"): each one's generic plan is
+# the right one, the first page starts after the nil uuid. Tombstones are left out unless
+# asked for, through the partial index of live rows.
+FIRST_ID = uuid.UUID(int=0)
+
+SELECT_LIVE_PAGE = f"""
 SELECT {WORKSPACE_COLUMNS} FROM workspaces
-WHERE ($1::text IS NULL OR status = $1) AND ($2::uuid IS NULL OR id > $2)
+WHERE status <> 'removed' AND id > $1
 ORDER BY id
-LIMIT $3
+LIMIT $2
+"""
+
+SELECT_ALL_PAGE = f"""
+SELECT {WORKSPACE_COLUMNS} FROM workspaces
+WHERE id > $1
+ORDER BY id
+LIMIT $2
+"""
+
+SELECT_STATUS_PAGE = f"""
+SELECT {WORKSPACE_COLUMNS} FROM workspaces
+WHERE status = $3 AND id > $1
+ORDER BY status, id
+LIMIT $2
 """
 
 
 async def list_workspaces(
-    conn: Connection, *, status: str | None, after: uuid.UUID | None, limit: int
+    conn: Connection,
+    *,
+    status: str | None,
+    after: uuid.UUID | None,
+    limit: int,
+    include_removed: bool = False,
 ) -> list[Workspace]:
-    rows = await conn.fetch(SELECT_PAGE, status, after, limit)
+    start = FIRST_ID if after is None else after
+    if status is not None:
+        rows = await conn.fetch(SELECT_STATUS_PAGE, start, limit, status)
+    elif include_removed:
+        rows = await conn.fetch(SELECT_ALL_PAGE, start, limit)
+    else:
+        rows = await conn.fetch(SELECT_LIVE_PAGE, start, limit)
     return [Workspace.from_record(row) for row in rows]
 
 

@@ -9,9 +9,9 @@ from aiohttp import web
 
 from registry import query
 from registry import validation as v
-from registry.db import events, fleet, workspaces
+from registry.db import events, fleet, retention, workspaces
 from registry.db.events import Event
-from registry.errors import workspace_not_found
+from registry.errors import HistoryPruned, workspace_not_found
 from registry.jsonio import dumps, json_response
 from registry.keys import EVENT_HUB, POOL
 
@@ -56,8 +56,22 @@ async def get_workspace_events(request: web.Request) -> web.Response:
     async with request.app[POOL].acquire() as conn:
         if not await workspaces.workspace_exists(conn, workspace_id):
             raise workspace_not_found(workspace_id)
+        pruned_through = await retention.events_pruned_through(conn)
+        if 0 < after < pruned_through:
+            raise HistoryPruned(
+                f"events up to {pruned_through} may have been pruned: read the workspace's "
+                "current state, then resume from the oldest event this route returns",
+                field="after",
+            )
         page = await events.events_after(conn, after, workspace_id=workspace_id, limit=limit)
     return json_response({"events": [event_view(e) for e in page]})
+
+
+def _reset_frame(pruned_through: int) -> bytes:
+    """Tells a resuming client that events after its Last-Event-ID may have been pruned; the
+    stream goes on after `pruned_through`, which is also this frame's id."""
+    data = {"reason": "history_pruned", "pruned_through": pruned_through}
+    return b"id: %d\nevent: reset\ndata: %s\n\n" % (pruned_through, dumps(data))
 
 
 def _frame(event: Event) -> bytes:
@@ -74,9 +88,12 @@ async def get_events(request: web.Request) -> web.StreamResponse:
     after = _after(request)
     pool = request.app[POOL]
     hub = request.app[EVENT_HUB]
-    if after is None:
-        async with pool.acquire() as conn:
+    reset: int | None = None
+    async with pool.acquire() as conn:
+        if after is None:
             after = await events.last_sequence(conn)
+        elif 0 < after < (pruned_through := await retention.events_pruned_through(conn)):
+            reset, after = pruned_through, pruned_through
     response = web.StreamResponse(
         headers={
             "Content-Type": "text/event-stream",
@@ -89,6 +106,8 @@ async def get_events(request: web.Request) -> web.StreamResponse:
     try:
         # The client reconnects after this long if the stream drops.
         await response.write(b"retry: 1000\n\n")
+        if reset is not None:
+            await response.write(_reset_frame(reset))
         idle_s = 0.0
         while not hub.stopping:
             async with pool.acquire() as conn:

@@ -122,8 +122,12 @@ async def get_workspaces(request: web.Request) -> web.Response:
         raise InvalidField(f"unknown status: {status!r}", field="status")
     after = query.query_uuid(request, "cursor")
     limit = query.query_int(request, "limit", 100, minimum=1, maximum=MAX_PAGE)
+    # Tombstones are hidden unless asked for (or filtered for with status=removed).
+    include_removed = query.query_bool(request, "include_removed")
     async with request.app[POOL].acquire() as conn:
-        page = await workspaces.list_workspaces(conn, status=status, after=after, limit=limit + 1)
+        page = await workspaces.list_workspaces(
+            conn, status=status, after=after, limit=limit + 1, include_removed=include_removed
+        )
     more = len(page) > limit
     page = page[:limit]
     return json_response(

@@ -1,0 +1,74 @@
+"""Hot queries keep the right plan when planned generically (prepared statement reuse).
+
+asyncpg prepares every statement, and after five executions PostgreSQL may switch to a
+generic plan that cannot see parameter values. A filter shape like "$2 IS NULL OR column = $2"
+then falls onto a scan of a whole index. Forcing the generic plan (plan_cache_mode works on
+PostgreSQL 15 and 16; EXPLAIN (GENERIC_PLAN) is 16+ only) shows which index it would use.
+"""
+
+from __future__ import annotations
+
+import uuid
+
+import asyncpg
+import pytest
+
+from registry.db import events, workspaces
+
+SEED = """
+INSERT INTO workspaces (id, name, status, token_hash)
+SELECT gen_random_uuid(), 'w', CASE WHEN g % 10 = 0 THEN 'online' ELSE 'removed' END,
+       sha256(g::text::bytea)
+FROM generate_series(1, 5000) AS g;
+INSERT INTO workspace_events (workspace_id, kind, cause, seq)
+SELECT ids[1 + g % array_length(ids, 1)], 'status', 'seed', g
+FROM generate_series(1, 20000) AS g, (SELECT array_agg(id) AS ids FROM workspaces) AS w;
+ANALYZE workspaces;
+ANALYZE workspace_events;
+"""
+
+HOT_QUERIES = [
+    ("events after", events.SELECT_EVENTS_AFTER, "(0, 100)", "workspace_events_seq_key"),
+    (
+        "a workspace's events after",
+        events.SELECT_WORKSPACE_EVENTS_AFTER,
+        f"(0, '{uuid.uuid4()}', 100)",
+        "workspace_events_workspace_seq_idx",
+    ),
+    (
+        "live list page",
+        workspaces.SELECT_LIVE_PAGE,
+        f"('{workspaces.FIRST_ID}', 100)",
+        "workspaces_live_idx",
+    ),
+    (
+        "status list page",
+        workspaces.SELECT_STATUS_PAGE,
+        f"('{workspaces.FIRST_ID}', 100, 'failed')",
+        "workspaces_status_idx",
+    ),
+    (
+        "list page with tombstones",
+        workspaces.SELECT_ALL_PAGE,
+        f"('{workspaces.FIRST_ID}', 100)",
+        "workspaces_pkey",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("name", "sql", "args", "index"), HOT_QUERIES, ids=[q[0] for q in HOT_QUERIES]
+)
+async def test_the_generic_plan_uses_the_index(
+    db: asyncpg.Connection, name: str, sql: str, args: str, index: str
+) -> None:
+    await db.execute(SEED)
+    await db.execute("SET plan_cache_mode = force_generic_plan")
+    await db.execute(f"PREPARE hot AS {sql}")
+    try:
+        plan = "\n".join(r[0] for r in await db.fetch(f"EXPLAIN EXECUTE hot{args}"))
+    finally:
+        await db.execute("DEALLOCATE hot")
+        await db.execute("RESET plan_cache_mode")
+    assert f"Index Scan using {index}" in plan, plan
+    assert "Seq Scan" not in plan, plan
