@@ -21,16 +21,16 @@ _DIGITS = re.compile(r"[0-9]+", re.ASCII)
 _MAX_DIGITS = 19
 
 
-def _present(values: Mapping[str, str], name: str, label: str) -> str | None:
+def _present(values: Mapping[str, str], name: str) -> str | None:
     raw = values.get(name)
-    if raw is not None and raw == "":
-        raise InvalidField(f"{label} must not be empty", field=label)
+    if raw == "":
+        raise InvalidField(f"{name} must not be empty", field=name)
     return raw
 
 
 def query_text(request: web.Request, name: str) -> str | None:
     """The parameter's value, None when absent; present but empty is a 400."""
-    return _present(request.query, name, name)
+    return _present(request.query, name)
 
 
 def canonical_int(raw: str, field: str, *, minimum: int, maximum: int, what: str) -> int:
@@ -61,7 +61,7 @@ def query_uuid(request: web.Request, name: str) -> uuid.UUID | None:
 
 def header_text(request: web.Request, name: str) -> str | None:
     """A header's value, None when absent; present but empty is a 400 naming the header."""
-    return _present(request.headers, name, name)
+    return _present(request.headers, name)
 
 
 def query_bool(request: web.Request, name: str) -> bool:

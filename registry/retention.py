@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import asyncpg
@@ -64,59 +65,67 @@ class PruneResult:
         self.deleted[table] = self.deleted.get(table, 0) + n
 
 
+async def _in_batches(batch: Callable[[], Awaitable[bool]], pause_s: float) -> None:
+    """Run `batch` (one small transaction; True once the table has nothing more to prune this
+    pass) until it is done, pausing in between so heartbeats get the database meanwhile."""
+    while True:
+        if await batch():
+            return
+        await asyncio.sleep(pause_s)
+
+
 async def prune(conn: Connection, policy: RetentionPolicy) -> PruneResult:
     """One full pass over every history table; skipped when another process is pruning."""
     if not await conn.fetchval(TRY_LOCK, PRUNE_LOCK_KEY):
         return PruneResult(ran=False, deleted={})
     result = PruneResult(ran=True, deleted={})
+    event_cursor = 0
+    run_cursor = db.RunCursor()
+
+    async def tombstones() -> bool:
+        tomb = await db.prune_tombstones(
+            conn, batch=policy.batch, retention_s=policy.tombstone_retention_s
+        )
+        result.add("workspaces", tomb.workspaces)
+        result.add("workspace_events", tomb.events)
+        return tomb.workspaces < policy.batch
+
+    async def events() -> bool:
+        nonlocal event_cursor
+        batch = await db.prune_events(
+            conn,
+            after=event_cursor,
+            batch=policy.batch,
+            retention_s=policy.event_retention_s,
+            keep=policy.event_keep,
+        )
+        result.add("workspace_events", batch.deleted)
+        event_cursor = batch.cursor
+        return batch.done
+
+    async def runs() -> bool:
+        nonlocal run_cursor
+        batch = await db.prune_runs(
+            conn,
+            after=run_cursor,
+            batch=policy.batch,
+            retention_s=policy.reconcile_retention_s,
+            keep=policy.reconcile_keep,
+        )
+        result.add("reconciles", batch.runs)
+        result.add("reconcile_steps", batch.steps)
+        run_cursor = batch.cursor
+        return batch.done
+
+    async def actions() -> bool:
+        n = await db.prune_actions(conn, batch=policy.batch, retention_s=policy.action_retention_s)
+        result.add("workspace_actions", n)
+        return n < policy.batch
+
     try:
         # Tombstones first: their events and runs go with them, not through the walks below.
-        while True:
-            tomb = await db.prune_tombstones(
-                conn, batch=policy.batch, retention_s=policy.tombstone_retention_s
-            )
-            result.add("workspaces", tomb.workspaces)
-            result.add("workspace_events", tomb.events)
-            if tomb.workspaces < policy.batch:
-                break
-            await asyncio.sleep(policy.pause_s)
-        event_cursor = 0
-        while True:
-            events = await db.prune_events(
-                conn,
-                after=event_cursor,
-                batch=policy.batch,
-                retention_s=policy.event_retention_s,
-                keep=policy.event_keep,
-            )
-            result.add("workspace_events", events.deleted)
-            event_cursor = events.cursor
-            if events.done:
-                break
-            await asyncio.sleep(policy.pause_s)
-        run_cursor = db.RunCursor()
-        while True:
-            runs = await db.prune_runs(
-                conn,
-                after=run_cursor,
-                batch=policy.batch,
-                retention_s=policy.reconcile_retention_s,
-                keep=policy.reconcile_keep,
-            )
-            result.add("reconciles", runs.runs)
-            result.add("reconcile_steps", runs.steps)
-            run_cursor = runs.cursor
-            if runs.done:
-                break
-            await asyncio.sleep(policy.pause_s)
-        while True:
-            n = await db.prune_actions(
-                conn, batch=policy.batch, retention_s=policy.action_retention_s
-            )
-            result.add("workspace_actions", n)
-            if n < policy.batch:
-                break
-            await asyncio.sleep(policy.pause_s)
+        for table in (tombstones, events, runs, actions):
+            await _in_batches(table, policy.pause_s)
     finally:
         await conn.execute(UNLOCK, PRUNE_LOCK_KEY)
     return result

@@ -56,6 +56,9 @@ async def transition(
     return TransitionResult(Status(row["previous_status"]), row["changed"])
 
 
+# `status <> 'removed'` is implied by the legal sources, but a generic plan cannot see that:
+# written out, it lets the planner use the live-rows partial index (migration 0007), so
+# tombstones cost the sweeper nothing.
 # Oldest silence first, so a capped sweep expires the longest-dead workspaces. SKIP LOCKED
 # passes over rows a heartbeat holds right now: those are alive. A row a heartbeat updated
 # after this statement's snapshot is re-checked against the WHERE once locked.
