@@ -113,8 +113,12 @@ async def test_fleet_going_silent_at_once_trips_the_guard_and_is_not_all_expired
     fleet = [await registry.create_workspace() for _ in range(20)]
     for workspace in fleet:
         await registry.heartbeat(workspace)
+        # Fresh for an hour, however slowly this loop runs: with a 0.6 s window, a workspace
+        # beaten early would otherwise expire on its own before the fleet goes silent, the
+        # live fleet would shrink below the guard's minimum and the guard would not hold.
+        await make_silent(registry, [workspace], -3600)
     await asyncio.sleep(0.7)  # past the start-up grace window
-    await make_silent(registry, fleet, 3600)
+    await make_silent(registry, fleet, 3600)  # the whole fleet silent in one instant
 
     await eventually(lambda: _guard_holding(registry))
     await asyncio.sleep(0.5)  # about five sweeps at one expiry each
