@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 
@@ -23,6 +24,7 @@ from registry.keys import (
     METRICS,
     POOL,
     RECONCILER,
+    REFUSALS,
     SETTINGS,
     SOURCES,
 )
@@ -32,6 +34,7 @@ from registry.metrics import Metrics
 from registry.plugins import FetchLimits, SourceSettings
 from registry.reconcile.runner import ReconcileConfig, Reconciler
 from registry.reconcile.worker import ReconcileWorker, new_owner_id
+from registry.refusals import RefusalLog
 from registry.retention import Pruner
 from registry.routes import setup_routes
 from registry.settings import Settings
@@ -74,6 +77,7 @@ def create_app(settings: Settings, dsn: str) -> web.Application:
     app[DSN] = dsn
     app[METRICS] = Metrics()
     app[IGNORED_FIELDS] = IgnoredFieldReporter(app[METRICS])
+    app[REFUSALS] = RefusalLog(app[METRICS])
     app[SOURCES] = source_settings(settings)
     app.on_response_prepare.append(echo_request_id)
     setup_routes(app)
@@ -96,6 +100,8 @@ async def _database(app: web.Application) -> AsyncIterator[None]:
         coalesce=settings.heartbeat_coalesce,
         max_batch=settings.heartbeat_max_batch,
         max_in_flight=settings.heartbeat_max_in_flight,
+        # Only gaps the liveness window could have allowed measure the runtime's interval.
+        max_interval_s=settings.offline_after_max_s,
     )
     yield
     await heartbeat_pool.close()
@@ -150,12 +156,17 @@ async def _background(app: web.Application) -> AsyncIterator[None]:
     pruner = Pruner(pool, settings, app[METRICS])
     app[RECONCILER] = worker
     app[EVENT_HUB] = hub
+    stop_refusals = asyncio.Event()
     loops = [
         await scheduler.spawn(worker.run_forever(), name="reconcile-worker"),
         await scheduler.spawn(sweeper.run_forever(), name="liveness-sweeper"),
         await scheduler.spawn(hub.run_sequencer(), name="event-sequencer"),
         await scheduler.spawn(hub.run_listener(), name="event-listener"),
         await scheduler.spawn(pruner.run_forever(), name="retention-pruner"),
+        await scheduler.spawn(
+            app[REFUSALS].run_forever(pool, settings.refusal_flush_interval_s, stop_refusals),
+            name="refusal-flusher",
+        ),
     ]
     yield
     # Stop the loops first, so nothing is claimed that the closing scheduler would refuse;
@@ -165,6 +176,7 @@ async def _background(app: web.Application) -> AsyncIterator[None]:
     sweeper.stop()
     pruner.stop()
     hub.stop()
+    stop_refusals.set()
     for loop in loops:
         await loop.wait(timeout=LOOP_STOP_S)
     await scheduler.wait_and_close(timeout=settings.shutdown_grace_s)

@@ -10,6 +10,7 @@ from registry.ingest import HeartbeatIngest
 from registry.metrics import Metrics
 from registry.plugins import SourceSettings
 from registry.reconcile.worker import ReconcileWorker
+from registry.refusals import RefusalLog
 from registry.settings import Settings
 from registry.tolerance import IgnoredFieldReporter
 
@@ -23,3 +24,4 @@ EVENT_HUB = web.AppKey("event_hub", EventHub)
 METRICS = web.AppKey("metrics", Metrics)
 INGEST = web.AppKey("ingest", HeartbeatIngest)
 IGNORED_FIELDS = web.AppKey("ignored_fields", IgnoredFieldReporter)
+REFUSALS = web.AppKey("refusals", RefusalLog)

@@ -31,6 +31,10 @@ SWEEP_WORK_MEM = "SET LOCAL work_mem = '64MB'"
 # Provisioning timeouts are not subject to the mass-expiry guard, but are still bounded so a
 # single sweep's transaction stays short.
 MAX_FAILED_PER_SWEEP = 10_000
+# A live workspace is offline after this many of its own observed heartbeat intervals of
+# silence, when that is longer than the configured window: a runtime on a fixed 30 s
+# interval must not flap against a registry configured for 5 s.
+OBSERVED_INTERVALS = 3.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +55,11 @@ class SweepPolicy:
     mass_expiry_share: float
     mass_expiry_min_fleet: int
     mass_expiry_rate: float
+    offline_after_max_s: float = 0.0
+
+    @property
+    def live_window(self) -> transitions.SilenceWindow:
+        return transitions.SilenceWindow(OBSERVED_INTERVALS, self.offline_after_max_s)
 
     @classmethod
     def from_settings(cls, settings: Settings) -> SweepPolicy:
@@ -60,6 +69,7 @@ class SweepPolicy:
             mass_expiry_share=settings.mass_expiry_share,
             mass_expiry_min_fleet=settings.mass_expiry_min_fleet,
             mass_expiry_rate=settings.mass_expiry_rate,
+            offline_after_max_s=settings.offline_after_max_s,
         )
 
     def expiry_limit(self, live: int, silent: int) -> tuple[bool, int]:
@@ -79,7 +89,9 @@ async def sweep(conn: Connection, policy: SweepPolicy) -> SweepResult:
             return SweepResult(swept=False)
         # A mass expiry sorts up to the whole fleet by silence; keep that sort in memory.
         await conn.execute(SWEEP_WORK_MEM)
-        count = await transitions.count_silent(conn, LIVE, policy.offline_after_s)
+        count = await transitions.count_silent(
+            conn, LIVE, policy.offline_after_s, policy.live_window
+        )
         holding, limit = policy.expiry_limit(count.live, count.silent)
         expired = await transitions.expire_silent(
             conn,
@@ -88,6 +100,7 @@ async def sweep(conn: Connection, policy: SweepPolicy) -> SweepResult:
             to=Status.OFFLINE,
             cause="heartbeat_timeout",
             limit=limit,
+            window=policy.live_window,
         )
         failed = await transitions.expire_silent(
             conn,

@@ -33,6 +33,12 @@ class Metrics:
             ["kind", "field"],
             registry=r,
         )
+        self.refusals_unrecorded = Counter(
+            "registry_runtime_refusals_unrecorded",
+            "Refused runtime requests not recorded on their workspace: too many distinct "
+            "tokens were refused between two flushes.",
+            registry=r,
+        )
         self.heartbeat_batch_size = Histogram(
             "registry_heartbeat_batch_size",
             "Beats applied by one heartbeat statement.",

@@ -46,6 +46,14 @@ class Settings:
     offline_after_s: float | None = None
     provision_timeout_s: float = 600.0
     sweep_interval_s: float = 5.0
+    # A runtime on a slower interval than ours gets three of its own observed intervals
+    # before it is offline, but never more than this (nor less than offline_after_s).
+    offline_after_max_s: float = 300.0
+    # Token rotation: the previous token keeps working this long (0: at once, for a leaked
+    # token; a rotation request can also ask for 0).
+    token_rotation_grace_s: float = 3600.0
+    # Refused runtime requests are written to their workspace at most this often.
+    refusal_flush_interval_s: float = 2.0
     # Mass-expiry guard: a sweep that would take more than this share of a fleet of at least
     # min_fleet offline holds, and expires at most max(1, rate * live fleet) per sweep.
     mass_expiry_share: float = 0.3
@@ -150,6 +158,8 @@ class Settings:
             "restart_budget_window_s",
             "provision_timeout_s",
             "sweep_interval_s",
+            "offline_after_max_s",
+            "refusal_flush_interval_s",
             "shutdown_grace_s",
             "fetch_timeout_s",
             "event_retention_s",
@@ -164,6 +174,10 @@ class Settings:
             self.offline_after_s is None
             or (math.isfinite(self.offline_after_s) and self.offline_after_s > 0),
             "offline_after_s must be a positive number",
+        )
+        need(
+            math.isfinite(self.token_rotation_grace_s) and self.token_rotation_grace_s >= 0,
+            "token_rotation_grace_s must be zero or positive",
         )
         need(self.log_format in ("auto", "json", "text"), "log_format must be auto, json or text")
         need(
@@ -243,6 +257,9 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "offline_after_s": _float,
     "provision_timeout_s": _float,
     "sweep_interval_s": _float,
+    "offline_after_max_s": _float,
+    "token_rotation_grace_s": _float,
+    "refusal_flush_interval_s": _float,
     "mass_expiry_share": _float,
     "mass_expiry_min_fleet": _non_negative_int,
     "mass_expiry_rate": _float,

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import uuid
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, TypeVar
 
 import orjson
 from aiohttp import web
@@ -67,7 +67,13 @@ def required(body: Body, field: str) -> Any:
     return body[field]
 
 
-def number(body: Body, field: str, default: float, *, minimum: float, maximum: float) -> float:
+# A number's default: a float, or None for "not reported" where the caller keeps what it had.
+_Default = TypeVar("_Default", float, None)
+
+
+def number(
+    body: Body, field: str, default: _Default, *, minimum: float, maximum: float
+) -> float | _Default:
     value = body.get(field, default)
     if value is None:
         return default

@@ -20,6 +20,7 @@ import pytest_asyncio
 from registry import auth
 from registry.app import create_app
 from registry.auth import PUBLIC_ROUTES, WORKSPACE_TOKEN_ROUTES
+from registry.keys import REFUSALS
 from registry.settings import Settings
 from tests.hostile_support import (
     World,
@@ -186,14 +187,16 @@ class TestMatrix:
                 await asyncio.sleep(0.05)  # let the server finish the cancelled handler
 
     @pytest.mark.parametrize("path", ["/registry/heartbeat", "/registry/register"])
-    async def test_rotation_invalidates_the_old_token_at_once(
+    async def test_rotation_without_grace_invalidates_the_old_token_at_once(
         self, world: World, path: str
     ) -> None:
         registry = world.registry
         workspace = await registry.create_workspace()
         await registry.heartbeat(workspace)
 
-        rotated = await registry.client.post(f"/workspaces/{workspace.id}/token", headers=ADMIN)
+        rotated = await registry.client.post(
+            f"/workspaces/{workspace.id}/token", json={"grace_s": 0}, headers=ADMIN
+        )
         assert rotated.status == 200, await rotated.text()
         new = Workspace(workspace.id, (await rotated.json())["token"])
         assert new.token != workspace.token
@@ -202,7 +205,7 @@ class TestMatrix:
             path, json={"workspace_id": workspace.id}, headers=workspace.auth
         )
 
-        await assert_error(old_answer, 401, "unauthorized")
+        await assert_error(old_answer, 401, "token_rotated")
         assert diff(before, await state(registry.db)) == {}
         new_answer = await registry.client.post(
             path, json={"workspace_id": workspace.id}, headers=new.auth
@@ -217,15 +220,16 @@ class TestMatrix:
         tokens = [workspace.token]
         for _ in range(2):
             response = await registry.client.post(
-                f"/workspaces/{workspace.id}/token", headers=ADMIN
+                f"/workspaces/{workspace.id}/token", json={"grace_s": 0}, headers=ADMIN
             )
             tokens.append((await response.json())["token"])
 
-        for token in tokens[:-1]:
+        # The first token is forgotten; the one rotated away last is still recognised.
+        for token, code in zip(tokens[:-1], ("unauthorized", "token_rotated"), strict=True):
             response = await registry.client.post(
                 "/registry/heartbeat", json={"workspace_id": workspace.id}, headers=bearer(token)
             )
-            await assert_error(response, 401, "unauthorized")
+            await assert_error(response, 401, code)
         await registry.heartbeat(Workspace(workspace.id, tokens[-1]))
 
     async def test_near_miss_admin_tokens_are_refused_alike(self, world: World) -> None:
@@ -300,7 +304,7 @@ async def full_workflow(registry: Registry, plugin_sources: Path) -> list[str]:
         headers=first.auth,
     )
     await registry.settled(first)
-    rotated = await client.post(f"/workspaces/{first.id}/token", headers=ADMIN)
+    rotated = await client.post(f"/workspaces/{first.id}/token", json={"grace_s": 0}, headers=ADMIN)
     new_token = (await rotated.json())["token"]
     # Refused requests of every kind, each carrying a token.
     for headers, body in [
@@ -313,6 +317,8 @@ async def full_workflow(registry: Registry, plugin_sources: Path) -> list[str]:
         kwargs: dict[str, Any] = {"data": body} if isinstance(body, bytes) else {"json": body}
         response = await client.post("/registry/heartbeat", headers=headers, **kwargs)
         assert 400 <= response.status < 500
+    # The refusals are written to their workspaces (and logged) too: no token in either.
+    await client.app[REFUSALS].flush(registry.db)
     for headers in (bearer(new_token), bearer(ADMIN_TOKEN + "x"), {"Authorization": ADMIN_TOKEN}):
         response = await client.get("/workspaces", headers=headers)
         assert response.status == 401

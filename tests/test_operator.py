@@ -113,10 +113,14 @@ async def test_delete_ends_a_queued_reconcile(registry: Registry) -> None:
     assert [(r["status"], r["error"]) for r in runs] == [("failed", "workspace was removed")]
 
 
-async def test_token_rotation_invalidates_the_old_token_at_once(registry: Registry) -> None:
+async def test_token_rotation_with_no_grace_invalidates_the_old_token_at_once(
+    registry: Registry,
+) -> None:
     workspace = await registry.create_workspace()
 
-    response = await registry.client.post(f"/workspaces/{workspace.id}/token", headers=ADMIN)
+    response = await registry.client.post(
+        f"/workspaces/{workspace.id}/token", json={"grace_s": 0}, headers=ADMIN
+    )
     new_token = (await response.json())["token"]
     old = await registry.client.post(
         "/registry/heartbeat", json={"workspace_id": workspace.id}, headers=workspace.auth
@@ -126,6 +130,7 @@ async def test_token_rotation_invalidates_the_old_token_at_once(registry: Regist
     assert response.status == 200
     assert new_token != workspace.token
     assert old.status == 401
+    assert (await old.json())["error"]["code"] == "token_rotated"
     assert new["status"] == "online"
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import orjson
 
@@ -50,6 +50,8 @@ class BeatResult:
     status: Status | None
     reconcile_id: uuid.UUID | None  # a reconcile intent this beat committed
     actions: list[dict[str, Any]]
+    old_token: bool = False  # authenticated by the previous token, in its grace period
+    restarted: bool = False  # the reported uptime went down: the box restarted
 
     @property
     def reconcile_queued(self) -> bool:
@@ -80,14 +82,23 @@ WITH input AS (
            url, agent_card, cause)
 ),
 target AS (
-    SELECT w.status AS previous_status, i.*
+    SELECT w.status AS previous_status, w.uptime_seconds AS previous_uptime,
+           w.last_heartbeat_at AS previous_beat_at,
+           w.token_hash <> i.token_hash AS old_token, i.*
     FROM input i
-    JOIN workspaces w ON w.id = i.id AND w.token_hash = i.token_hash
+    -- The previous token keeps working through its rotation grace period.
+    JOIN workspaces w ON w.id = i.id
+        AND (w.token_hash = i.token_hash
+             OR (w.previous_token_hash = i.token_hash AND w.previous_token_valid_until > now()))
     ORDER BY w.id
     FOR UPDATE OF w
 ),
 transition AS (
-    SELECT t.*, COALESCE(m.to_status, t.previous_status) AS status
+    SELECT t.*, COALESCE(m.to_status, t.previous_status) AS status,
+           -- Uptime went down: the box restarted (on its own, or as it was asked) since then.
+           CASE WHEN t.uptime_seconds < t.previous_uptime
+                THEN now() - make_interval(secs => t.uptime_seconds) END AS restarted_at,
+           extract(epoch FROM now() - t.previous_beat_at)::float8 AS gap_s
     FROM target t
     LEFT JOIN unnest($15::text[], $16::text[], $17::text[]) AS m(health, from_status, to_status)
         ON m.health = t.health AND m.from_status = t.previous_status
@@ -109,16 +120,33 @@ beat AS (
         runtime_state = COALESCE(tr.runtime_state, w.runtime_state),
         observed_plugins = COALESCE(tr.observed_plugins::jsonb, w.observed_plugins),
         url = COALESCE(tr.url, w.url),
-        agent_card = COALESCE(tr.agent_card::jsonb, w.agent_card)
+        agent_card = COALESCE(tr.agent_card::jsonb, w.agent_card),
+        previous_token_used_at = CASE WHEN tr.old_token THEN now()
+                                      ELSE w.previous_token_used_at END,
+        -- The runtime's own interval: a moving average of the gaps between beats while it
+        -- was live, so one quick beat (register, then heartbeat) or one late one moves it
+        -- only a little. A gap longer than $22 s is an outage, not an interval.
+        heartbeat_interval_s = CASE
+            WHEN tr.previous_status = ANY($19::text[]) AND tr.gap_s <= $22
+            THEN COALESCE(0.7 * w.heartbeat_interval_s + 0.3 * tr.gap_s, tr.gap_s)
+            ELSE w.heartbeat_interval_s END
     FROM transition tr
     WHERE w.id = tr.id
-    RETURNING w.id, tr.previous_status, w.status, tr.cause
+    RETURNING w.id, tr.previous_status, w.status, tr.cause, tr.old_token, tr.restarted_at,
+              tr.uptime_seconds, tr.previous_uptime
 ),
 event AS (
-    INSERT INTO workspace_events (workspace_id, kind, from_status, to_status, cause, actor)
-    SELECT b.id, 'status', b.previous_status, b.status, b.cause, 'runtime'
+    INSERT INTO workspace_events
+        (workspace_id, kind, from_status, to_status, cause, actor, detail)
+    SELECT b.id, 'status', b.previous_status, b.status, b.cause, 'runtime', NULL
     FROM beat b
     WHERE b.status <> b.previous_status
+    UNION ALL
+    SELECT b.id, 'runtime', NULL, NULL, 'runtime_restarted', 'runtime',
+           jsonb_build_object('uptime_seconds', b.uptime_seconds,
+                              'previous_uptime_seconds', b.previous_uptime)
+    FROM beat b
+    WHERE b.restarted_at IS NOT NULL
 ),
 intent AS (
     INSERT INTO reconciles (workspace_id, trigger)
@@ -132,10 +160,19 @@ intent AS (
 acks AS (
     SELECT * FROM unnest($20::uuid[], $21::uuid[]) AS a(workspace_id, action_id)
 ),
+-- Pending actions this beat settles: those it acknowledges, and every restart asked before
+-- the box restarted on its own (a restart is a restart, whoever started it).
+acking AS (
+    SELECT a.id
+    FROM beat b
+    JOIN workspace_actions a ON a.workspace_id = b.id AND a.acked_at IS NULL
+    WHERE a.id IN (SELECT k.action_id FROM acks k WHERE k.workspace_id = b.id)
+       OR (a.type = 'restart' AND a.created_at < b.restarted_at)
+),
 acked AS (
     UPDATE workspace_actions a SET acked_at = now()
-    FROM acks k JOIN beat b ON b.id = k.workspace_id
-    WHERE a.id = k.action_id AND a.workspace_id = k.workspace_id AND a.acked_at IS NULL
+    FROM acking k
+    WHERE a.id = k.id
 ),
 -- Stamp the actions this answer hands out for the first time (not those acked just now:
 -- one statement must not update a row twice), so a later install knows they may be done.
@@ -143,21 +180,21 @@ delivered AS (
     UPDATE workspace_actions a SET delivered_at = now()
     FROM beat b
     WHERE a.workspace_id = b.id AND a.acked_at IS NULL AND a.delivered_at IS NULL
-      AND NOT EXISTS (SELECT 1 FROM acks k
-                      WHERE k.workspace_id = b.id AND k.action_id = a.id)
+      AND a.id NOT IN (SELECT id FROM acking)
 )
 SELECT
     t.id,
     t.previous_status,
     b.status,
     i.id AS reconcile_id,
+    b.old_token,
+    b.restarted_at IS NOT NULL AS restarted,
     CASE WHEN b.id IS NULL THEN NULL ELSE (
         SELECT COALESCE(jsonb_agg(jsonb_build_object(
                    'id', a.id, 'type', a.type, 'reason', a.reason) ORDER BY a.created_at), '[]')
         FROM workspace_actions a
         WHERE a.workspace_id = b.id AND a.acked_at IS NULL
-          AND NOT EXISTS (SELECT 1 FROM acks k
-                          WHERE k.workspace_id = b.id AND k.action_id = a.id)
+          AND a.id NOT IN (SELECT id FROM acking)
     ) END AS actions
 FROM target t
 LEFT JOIN beat b ON b.id = t.id
@@ -169,7 +206,13 @@ def _json(value: Any) -> str | None:
     return None if value is None else orjson.dumps(value).decode()
 
 
-async def apply_beats(conn: Connection, beats: list[Beat]) -> list[BeatResult]:
+# Gaps between beats longer than this are outages, not the runtime's interval.
+MAX_OBSERVED_INTERVAL_S = 300.0
+
+
+async def apply_beats(
+    conn: Connection, beats: list[Beat], *, max_interval_s: float = MAX_OBSERVED_INTERVAL_S
+) -> list[BeatResult]:
     """Apply beats for distinct workspaces; one result per beat, in order."""
     rows = await conn.fetch(
         HEARTBEATS,
@@ -194,6 +237,7 @@ async def apply_beats(conn: Connection, beats: list[Beat]) -> list[BeatResult]:
         LIVE_STATUSES,
         [b.workspace_id for b in beats for _ in b.acks],
         [ack for b in beats for ack in b.acks],
+        max_interval_s,
     )
     found = {
         row["id"]: BeatResult(
@@ -201,6 +245,8 @@ async def apply_beats(conn: Connection, beats: list[Beat]) -> list[BeatResult]:
             None if row["status"] is None else Status(row["status"]),
             row["reconcile_id"],
             row["actions"] or [],
+            bool(row["old_token"]),
+            bool(row["restarted"]),
         )
         for row in rows
     }
@@ -211,10 +257,26 @@ async def apply_beat(conn: Connection, beat: Beat) -> BeatResult:
     return (await apply_beats(conn, [beat]))[0]
 
 
-SELECT_WORKSPACE_BY_TOKEN = "SELECT id FROM workspaces WHERE token_hash = $1"
+# The current token, else the previous one: in its grace period it is a valid token used for
+# another workspace (403); after it, a rotated token (401 token_rotated, not "unknown").
+SELECT_TOKEN_OWNER = """
+SELECT id, 'current' AS token FROM workspaces WHERE token_hash = $1
+UNION ALL
+SELECT id, CASE WHEN previous_token_valid_until > now() THEN 'previous' ELSE 'rotated' END
+FROM workspaces WHERE previous_token_hash = $1
+LIMIT 1
+"""
+
+TokenState = Literal["current", "previous", "rotated"]
 
 
-async def workspace_for_token(conn: Connection, token_hash: bytes) -> uuid.UUID | None:
+@dataclass(frozen=True, slots=True)
+class TokenOwner:
+    workspace_id: uuid.UUID
+    token: TokenState
+
+
+async def token_owner(conn: Connection, token_hash: bytes) -> TokenOwner | None:
     """Slow path for a beat that matched nothing: whose token is this, if anyone's?"""
-    value = await conn.fetchval(SELECT_WORKSPACE_BY_TOKEN, token_hash)
-    return value if isinstance(value, uuid.UUID) else None
+    row = await conn.fetchrow(SELECT_TOKEN_OWNER, token_hash)
+    return None if row is None else TokenOwner(row["id"], row["token"])

@@ -34,6 +34,19 @@ FROM target t
 
 
 @dataclass(frozen=True, slots=True)
+class SilenceWindow:
+    """How a workspace's own observed heartbeat interval stretches its silence window:
+    `intervals` of them, at most `max_s` seconds in all."""
+
+    intervals: float
+    max_s: float
+
+    @classmethod
+    def fixed(cls) -> SilenceWindow:
+        return cls(0.0, 0.0)
+
+
+@dataclass(frozen=True, slots=True)
 class TransitionResult:
     previous: Status | None  # None: no such workspace
     changed: bool
@@ -59,6 +72,9 @@ async def transition(
 # `status <> 'removed'` is implied by the legal sources, but a generic plan cannot see that:
 # written out, it lets the planner use the live-rows partial index (migration 0007), so
 # tombstones cost the sweeper nothing.
+# A workspace is silent after `$2` seconds, or after `$6` of its own observed heartbeat
+# intervals if that is longer, up to `$7` seconds: the window follows each runtime's real
+# interval, computed row by row in the same set-based statement.
 # Oldest silence first, so a capped sweep expires the longest-dead workspaces. SKIP LOCKED
 # passes over rows a heartbeat holds right now: those are alive. A row a heartbeat updated
 # after this statement's snapshot is re-checked against the WHERE once locked.
@@ -66,7 +82,8 @@ EXPIRE_SILENT = """
 WITH silent AS (
     SELECT id, status FROM workspaces
     WHERE status = ANY($1::text[]) AND status <> 'removed'
-      AND COALESCE(last_heartbeat_at, status_changed_at) < now() - make_interval(secs => $2)
+      AND COALESCE(last_heartbeat_at, status_changed_at) < now() - make_interval(secs =>
+              GREATEST($2, LEAST($6 * COALESCE(heartbeat_interval_s, 0), $7)))
     ORDER BY COALESCE(last_heartbeat_at, status_changed_at)
     LIMIT $3
     FOR UPDATE SKIP LOCKED
@@ -93,18 +110,31 @@ async def expire_silent(
     to: Status,
     cause: str,
     limit: int,
+    window: SilenceWindow | None = None,
 ) -> dict[Status, int]:
-    """Move up to `limit` workspaces silent for `silent_for_s` from `statuses` to `to`;
-    returns how many moved, by the status they left."""
+    """Move up to `limit` workspaces silent for `silent_for_s` (stretched by `window`) from
+    `statuses` to `to`; returns how many moved, by the status they left."""
     sources = [s.value for s in statuses if s in legal_sources(to)]
-    rows = await conn.fetch(EXPIRE_SILENT, sources, silent_for_s, limit, to.value, cause)
+    window = window or SilenceWindow.fixed()
+    rows = await conn.fetch(
+        EXPIRE_SILENT,
+        sources,
+        silent_for_s,
+        limit,
+        to.value,
+        cause,
+        window.intervals,
+        window.max_s,
+    )
     return {Status(row["previous_status"]): row["n"] for row in rows}
 
 
 COUNT_SILENT = """
 SELECT count(*) AS live,
        count(*) FILTER (WHERE COALESCE(last_heartbeat_at, status_changed_at)
-                              < now() - make_interval(secs => $2)) AS silent
+                              < now() - make_interval(secs =>
+                                  GREATEST($2, LEAST($3 * COALESCE(heartbeat_interval_s, 0),
+                                                     $4)))) AS silent
 FROM workspaces
 WHERE status = ANY($1::text[]) AND status <> 'removed'
 """
@@ -117,8 +147,14 @@ class FleetCount:
 
 
 async def count_silent(
-    conn: Connection, statuses: frozenset[Status], silent_for_s: float
+    conn: Connection,
+    statuses: frozenset[Status],
+    silent_for_s: float,
+    window: SilenceWindow | None = None,
 ) -> FleetCount:
-    row = await conn.fetchrow(COUNT_SILENT, [s.value for s in statuses], silent_for_s)
+    window = window or SilenceWindow.fixed()
+    row = await conn.fetchrow(
+        COUNT_SILENT, [s.value for s in statuses], silent_for_s, window.intervals, window.max_s
+    )
     assert row is not None
     return FleetCount(row["live"], row["silent"])

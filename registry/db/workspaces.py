@@ -48,6 +48,17 @@ class Workspace:
     monthly_spend: float | None
     runtime_state: str | None
     observed_plugins: list[dict[str, Any]] | None
+    heartbeat_interval_s: float | None = None  # the runtime's own, as observed
+    token_rotated_at: datetime | None = None
+    previous_token_valid_until: datetime | None = None
+    previous_token_used_at: datetime | None = None
+    # The last refused runtime request, and how many since the first after the last beat.
+    refused_at: datetime | None = None
+    refused_since: datetime | None = None
+    refused_count: int = 0
+    refused_status: int | None = None
+    refused_code: str | None = None
+    refused_field: str | None = None
 
     @classmethod
     def from_record(cls, row: asyncpg.Record) -> Workspace:
@@ -59,7 +70,9 @@ class Workspace:
 WORKSPACE_COLUMNS = """
     id, name, status, status_changed_at, created_at, delivery, url, agent_card,
     last_heartbeat_at, error_rate, sample_error, active_tasks, uptime_seconds, current_task,
-    monthly_spend, runtime_state, observed_plugins
+    monthly_spend, runtime_state, observed_plugins, heartbeat_interval_s, token_rotated_at,
+    previous_token_valid_until, previous_token_used_at, refused_at, refused_since,
+    refused_count, refused_status, refused_code, refused_field
 """
 
 INSERT_WORKSPACE = f"""
@@ -220,9 +233,39 @@ async def list_workspaces(
     return [Workspace.from_record(row) for row in rows]
 
 
-UPDATE_TOKEN = "UPDATE workspaces SET token_hash = $2 WHERE id = $1 AND status <> 'removed'"
+# The previous token stays valid until the grace period ends (at once for 0), and is still
+# recognised afterwards to answer `token_rotated`; a second rotation forgets the oldest. The
+# event is written in the same statement.
+ROTATE_TOKEN = """
+WITH rotated AS (
+    UPDATE workspaces SET
+        previous_token_hash = token_hash,
+        previous_token_valid_until = now() + make_interval(secs => $3),
+        previous_token_used_at = NULL,
+        token_rotated_at = now(),
+        token_hash = $2
+    WHERE id = $1 AND status <> 'removed'
+    RETURNING id, previous_token_valid_until
+),
+event AS (
+    INSERT INTO workspace_events (workspace_id, kind, cause, actor, detail)
+    SELECT id, 'token', 'token_rotated', $4,
+           jsonb_build_object('grace_s', $3::float8,
+                              'previous_token_valid_until', previous_token_valid_until)
+    FROM rotated
+)
+SELECT previous_token_valid_until FROM rotated
+"""
 
 
-async def replace_token(conn: Connection, workspace_id: uuid.UUID, token_hash: bytes) -> bool:
-    """The old token stops working the moment this commits."""
-    return str(await conn.execute(UPDATE_TOKEN, workspace_id, token_hash)) == "UPDATE 1"
+async def rotate_token(
+    conn: Connection,
+    workspace_id: uuid.UUID,
+    token_hash: bytes,
+    *,
+    grace_s: float,
+    actor: str = "admin",
+) -> datetime | None:
+    """Replace the token; returns until when the previous one works, None if not rotated."""
+    value = await conn.fetchval(ROTATE_TOKEN, workspace_id, token_hash, grace_s, actor)
+    return value if isinstance(value, datetime) else None

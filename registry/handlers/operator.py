@@ -14,7 +14,7 @@ from registry.db.transitions import TransitionResult
 from registry.errors import Conflict, workspace_not_found, workspace_removed
 from registry.handlers.workspaces import workspace_response
 from registry.jsonio import json_response
-from registry.keys import METRICS, POOL
+from registry.keys import METRICS, POOL, SETTINGS
 from registry.statuses import Status
 
 
@@ -89,13 +89,32 @@ async def delete_workspace(request: web.Request) -> web.Response:
     return web.Response(status=204)
 
 
+# A grace period longer than this is a token that never really rotates.
+MAX_ROTATION_GRACE_S = 7 * 86400.0
+
+
 async def post_token(request: web.Request) -> web.Response:
-    """Issue a new workspace token; the old one stops working at once."""
+    """Issue a new workspace token; the old one keeps working for the grace period
+    (`grace_s` in the body, else REGISTRY_TOKEN_ROTATION_GRACE_S; 0 for a leaked token)."""
     workspace_id = v.path_uuid(request)
+    body = await v.read_json_object(request) if request.can_read_body else {}
+    v.reject_unknown_fields(body, ("grace_s",))
+    grace_s = v.number(
+        body,
+        "grace_s",
+        request.app[SETTINGS].token_rotation_grace_s,
+        minimum=0.0,
+        maximum=MAX_ROTATION_GRACE_S,
+    )
     token = new_workspace_token()
     async with request.app[POOL].acquire() as conn:
-        if not await workspaces.replace_token(conn, workspace_id, hash_token(token)):
+        rotated = await workspaces.rotate_token(
+            conn, workspace_id, hash_token(token), grace_s=grace_s
+        )
+        if rotated is None:
             if await workspaces.workspace_exists(conn, workspace_id):
                 raise workspace_removed()
             raise workspace_not_found(workspace_id)
-    return json_response({"workspace_id": workspace_id, "token": token})
+    return json_response(
+        {"workspace_id": workspace_id, "token": token, "previous_token_valid_until": rotated}
+    )

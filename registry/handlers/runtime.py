@@ -14,10 +14,18 @@ from aiohttp import web
 
 from registry import validation as v
 from registry.auth import bearer_token, hash_token
-from registry.db.heartbeats import Beat, BeatResult, workspace_for_token
+from registry.db.heartbeats import Beat, BeatResult, token_owner
 from registry.errors import ApiError, Forbidden, Gone, InvalidField, Unauthorized
 from registry.jsonio import json_response
-from registry.keys import IGNORED_FIELDS, INGEST, METRICS, POOL, RECONCILER, SETTINGS
+from registry.keys import (
+    IGNORED_FIELDS,
+    INGEST,
+    METRICS,
+    POOL,
+    RECONCILER,
+    REFUSALS,
+    SETTINGS,
+)
 from registry.statuses import Health, Status, classify_heartbeat
 
 HEARTBEAT_FIELDS = frozenset(
@@ -97,7 +105,8 @@ def parse_heartbeat(body: v.Body, token_hash: bytes) -> Parsed:
         active_tasks=v.integer(
             body, "active_tasks", 0, minimum=0, maximum=1_000_000, integral_floats=True
         ),
-        uptime_seconds=v.number(body, "uptime_seconds", 0.0, minimum=0.0, maximum=1e10),
+        # Not reported: the stored uptime stays, so a beat that omits it is not a restart.
+        uptime_seconds=v.number(body, "uptime_seconds", None, minimum=0.0, maximum=1e10),
         current_task=v.text(body, "current_task", "", max_length=1024),
         monthly_spend=v.number(body, "monthly_spend", 0.0, minimum=0.0, maximum=1e12),
         runtime_state=runtime_state,
@@ -165,9 +174,17 @@ async def _answer(request: web.Request, parsed: Parsed, kind: str) -> web.Respon
     result = await app[INGEST].apply(beat)
     if result.previous_status is None:
         async with app[POOL].acquire() as conn:
-            owner = await workspace_for_token(conn, beat.token_hash)
+            owner = await token_owner(conn, beat.token_hash)
         if owner is None:
+            # Shown on the workspace the body names, as unauthenticated: a runtime with a
+            # wrong token is visible there (at one write per flush, whoever sends it).
+            app[REFUSALS].record(beat.workspace_id, 401, Unauthorized.code, None)
             raise Unauthorized("the token matches no workspace")
+        if owner.token == "rotated":
+            raise Unauthorized(
+                "the token was rotated and its grace period is over: use the new token",
+                code="token_rotated",
+            )
         raise Forbidden("the token belongs to another workspace", field="workspace_id")
     if result.previous_status is Status.REMOVED:
         raise Gone("the workspace was removed: stop heartbeating")
@@ -192,6 +209,8 @@ def _response_body(request: web.Request, parsed: Parsed, result: BeatResult) -> 
         "next_heartbeat_s": next_heartbeat_s,
         "actions": result.actions,
         "ignored_fields": parsed.ignored,
+        # The previous token still works, for its grace period only: fetch the new one.
+        "token_rotated": result.old_token,
     }
 
 
@@ -201,6 +220,7 @@ async def _observed(
     metrics = request.app[METRICS]
     started = time.perf_counter()
     code, outcome = 500, "error"
+    token_hash: bytes | None = None
     try:
         token_hash = hash_token(bearer_token(request))
         parsed = parse(await v.read_json_object(request), token_hash)
@@ -209,10 +229,18 @@ async def _observed(
         return response
     except ApiError as exc:
         code, outcome = exc.status, exc.code
+        if token_hash is not None and _is_refusal(exc):
+            request.app[REFUSALS].record(token_hash, exc.status, exc.code, exc.field)
         raise
     finally:
         metrics.heartbeats.labels(kind, outcome, str(code)).inc()
         metrics.heartbeat_seconds.labels(kind).observe(time.perf_counter() - started)
+
+
+def _is_refusal(exc: ApiError) -> bool:
+    """A refusal of a runtime whose token may identify its workspace: not a server-side
+    failure (5xx), and not a token that was already found to match no workspace."""
+    return exc.status < 500 and exc.code != Unauthorized.code
 
 
 async def post_heartbeat(request: web.Request) -> web.Response:

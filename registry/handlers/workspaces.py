@@ -10,7 +10,7 @@ from aiohttp import web
 from registry import query
 from registry import validation as v
 from registry.auth import hash_token, new_workspace_token
-from registry.db import Connection, reconciles, workspaces
+from registry.db import Connection, actions, reconciles, workspaces
 from registry.db.workspaces import DeclaredPlugin
 from registry.errors import (
     Forbidden,
@@ -101,6 +101,7 @@ async def _workspace_view(
         installed=await workspaces.installed_plugins(conn, workspace_id),
         last=await reconciles.last_reconcile(conn, workspace_id),
         liveness=Liveness.from_settings(settings),
+        pending=await actions.pending_actions(conn, workspace_id),
     )
 
 
