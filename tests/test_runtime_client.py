@@ -16,6 +16,7 @@ import sys
 import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import pytest
@@ -135,6 +136,7 @@ async def test_first_boot_goes_online_installs_plugins_and_acks_the_restart(
         restart_hook=restart,
         extra_fields=lambda: {"is_busy": False},
         sleep=stepper.sleep,
+        rand=lambda: 0.5,  # the middle of the client's own jitter: the delay is the answer's
     )
     with caplog.at_level(logging.INFO, logger="registry.runtime_client"):
         async with client:
@@ -145,7 +147,7 @@ async def test_first_boot_goes_online_installs_plugins_and_acks_the_restart(
             delay = await stepper.step()
             assert [a.type for a in restarts] == ["restart"]
             assert await pending_actions(registry.db, workspace) == [restarts[0].id]
-            assert 27.0 <= delay <= 33.0  # next_heartbeat_s (30 s ± 10%) with the client's jitter
+            assert 27.0 <= delay <= 33.0  # next_heartbeat_s: 30 s ± the registry's 10%
 
             # Second beat carries the ack.
             await stepper.step()
@@ -187,6 +189,51 @@ async def test_an_action_is_acked_only_after_its_hook_succeeded(
     assert len(calls) == 2 and calls[0] == calls[1]
     assert await pending_actions(registry.db, workspace) == []
     assert client.counters.restart_failures == 1
+
+
+async def test_it_registers_then_beats_at_the_answered_interval_with_jitter(
+    aiohttp_server: AioHttpServer,
+) -> None:
+    """A stand-in registry records what the client sends and asks for a beat every 10 s."""
+    time = FakeTime(max_sleeps=4)
+    seen: list[tuple[str, dict[str, Any]]] = []
+    workspace_id = str(uuid.uuid4())
+
+    async def answer(request: web.Request) -> web.Response:
+        seen.append((request.match_info["kind"], await request.json()))
+        return web.json_response(
+            {"workspace_id": workspace_id, "status": "online", "next_heartbeat_s": 10}
+        )
+
+    app = web.Application()
+    app.router.add_post("/registry/{kind}", answer)
+    server = await aiohttp_server(app)
+    draws = iter([0.0, 1.0, 0.5, 0.5])
+    config = ClientConfig(
+        str(server.make_url("/")), workspace_id, url="http://10.0.0.7:9000", agent_card={"n": 1}
+    )
+    client = RuntimeClient(
+        config,
+        lambda: "t",
+        clock=time,
+        sleep=time.sleep,
+        rand=lambda: next(draws),
+    )
+    time.now = 100.0  # the client started at 0: uptime is measured from its own start
+    async with client:
+        await asyncio.wait_for(time.parked.wait(), GUARD_S)
+
+    kinds = [kind for kind, _ in seen]
+    assert kinds == ["register", "heartbeat", "heartbeat", "heartbeat"]
+    assert seen[0][1] == {
+        "workspace_id": workspace_id,
+        "url": "http://10.0.0.7:9000",
+        "agent_card": {"n": 1},
+    }
+    assert [body["uptime_seconds"] for _, body in seen[1:]] == [109.0, 120.0, 130.0]
+    assert seen[1][1]["acks"] == []
+    # 10 s stretched or shrunk by up to 10%: a fleet that started together drifts apart.
+    assert time.delays == pytest.approx([9.0, 11.0, 10.0, 10.0])
 
 
 # --------------------------------------------------------------------------- outages
