@@ -2,6 +2,9 @@
 
 It imports nothing of the server but the plugin tree digest, so the sha it reports for a
 plugin directory is, by construction, the one the registry records for a ``file://`` source.
+For a git source the registry records the commit sha, which a delivered tree does not carry:
+report those through ``plugins=`` (e.g. the ``X-Plugin-Sha`` an http delivery came with), not
+through ``plugins_dir``, or every reconcile sees them as missing and reinstalls them.
 """
 
 from __future__ import annotations
