@@ -84,6 +84,15 @@ class ClientConfig:
     max_retry_after_s: float = 300.0
     request_timeout_s: float = 10.0
 
+    def __post_init__(self) -> None:
+        # A zero minimum is exactly the hot loop this client exists to prevent.
+        if not self.min_delay_s > 0:
+            raise ValueError("min_delay_s must be positive")
+        if not self.backoff_cap_s >= self.min_delay_s:
+            raise ValueError("backoff_cap_s must be at least min_delay_s")
+        if not 0 <= self.jitter < 1:
+            raise ValueError("jitter must be in [0, 1)")
+
 
 @dataclass(slots=True)
 class Counters:
@@ -97,7 +106,7 @@ class Counters:
     token_reloads: int = 0  # 401s after which the provider gave a different token
     restarts: int = 0  # restart hooks that succeeded
     restart_failures: int = 0
-    acks_sent: int = 0
+    acked: int = 0  # action ids a heartbeat carried that the registry answered 200 to
 
 
 TokenProvider = Callable[[], MaybeAwaitable[str]]
@@ -226,7 +235,8 @@ class RuntimeClient:
         ``request_timeout_s``) so that an answer's actions are not half handled.
         """
         self._stopping.set()
-        if self._task is None:
+        # Called from a hook inside the run itself (e.g. on_removed): it ends on its own.
+        if self._task is None or self._task is asyncio.current_task():
             return None
         return await self._task
 
@@ -368,7 +378,7 @@ class RuntimeClient:
         if not isinstance(body, dict):
             return
         if kind == "heartbeat":
-            self.counters.acks_sent += len(self._to_ack)
+            self.counters.acked += len(self._to_ack)
             self._to_ack.clear()
         interval = body.get("next_heartbeat_s")
         if isinstance(interval, int | float) and math.isfinite(interval) and interval > 0:

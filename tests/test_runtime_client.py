@@ -154,7 +154,7 @@ async def test_first_boot_goes_online_installs_plugins_and_acks_the_restart(
 
     assert await pending_actions(registry.db, workspace) == []
     assert client.counters.restarts == 1
-    assert client.counters.acks_sent == 1
+    assert client.counters.acked == 1
     shown = await registry.show(workspace)
     installed = {p["name"]: p["sha"] for p in shown["installed_plugins"]}
     # The digest the client computed is the one the registry recorded: one shared function.
@@ -357,12 +357,14 @@ async def test_a_removed_workspace_stops_the_client(registry: Registry) -> None:
     workspace = await registry.create_workspace()
     stepper = Stepper()
     removed: list[bool] = []
+
+    async def on_removed() -> None:
+        removed.append(True)
+        await client.stop()  # a runtime shutting itself down from the hook must not deadlock
+
     config = ClientConfig(registry_url(registry), workspace.id)
     client = RuntimeClient(
-        config,
-        lambda: workspace.token,
-        on_removed=lambda: removed.append(True),
-        sleep=stepper.sleep,
+        config, lambda: workspace.token, on_removed=on_removed, sleep=stepper.sleep
     )
     async with client:
         await stepper.parked()
@@ -388,6 +390,11 @@ def test_plugins_in_reports_each_plugin_and_skips_staging_areas(tmp_path: Path) 
         ObservedPlugin("b", tree_digest(tmp_path / "b")),
     ]
     assert plugins_in(tmp_path / "missing") == []
+
+
+def test_a_config_that_could_hot_loop_is_refused() -> None:
+    with pytest.raises(ValueError, match="min_delay_s"):
+        ClientConfig("http://registry", str(uuid.uuid4()), min_delay_s=0.0)
 
 
 def test_the_client_imports_nothing_of_the_server() -> None:
