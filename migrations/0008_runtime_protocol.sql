@@ -34,3 +34,8 @@ ALTER TABLE workspaces ADD COLUMN heartbeat_interval_s double precision;
 ALTER TABLE workspace_events DROP CONSTRAINT workspace_events_kind_check;
 ALTER TABLE workspace_events ADD CONSTRAINT workspace_events_kind_check
     CHECK (kind IN ('status', 'reconcile', 'fleet', 'runtime', 'token'));
+
+-- 5. The content digest of what was delivered (registry.plugins.fetch.tree_digest), beside
+--    the version sha: for a git source the sha is a commit, which a runtime cannot see in the
+--    delivered files; it may report either, and either counts as installed.
+ALTER TABLE installed_plugins ADD COLUMN digest text;

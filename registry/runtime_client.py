@@ -1,10 +1,8 @@
 """The reference runtime client: what a workspace runtime embeds to register, heartbeat and ack.
 
 It imports nothing of the server but the plugin tree digest, so the sha it reports for a
-plugin directory is, by construction, the one the registry records for a ``file://`` source.
-For a git source the registry records the commit sha, which a delivered tree does not carry:
-report those through ``plugins=`` (e.g. the ``X-Plugin-Sha`` an http delivery came with), not
-through ``plugins_dir``, or every reconcile sees them as missing and reinstalls them.
+plugin directory is, by construction, the content digest the registry records for every
+plugin it delivers (beside the commit sha of a git source, which the files do not carry).
 """
 
 from __future__ import annotations

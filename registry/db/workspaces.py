@@ -27,6 +27,12 @@ class InstalledPlugin:
     source: str
     sha: str
     installed_at: datetime
+    # Content digest of what was delivered; a runtime may report it instead of `sha` (it
+    # cannot know a git commit from the files). None for plugins installed before it existed.
+    digest: str | None = None
+
+    def reported_as(self, observed_sha: str | None) -> bool:
+        return observed_sha is not None and observed_sha in (self.sha, self.digest)
 
 
 @dataclass(frozen=True, slots=True)
@@ -155,28 +161,35 @@ async def declared_plugins(conn: Connection, workspace_id: uuid.UUID) -> list[De
 
 
 SELECT_INSTALLED = """
-SELECT name, source, sha, installed_at FROM installed_plugins WHERE workspace_id = $1 ORDER BY name
+SELECT name, source, sha, installed_at, digest FROM installed_plugins
+WHERE workspace_id = $1 ORDER BY name
 """
 
 
 async def installed_plugins(conn: Connection, workspace_id: uuid.UUID) -> list[InstalledPlugin]:
     rows = await conn.fetch(SELECT_INSTALLED, workspace_id)
-    return [InstalledPlugin(r["name"], r["source"], r["sha"], r["installed_at"]) for r in rows]
+    return [InstalledPlugin(**dict(row)) for row in rows]
 
 
 UPSERT_INSTALLED = """
-INSERT INTO installed_plugins (workspace_id, name, source, sha)
-VALUES ($1, $2, $3, $4)
+INSERT INTO installed_plugins (workspace_id, name, source, sha, digest)
+VALUES ($1, $2, $3, $4, $5)
 ON CONFLICT (workspace_id, name)
-DO UPDATE SET source = EXCLUDED.source, sha = EXCLUDED.sha, installed_at = now()
+DO UPDATE SET source = EXCLUDED.source, sha = EXCLUDED.sha, digest = EXCLUDED.digest,
+              installed_at = now()
 """
 
 
 async def record_installed(
-    conn: Connection, workspace_id: uuid.UUID, name: str, source: str, sha: str
+    conn: Connection,
+    workspace_id: uuid.UUID,
+    name: str,
+    source: str,
+    sha: str,
+    digest: str | None = None,
 ) -> None:
     """Called only after the plugin's bytes were delivered (DESIGN lesson 7)."""
-    await conn.execute(UPSERT_INSTALLED, workspace_id, name, source, sha)
+    await conn.execute(UPSERT_INSTALLED, workspace_id, name, source, sha, digest)
 
 
 DELETE_INSTALLED = "DELETE FROM installed_plugins WHERE workspace_id = $1 AND name = $2"

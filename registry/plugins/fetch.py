@@ -34,7 +34,10 @@ class FetchLimits:
 @dataclass(frozen=True, slots=True)
 class StagedPlugin:
     path: Path
-    sha: str
+    sha: str  # the version: the commit for git, the content digest for file sources
+    # The content digest of the staged tree (tree_digest), whatever the source: what a
+    # runtime can compute from the delivered directory and report as the plugin's sha.
+    digest: str
 
 
 # --------------------------------------------------------------------------- ignore list
@@ -293,7 +296,7 @@ async def _stage_file(source: PluginSource, limits: FetchLimits, work_dir: Path)
         raise FetchFailed(
             f"copying the plugin failed: {exc.strerror}", code="stage_failed", transient=True
         ) from None
-    return StagedPlugin(path=dest, sha=digest)
+    return StagedPlugin(path=dest, sha=digest, digest=digest)
 
 
 # --------------------------------------------------------------------------- git plumbing
@@ -628,6 +631,9 @@ async def _stage_git(source: PluginSource, limits: FetchLimits, work_dir: Path) 
                 sha, refname = await _resolve_git(source, git_dir)
                 await _fetch_commit(git_dir, source, sha, refname)
                 await _materialise(git_dir, sha, source.subdir, dest, limits)
+                digest = await run_blocking(
+                    lambda stop: _TreeWalk(limits, None, stop, None).run(dest)
+                )
         except TimeoutError:
             raise _timeout() from None
         except (FileExistsError, NotADirectoryError):
@@ -638,7 +644,7 @@ async def _stage_git(source: PluginSource, limits: FetchLimits, work_dir: Path) 
             ) from None
         os.chmod(dest, 0o755)  # noqa: S103 - see _stage_file
         staged = True
-        return StagedPlugin(path=dest, sha=sha)
+        return StagedPlugin(path=dest, sha=sha, digest=digest)
     finally:
         await asyncio.to_thread(shutil.rmtree, git_dir, True)
         if not staged:

@@ -42,7 +42,7 @@ def plan(
             steps.append(
                 PlannedStep(plugin.name, plugin.source, "upgrade", record.sha, "source changed")
             )
-        elif observed is not None and observed.get(plugin.name) != record.sha:
+        elif observed is not None and not record.reported_as(observed.get(plugin.name)):
             steps.append(
                 PlannedStep(
                     plugin.name, plugin.source, "install", record.sha, "runtime does not report it"

@@ -228,7 +228,7 @@ class Reconciler:
         # Recorded only now that the bytes are in place (DESIGN lesson 7).
         async with self._pool.acquire() as conn:
             await workspaces.record_installed(
-                conn, workspace.id, planned.plugin, planned.source, staged.sha
+                conn, workspace.id, planned.plugin, planned.source, staged.sha, staged.digest
             )
         return staged.sha
 

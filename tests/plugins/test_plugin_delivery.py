@@ -29,7 +29,7 @@ def make_staged(root: Path, label: str, files: dict[str, str]) -> StagedPlugin:
         target = path / rel
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text(content)
-    return StagedPlugin(path=path, sha=label * 40)
+    return StagedPlugin(path=path, sha=label * 40, digest=label * 64)
 
 
 def contents(root: Path) -> dict[str, str]:
