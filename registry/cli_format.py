@@ -140,8 +140,17 @@ def workspace(view: JSON) -> str:
                 ("uptime", _seconds(beat.get("uptime_seconds"))),
                 ("monthly spend", beat.get("monthly_spend")),
                 ("plugins sync", view.get("plugins_sync")),
+                ("last refusal", _refusal(view.get("last_refusal"))),
                 ("why", view.get("why")),
             ]
+        ),
+        *_plugins(
+            "pending actions",
+            ("TYPE", "AGE", "HANDED OUT", "REASON"),
+            [
+                (a["type"], _seconds(a.get("age_s")), when(a.get("delivered_at")), a["reason"])
+                for a in view.get("pending_actions") or []
+            ],
         ),
         "",
         *_plugins(
@@ -177,6 +186,16 @@ def workspace(view: JSON) -> str:
         lines.append("last reconcile:")
         lines.append(reconcile(last, indent="  "))
     return "\n".join(lines)
+
+
+def _refusal(refusal: dict[str, Any] | None) -> str | None:
+    if refusal is None:
+        return None
+    field = "" if refusal.get("field") is None else f" ({refusal['field']})"
+    return (
+        f"{refusal['status']} {refusal['code']}{field} at {when(refusal.get('at'))}, "
+        f"{refusal['count']} times"
+    )
 
 
 def _seconds(value: Any) -> str:

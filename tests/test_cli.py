@@ -101,12 +101,12 @@ def url(registry_process: RegistryProcess) -> str:
     return registry_process.url
 
 
-async def heartbeat(url: str, workspace_id: str, token: str) -> dict[str, Any]:
+async def heartbeat(url: str, workspace_id: str, token: str, **fields: Any) -> dict[str, Any]:
     async with (
         aiohttp.ClientSession() as session,
         session.post(
             f"{url}/registry/heartbeat",
-            json={"workspace_id": workspace_id},
+            json={"workspace_id": workspace_id, **fields},
             headers=bearer(token),
         ) as response,
     ):
@@ -163,6 +163,12 @@ async def test_a_workspace_from_creation_to_removal(
     again = (await ok(url, "reconcile", workspace_id, "--json")).json()
     assert again["status"] == "succeeded"
     assert [(s["plugin"], s["action"]) for s in again["steps"]] == [("seo-all", "skip")]
+
+    # Installed but not loaded until the runtime restarts: the restart is pending.
+    pending = await ok(url, "workspaces", "show", workspace_id)
+    assert "restart" in pending.out.split("pending actions:")[1].splitlines()[2]
+    actions = (await heartbeat(url, workspace_id, token))["actions"]
+    await heartbeat(url, workspace_id, token, acks=[a["id"] for a in actions])
 
     shown = await ok(url, "workspaces", "show", workspace_id)
     lines = shown.out.splitlines()

@@ -547,6 +547,11 @@ async def test_every_documented_response_is_produced_and_conforms(
         response = await client.post(f"/workspaces/{target}/token", headers=headers)
         assert response.status == status
         await check(response, "post_token")
+    bad_grace = await client.post(
+        f"/workspaces/{other.id}/token", json={"grace_s": -1}, headers=ADMIN
+    )
+    assert bad_grace.status == 400
+    await check(bad_grace, "post_token")
     doomed = await registry.create_workspace()
     for target, headers, status in [
         (doomed.id, ADMIN, 204),
