@@ -1,4 +1,14 @@
 # The registry as a container. git is needed for git plugin sources; nothing else is.
+
+# The wheel is built in a stage of its own and installed like any user installs it: the image
+# runs exactly what the wheel ships (migrations included), with no source tree beside it.
+FROM python:3.11-slim AS build
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY registry ./registry
+COPY migrations ./migrations
+RUN pip wheel --no-cache-dir --no-deps --wheel-dir /dist .
+
 FROM python:3.11-slim
 
 RUN apt-get update \
@@ -6,12 +16,8 @@ RUN apt-get update \
     && rm -rf /var/lib/apt/lists/* \
     && useradd --create-home --uid 10001 registry
 
-WORKDIR /app
-COPY pyproject.toml README.md ./
-COPY registry ./registry
-COPY migrations ./migrations
-# Editable, so the migrations/ beside the package are the ones `serve` applies.
-RUN pip install --no-cache-dir -e .
+COPY --from=build /dist /dist
+RUN pip install --no-cache-dir /dist/*.whl && rm -rf /dist
 
 ARG GIT_SHA=""
 ENV REGISTRY_GIT_SHA=${GIT_SHA} \

@@ -139,11 +139,6 @@ class Settings:
             "need 1 <= pool_min_size <= pool_max_size",
         )
         need(
-            self.reconcile_concurrency < self.pool_max_size,
-            # Reconciles must leave connections for API requests and the background loops.
-            "reconcile_concurrency must be below pool_max_size",
-        )
-        need(
             self.admin_token is None or len(self.admin_token) >= 16,
             "admin_token must be at least 16 characters",
         )
@@ -192,16 +187,72 @@ class Settings:
             # A workspace's latest event and last run explain its state: never prune them.
             "event_keep_per_workspace and reconcile_keep_per_workspace must be at least 1",
         )
-        need(
-            self.action_retention_s >= self.restart_budget_window_s,
-            # The restart budget counts the restart actions of its window.
-            "action_retention_s must be at least restart_budget_window_s",
-        )
         need(self.prune_batch > 0, "prune_batch must be positive")
         need(
             math.isfinite(self.prune_pause_s) and self.prune_pause_s >= 0,
             "prune_pause_s must be zero or positive",
         )
+        self._validate_together()
+
+    def _validate_together(self) -> None:
+        """Combinations that each setting alone cannot rule out; the message names both."""
+        offline_after = (
+            _var("offline_after_s")
+            if self.offline_after_s is not None
+            else f"{_var('offline_after_s')} (unset: 3 x {_var('heartbeat_interval_s')})"
+        )
+        offline_after_s = self.resolved_offline_after_s
+        checks = [
+            (
+                # A beat arrives up to 1.1 intervals after the last one (the jitter) plus its
+                # latency; a shorter window flaps the fleet offline between beats, and every
+                # flip back online queues a reconcile.
+                offline_after_s >= 2 * self.heartbeat_interval_s,
+                f"{offline_after}={offline_after_s:g} must be at least twice "
+                f"{_var('heartbeat_interval_s')}={self.heartbeat_interval_s:g}, or workspaces "
+                "go offline between two heartbeats",
+            ),
+            (
+                # A removed workspace's runtime learns to stop from the 410 of its next beat; once
+                # the tombstone is deleted it gets a 401 and may retry for ever.
+                self.tombstone_retention_s >= offline_after_s,
+                f"{_var('tombstone_retention_s')}={self.tombstone_retention_s:g} must be at "
+                f"least {offline_after}={offline_after_s:g}, or a removed workspace's runtime "
+                "may never be told to stop (410)",
+            ),
+            (
+                # Each reconcile holds at most one connection at a time; the pruner keeps one for
+                # its whole pass, and the worker must still renew its leases (a lapsed lease
+                # stops every run of this process). Heartbeats have a pool of their own.
+                self.pool_max_size >= self.reconcile_concurrency + 2,
+                f"{_var('pool_max_size')}={self.pool_max_size} must be at least "
+                f"{_var('reconcile_concurrency')}={self.reconcile_concurrency} + 2: the "
+                "pruner and the reconcile worker's lease renewals need connections too",
+            ),
+            (
+                # A fetch that times out by itself is retried (transient); one cut off by the
+                # run's time limit fails the run for good.
+                self.fetch_timeout_s < self.reconcile_timeout_s,
+                f"{_var('fetch_timeout_s')}={self.fetch_timeout_s:g} must be below "
+                f"{_var('reconcile_timeout_s')}={self.reconcile_timeout_s:g}, or a hung plugin "
+                "source fails the run without a retry",
+            ),
+            (
+                # The restart budget counts the restart actions of its window.
+                self.action_retention_s >= self.restart_budget_window_s,
+                f"{_var('action_retention_s')}={self.action_retention_s:g} must be at least "
+                f"{_var('restart_budget_window_s')}={self.restart_budget_window_s:g}, or the "
+                "restart budget forgets restarts it must count",
+            ),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise SettingsError(message)
+
+
+def _var(name: str) -> str:
+    """The environment variable of a setting, as operators write it."""
+    return f"REGISTRY_{name.upper()}"
 
 
 def _positive_int(raw: str) -> int:

@@ -16,9 +16,11 @@ from registry.db import reconciles
 from registry.db.pool import init_connection
 from registry.statuses import LIVE_STATUSES
 
+# The heartbeat statement's `intent`, folding the way it does (it locks a queued run it finds).
 INSERT_INTENT = """
 INSERT INTO reconciles (workspace_id, trigger) VALUES ($1, 'online_transition')
-ON CONFLICT (workspace_id) WHERE status = 'queued' DO NOTHING
+ON CONFLICT (workspace_id) WHERE status = 'queued' DO UPDATE SET
+    attempt = 0, error = NULL, next_attempt_at = LEAST(reconciles.next_attempt_at, now())
 """
 
 

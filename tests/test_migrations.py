@@ -3,25 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import uuid
-from collections.abc import AsyncIterator
 from pathlib import Path
 
 import asyncpg
 import pytest
 
+from registry.db import migrate as migrate_module
 from registry.db.migrate import MigrationError, load_migrations, migrate, pending_migrations
-from tests.conftest import with_database
-
-
-@pytest.fixture
-async def empty_dsn(server_dsn: str) -> AsyncIterator[str]:
-    name = f"registry_migrate_{uuid.uuid4().hex[:10]}"
-    admin = await asyncpg.connect(server_dsn)
-    await admin.execute(f'CREATE DATABASE "{name}"')
-    yield with_database(server_dsn, name)
-    await admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
-    await admin.close()
 
 
 async def test_migrate_applies_each_migration_once(empty_dsn: str) -> None:
@@ -74,3 +62,24 @@ async def test_a_failing_migration_leaves_nothing_behind(empty_dsn: str, tmp_pat
 def test_finding_no_migrations_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(MigrationError, match="no migrations found"):
         load_migrations(tmp_path)
+
+
+def test_an_install_without_the_migrations_package_is_an_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(migrate_module, "MIGRATIONS_PACKAGE", "registry.no_such_migrations")
+
+    with pytest.raises(MigrationError, match="is not installed"):
+        load_migrations()
+
+
+def test_the_shipped_migrations_are_the_top_level_folder() -> None:
+    # One source of truth: the package's migrations are the files of migrations/ themselves.
+    top_level = Path(__file__).resolve().parents[1] / "migrations"
+
+    assert [f"{m.version:04d}_{m.name}.sql" for m in load_migrations()] == sorted(
+        path.name for path in top_level.glob("*.sql")
+    )
+    assert [m.sql for m in load_migrations()] == [
+        path.read_text(encoding="utf-8") for path in sorted(top_level.glob("*.sql"))
+    ]

@@ -41,12 +41,80 @@ def test_flags_override_the_environment() -> None:
         ("REGISTRY_PORT", "70000", "port must be 1..65535"),
         ("REGISTRY_HEARTBEAT_INTERVAL_S", "nan", "finite"),
         ("REGISTRY_ADMIN_TOKEN", "short", "at least 16"),
-        ("REGISTRY_RECONCILE_CONCURRENCY", "50", "below pool_max_size"),
     ],
 )
 def test_bad_setting_is_a_clear_error(name: str, value: str, message: str) -> None:
     with pytest.raises(SettingsError, match=message):
         Settings.from_env({name: value})
+
+
+def test_the_defaults_are_a_safe_combination() -> None:
+    Settings().validate()
+
+
+# Each combination is refused with a message that names both variables.
+DANGEROUS = [
+    pytest.param(
+        {"REGISTRY_OFFLINE_AFTER_S": "5", "REGISTRY_HEARTBEAT_INTERVAL_S": "30"},
+        ("REGISTRY_OFFLINE_AFTER_S=5", "REGISTRY_HEARTBEAT_INTERVAL_S=30"),
+        id="offline-window-shorter-than-two-beats",
+    ),
+    pytest.param(
+        {"REGISTRY_TOMBSTONE_RETENTION_S": "60"},
+        ("REGISTRY_TOMBSTONE_RETENTION_S=60", "REGISTRY_OFFLINE_AFTER_S (unset: 3 x "),
+        id="tombstone-gone-before-the-runtime-hears-410",
+    ),
+    pytest.param(
+        {"REGISTRY_TOMBSTONE_RETENTION_S": "60", "REGISTRY_OFFLINE_AFTER_S": "120"},
+        ("REGISTRY_TOMBSTONE_RETENTION_S=60", "REGISTRY_OFFLINE_AFTER_S=120"),
+        id="tombstone-gone-before-the-offline-window",
+    ),
+    pytest.param(
+        {"REGISTRY_POOL_MAX_SIZE": "5", "REGISTRY_RECONCILE_CONCURRENCY": "4"},
+        ("REGISTRY_POOL_MAX_SIZE=5", "REGISTRY_RECONCILE_CONCURRENCY=4"),
+        id="pool-without-room-beside-the-reconciles",
+    ),
+    pytest.param(
+        {"REGISTRY_RECONCILE_CONCURRENCY": "50"},
+        ("REGISTRY_POOL_MAX_SIZE=10", "REGISTRY_RECONCILE_CONCURRENCY=50"),
+        id="concurrency-above-the-default-pool",
+    ),
+    pytest.param(
+        {"REGISTRY_FETCH_TIMEOUT_S": "300"},
+        ("REGISTRY_FETCH_TIMEOUT_S=300", "REGISTRY_RECONCILE_TIMEOUT_S=300"),
+        id="fetch-limit-not-below-the-run-limit",
+    ),
+    pytest.param(
+        {"REGISTRY_ACTION_RETENTION_S": "60", "REGISTRY_RESTART_BUDGET_WINDOW_S": "3600"},
+        ("REGISTRY_ACTION_RETENTION_S=60", "REGISTRY_RESTART_BUDGET_WINDOW_S=3600"),
+        id="actions-pruned-inside-the-restart-window",
+    ),
+]
+
+
+@pytest.mark.parametrize(("environ", "names"), DANGEROUS)
+def test_a_dangerous_combination_is_refused_naming_both_settings(
+    environ: dict[str, str], names: tuple[str, str]
+) -> None:
+    with pytest.raises(SettingsError) as refused:
+        Settings.from_env(environ)
+
+    assert all(name in str(refused.value) for name in names), str(refused.value)
+
+
+@pytest.mark.parametrize(
+    "environ",
+    [
+        {"REGISTRY_OFFLINE_AFTER_S": "60", "REGISTRY_HEARTBEAT_INTERVAL_S": "30"},
+        {"REGISTRY_TOMBSTONE_RETENTION_S": "90"},
+        {"REGISTRY_POOL_MAX_SIZE": "6", "REGISTRY_RECONCILE_CONCURRENCY": "4"},
+        {"REGISTRY_FETCH_TIMEOUT_S": "299"},
+        {"REGISTRY_ACTION_RETENTION_S": "3600", "REGISTRY_RESTART_BUDGET_WINDOW_S": "3600"},
+    ],
+    ids=["offline", "tombstone", "pool", "fetch", "actions"],
+)
+def test_each_limit_itself_is_accepted(environ: dict[str, str]) -> None:
+    Settings.from_env(environ)
 
 
 def test_bad_setting_stops_the_cli_with_exit_code_2(
@@ -58,3 +126,17 @@ def test_bad_setting_stops_the_cli_with_exit_code_2(
 
     assert code == 2
     assert "REGISTRY_PORT='not-a-port'" in capsys.readouterr().err
+
+
+def test_a_dangerous_combination_stops_the_cli_with_exit_code_2(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("REGISTRY_HEARTBEAT_INTERVAL_S", "30")
+    monkeypatch.setenv("REGISTRY_OFFLINE_AFTER_S", "5")
+
+    code = main(["migrate", "--dsn", "postgresql://unused/db"])
+
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "REGISTRY_OFFLINE_AFTER_S=5" in err
+    assert "REGISTRY_HEARTBEAT_INTERVAL_S=30" in err

@@ -48,7 +48,7 @@ class BeatResult:
 
     previous_status: Status | None  # None: no workspace with this id and token
     status: Status | None
-    reconcile_id: uuid.UUID | None  # a reconcile intent this beat committed
+    reconcile_id: uuid.UUID | None  # a reconcile intent this beat committed or folded into
     actions: list[dict[str, Any]]
     old_token: bool = False  # authenticated by the previous token, in its grace period
     restarted: bool = False  # the reported uptime went down: the box restarted
@@ -153,8 +153,11 @@ intent AS (
     SELECT b.id, 'online_transition'
     FROM beat b
     WHERE b.previous_status = ANY($18::text[]) AND b.status = ANY($19::text[])
-    -- A queued run already covers this entry; fold into it.
-    ON CONFLICT (workspace_id) WHERE status = 'queued' DO NOTHING
+    -- A queued run already covers this entry: fold into it, due now with its full attempt
+    -- budget even if it was waiting out a retry backoff (see reconciles.QUEUE_RECONCILE).
+    -- A fold returns the run's id too, so the beat wakes the reconciler for it.
+    ON CONFLICT (workspace_id) WHERE status = 'queued' DO UPDATE SET
+        attempt = 0, error = NULL, next_attempt_at = LEAST(reconciles.next_attempt_at, now())
     RETURNING id, workspace_id
 ),
 acks AS (

@@ -6,7 +6,8 @@ import hashlib
 import logging
 import re
 from dataclasses import dataclass
-from pathlib import Path
+from importlib import resources
+from importlib.resources.abc import Traversable
 
 import asyncpg
 
@@ -14,7 +15,9 @@ from registry.db import Connection
 
 log = logging.getLogger(__name__)
 
-MIGRATIONS_DIR = Path(__file__).resolve().parents[2] / "migrations"
+# The top-level migrations/ folder, which the build maps into the package (see pyproject.toml):
+# the same lookup works in an editable install and in an installed wheel.
+MIGRATIONS_PACKAGE = "registry.migrations"
 
 # Any constant works; it only has to be the same for every registry process.
 MIGRATION_LOCK_KEY = 0x7265_6769_7374_7279  # "registry"
@@ -50,9 +53,23 @@ class Migration:
         return hashlib.sha256(self.sql.encode()).hexdigest()
 
 
-def load_migrations(directory: Path = MIGRATIONS_DIR) -> list[Migration]:
+def packaged_migrations() -> Traversable:
+    """The folder of migrations shipped with this code."""
+    try:
+        return resources.files(MIGRATIONS_PACKAGE)
+    except ModuleNotFoundError as exc:
+        raise MigrationError(
+            f"no migrations found: {MIGRATIONS_PACKAGE} is not installed, the install is incomplete"
+        ) from exc
+
+
+def load_migrations(directory: Traversable | None = None) -> list[Migration]:
+    directory = packaged_migrations() if directory is None else directory
     migrations = []
-    for path in sorted(directory.glob("*.sql")):
+    # Only the SQL files: the folder is also a package (its __init__.py, a __pycache__).
+    for path in sorted(
+        (p for p in directory.iterdir() if p.name.endswith(".sql")), key=lambda p: p.name
+    ):
         match = _FILE_NAME.match(path.name)
         if match is None:
             raise MigrationError(f"migration file name must look like 0001_name.sql: {path.name}")

@@ -400,11 +400,19 @@ async def retry_later(
     return True
 
 
+# A new cause folded into a queued run makes it due now with its full attempt budget, even when
+# that run was waiting out the backoff of a failed attempt: whatever failed then (a box since
+# replaced, a source since fixed) says little about the new cause. The same reset is spelled
+# out in every statement that folds: here, FOLD_MANUAL, FAN_OUT and the heartbeat's intent.
+# `attempt` counts claims (each claim adds one), so 0 makes the next claim attempt 1; the
+# error of the last attempt stays in its retry event and its steps.
 QUEUE_RECONCILE = """
 INSERT INTO reconciles (workspace_id, trigger, refresh)
 VALUES ($1, $2, $3)
 ON CONFLICT (workspace_id) WHERE status = 'queued'
-DO UPDATE SET refresh = reconciles.refresh OR EXCLUDED.refresh
+DO UPDATE SET
+    refresh = reconciles.refresh OR EXCLUDED.refresh,
+    attempt = 0, error = NULL, next_attempt_at = LEAST(reconciles.next_attempt_at, now())
 RETURNING id
 """
 
@@ -427,7 +435,13 @@ ORDER BY status = 'queued' DESC
 LIMIT 1
 """
 
-FOLD_REFRESH = "UPDATE reconciles SET refresh = refresh OR $2 WHERE id = $1 AND status = 'queued'"
+# A manual request folded into the queued run: due now, full attempt budget (see QUEUE_RECONCILE).
+FOLD_MANUAL = """
+UPDATE reconciles SET
+    refresh = refresh OR $2,
+    attempt = 0, error = NULL, next_attempt_at = LEAST(next_attempt_at, now())
+WHERE id = $1 AND status = 'queued'
+"""
 
 
 @dataclass(frozen=True, slots=True)
@@ -452,8 +466,7 @@ async def request_reconcile(
     """
     active = await conn.fetchrow(SELECT_ACTIVE, workspace_id)
     if active is not None and active["status"] == "queued":
-        if refresh:
-            await conn.execute(FOLD_REFRESH, active["id"], refresh)
+        await conn.execute(FOLD_MANUAL, active["id"], refresh)
         return Requested(active["id"], created=False)
     if active is not None and (active["refresh"] or not refresh):
         return Requested(active["id"], created=False)
@@ -465,7 +478,8 @@ async def request_reconcile(
 
 
 # Every live workspace that declares the plugin gets a refresh run, folded into any run
-# already queued for it (which then also refreshes).
+# already queued for it (which then also refreshes, and is due now with its full attempt
+# budget: see QUEUE_RECONCILE).
 # The workspaces are locked first, in id order like heartbeats lock them, so that this
 # statement never holds a new queued run while waiting for a workspace a heartbeat holds.
 FAN_OUT = """
@@ -479,7 +493,9 @@ WITH declaring AS (
 )
 INSERT INTO reconciles (workspace_id, trigger, refresh)
 SELECT id, 'plugin_updated', true FROM declaring
-ON CONFLICT (workspace_id) WHERE status = 'queued' DO UPDATE SET refresh = true
+ON CONFLICT (workspace_id) WHERE status = 'queued' DO UPDATE SET
+    refresh = true,
+    attempt = 0, error = NULL, next_attempt_at = LEAST(reconciles.next_attempt_at, now())
 RETURNING id
 """
 

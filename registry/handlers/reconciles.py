@@ -37,7 +37,8 @@ async def post_workspace_reconcile(request: web.Request) -> web.Response:
             requested = await reconciles.request_reconcile(conn, workspace_id, refresh=refresh)
         run = await reconciles.get_reconcile(conn, requested.reconcile_id)
     assert run is not None
-    if requested.created:
+    # A queued run the request folded into is due now, like a new one.
+    if requested.created or run.status == "queued":
         request.app[RECONCILER].wake()
     return json_response(
         {"reconcile": reconcile_view(run)}, status=202 if requested.created else 200
