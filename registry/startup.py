@@ -2,8 +2,9 @@
 
 The listening socket is bound before anything touches the database. Until migrations are
 applied and the app has started (pools open, background workers running), a stand-in answers on
-it: `/healthz` 200 (the process is alive), every other route 503 `starting` with Retry-After,
-so runtimes that retry on connection errors wait instead of hot-looping against a closed port.
+it: `/healthz` 200 (the process is alive), `/readyz`, `/metrics` and every runtime and API
+route 503 `starting` with Retry-After, so runtimes that retry on connection errors wait
+instead of hot-looping against a closed port.
 Then the app takes the socket over; the port never refuses a connection in between.
 
 While the database is unreachable, start-up retries with capped backoff, one warning line per
@@ -30,7 +31,8 @@ from aiohttp import web
 from registry.app import create_app
 from registry.db.migrate import MigrationError, migrate
 from registry.errors import DATABASE_DOWN, Starting, error_middleware
-from registry.handlers.operations import get_healthz
+from registry.handlers.openapi import get_openapi
+from registry.handlers.operations import get_buildinfo, get_healthz
 from registry.logs import echo_request_id, request_id_middleware
 from registry.settings import Settings
 
@@ -57,11 +59,18 @@ async def _starting(request: web.Request) -> web.StreamResponse:
 
 
 def stand_in() -> web.Application:
-    """What answers on the port while the registry starts: the same envelope and request ids
-    as the app; every route but /healthz (HEAD included) is 503 `starting`."""
+    """What answers on the port while the registry starts, with the app's envelope and request
+    ids: the process-level routes (they need nothing the start-up opens), and 503 `starting`
+    for every other path and method, /readyz and /metrics included."""
     app = web.Application(middlewares=[request_id_middleware, error_middleware])
     app.on_response_prepare.append(echo_request_id)
-    app.router.add_get("/healthz", get_healthz, name="get_healthz")
+    for path, handler in (
+        ("/healthz", get_healthz),
+        ("/buildinfo", get_buildinfo),
+        ("/openapi.json", get_openapi),
+    ):
+        # add_get answers HEAD too, as the app's probes do.
+        app.router.add_get(path, handler, name=handler.__name__)
     app.router.add_route("*", "/{path:.*}", _starting, name="starting")
     return app
 
