@@ -114,7 +114,8 @@ async def _started(settings: Settings, dsn: str) -> web.AppRunner:
     return runner
 
 
-async def _start_up(settings: Settings, dsn: str) -> web.AppRunner:
+async def start_up(settings: Settings, dsn: str) -> web.AppRunner:
+    """Migrations applied and the app started, retrying while the database is unreachable."""
     try:
         applied = await until_reachable(
             "migrations", lambda: migrate(dsn, connect_timeout_s=settings.db_timeout_s)
@@ -127,22 +128,33 @@ async def _start_up(settings: Settings, dsn: str) -> web.AppRunner:
         raise StartupError(f"start-up failed: {type(exc).__name__}: {exc}") from exc
 
 
-def _bind(host: str, port: int) -> socket.socket:
-    family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    return socket.create_server((host, port), family=family[0][0], backlog=BACKLOG)
+def _bind(host: str, port: int) -> list[socket.socket]:
+    """Listening sockets on every address `host` resolves to, as aiohttp's TCPSite would."""
+    found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    listeners: list[socket.socket] = []
+    try:
+        for family, address in dict.fromkeys((info[0], info[4]) for info in found):
+            listeners.append(socket.create_server(address, family=family, backlog=BACKLOG))
+    except BaseException:
+        for listener in listeners:
+            listener.close()
+        raise
+    return listeners
 
 
 async def _serve(settings: Settings, dsn: str) -> None:
-    listener = _bind(settings.host, settings.port)
+    listeners = _bind(settings.host, settings.port)
     waiting = web.AppRunner(stand_in(), access_log=None, shutdown_timeout=HANDOVER_GRACE_S)
     await waiting.setup()
     try:
-        # The stand-in serves a duplicate of the socket: closing its copy at the handover
+        # The stand-in serves duplicates of the sockets: closing its copies at the handover
         # leaves the app's open, and both accept meanwhile, so no connection is refused.
-        await web.SockSite(waiting, listener.dup()).start()
-        runner = await _start_up(settings, dsn)
+        for listener in listeners:
+            await web.SockSite(waiting, listener.dup()).start()
+        runner = await start_up(settings, dsn)
         try:
-            await web.SockSite(runner, listener).start()
+            for listener in listeners:
+                await web.SockSite(runner, listener).start()
             await waiting.cleanup()
             log.info("ready")
             await asyncio.Event().wait()  # until cancelled: SIGTERM or SIGINT
@@ -151,7 +163,8 @@ async def _serve(settings: Settings, dsn: str) -> None:
     finally:
         # Idempotent: a second cleanup of the stand-in finds nothing left to close.
         await waiting.cleanup()
-        listener.close()
+        for listener in listeners:
+            listener.close()
 
 
 async def serve(settings: Settings, dsn: str) -> None:

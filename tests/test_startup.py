@@ -31,7 +31,7 @@ from registry.app import create_app
 from registry.db.migrate import MIGRATION_LOCK_KEY
 from registry.errors import STARTING_RETRY_AFTER_S
 from registry.settings import Settings
-from registry.startup import RETRY_BASE_S, RETRY_CAP_S, stand_in
+from registry.startup import RETRY_BASE_S, RETRY_CAP_S, stand_in, start_up
 from tests.conftest import with_database
 from tests.processes import RegistryProcess, free_port, start_registry
 from tests.support import ADMIN, bearer
@@ -404,3 +404,41 @@ async def test_when_the_heartbeat_pool_cannot_be_opened_the_first_pool_is_closed
 
     assert len(opened) == 1
     assert opened[0].is_closing()
+
+
+async def test_a_pool_that_cannot_be_opened_yet_is_retried_with_a_fresh_app(
+    settings: Settings,
+    dsn: str,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    opened: list[asyncpg.Pool] = []
+    refusals = [ConnectionRefusedError("the database is restarting")]
+    real_create_pool = registry.db.pool.create_pool
+    real_heartbeat_pool = registry.db.pool.create_heartbeat_pool
+
+    async def create_pool(settings: Settings, dsn: str) -> asyncpg.Pool:
+        pool = await real_create_pool(settings, dsn)
+        opened.append(pool)
+        return pool
+
+    async def create_heartbeat_pool(settings: Settings, dsn: str) -> asyncpg.Pool:
+        if refusals:
+            raise refusals.pop()
+        return await real_heartbeat_pool(settings, dsn)
+
+    monkeypatch.setattr(app_module, "create_pool", create_pool)
+    monkeypatch.setattr(app_module, "create_heartbeat_pool", create_heartbeat_pool)
+
+    runner = await start_up(settings, dsn)
+    try:
+        first, second = opened
+        assert first.is_closing()
+        assert not second.is_closing()
+        async with second.acquire() as conn:
+            assert await conn.fetchval("SELECT 1") == 1
+    finally:
+        await runner.cleanup()
+
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("opening the pools: database unreachable (attempt 1" in w for w in warnings)
