@@ -4,8 +4,8 @@ The listening socket is bound before anything touches the database. Until migrat
 applied and the app has started (pools open, background workers running), a stand-in answers on
 it: `/healthz` 200 (the process is alive), `/readyz`, `/metrics` and every runtime and API
 route 503 `starting` with Retry-After, so runtimes that retry on connection errors wait
-instead of hot-looping against a closed port.
-Then the app takes the socket over; the port never refuses a connection in between.
+instead of hot-looping against a closed port. Then the app takes the socket over; the port
+never refuses a connection in between.
 
 While the database is unreachable, start-up retries with capped backoff, one warning line per
 attempt. Any other failure (a migration that does not apply, a database that refuses the
@@ -145,8 +145,8 @@ def _bind(host: str, port: int) -> list[socket.socket]:
 async def _serve(settings: Settings, dsn: str) -> None:
     listeners = _bind(settings.host, settings.port)
     waiting = web.AppRunner(stand_in(), access_log=None, shutdown_timeout=HANDOVER_GRACE_S)
-    await waiting.setup()
     try:
+        await waiting.setup()
         # The stand-in serves duplicates of the sockets: closing its copies at the handover
         # leaves the app's open, and both accept meanwhile, so no connection is refused.
         for listener in listeners:
@@ -161,7 +161,8 @@ async def _serve(settings: Settings, dsn: str) -> None:
         finally:
             await runner.cleanup()
     finally:
-        # Idempotent: a second cleanup of the stand-in finds nothing left to close.
+        # Safe whatever happened: before setup, or after the handover's own cleanup, it finds
+        # nothing left to close.
         await waiting.cleanup()
         for listener in listeners:
             listener.close()
