@@ -30,5 +30,6 @@ RUN mkdir -p /var/lib/registry/plugins && chown -R registry /var/lib/registry
 USER registry
 EXPOSE 8080
 HEALTHCHECK --interval=10s --timeout=3s CMD python -c "import urllib.request,sys; sys.exit(urllib.request.urlopen('http://127.0.0.1:8080/healthz').status != 200)"
-# serve applies pending migrations (serialised by an advisory lock) before it listens.
+# serve listens at once, answering 503 `starting` (/healthz 200, /readyz 503) while it applies
+# pending migrations (serialised by an advisory lock); load balancers should probe /readyz.
 CMD ["registry", "serve"]

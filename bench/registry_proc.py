@@ -36,12 +36,13 @@ class RegistryProcess:
         return self.process.pid
 
     def wait_healthy(self, within_s: float = 30.0) -> None:
+        """Until the process is ready: /readyz, since /healthz answers while it starts."""
         deadline = time.monotonic() + within_s
         while True:
             if self.process.poll() is not None:
                 raise RuntimeError(f"registry exited early:\n{self.log_path.read_text()}")
             try:
-                with urllib.request.urlopen(f"{self.url}/healthz", timeout=1) as response:  # noqa: S310
+                with urllib.request.urlopen(f"{self.url}/readyz", timeout=1) as response:  # noqa: S310
                     if response.status == 200:
                         return
             except (urllib.error.URLError, OSError):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 
@@ -91,21 +92,24 @@ def create_app(settings: Settings, dsn: str) -> web.Application:
 
 async def _database(app: web.Application) -> AsyncIterator[None]:
     settings = app[SETTINGS]
-    pool = await create_pool(settings, app[DSN])
-    heartbeat_pool = await create_heartbeat_pool(settings, app[DSN])
-    app[POOL] = pool
-    app[INGEST] = HeartbeatIngest(
-        heartbeat_pool,
-        app[METRICS],
-        coalesce=settings.heartbeat_coalesce,
-        max_batch=settings.heartbeat_max_batch,
-        max_in_flight=settings.heartbeat_max_in_flight,
-        # Only gaps the liveness window could have allowed measure the runtime's interval.
-        max_interval_s=settings.offline_after_max_s,
-    )
-    yield
-    await heartbeat_pool.close()
-    await pool.close()
+    # Closed in reverse order at teardown, and also when opening the second pool fails (or
+    # start-up is cancelled meanwhile): aiohttp only tears down contexts that finished starting.
+    async with contextlib.AsyncExitStack() as opened:
+        pool = await create_pool(settings, app[DSN])
+        opened.push_async_callback(pool.close)
+        heartbeat_pool = await create_heartbeat_pool(settings, app[DSN])
+        opened.push_async_callback(heartbeat_pool.close)
+        app[POOL] = pool
+        app[INGEST] = HeartbeatIngest(
+            heartbeat_pool,
+            app[METRICS],
+            coalesce=settings.heartbeat_coalesce,
+            max_batch=settings.heartbeat_max_batch,
+            max_in_flight=settings.heartbeat_max_in_flight,
+            # Only gaps the liveness window could have allowed measure the runtime's interval.
+            max_interval_s=settings.offline_after_max_s,
+        )
+        yield
 
 
 def source_settings(settings: Settings) -> SourceSettings:

@@ -22,17 +22,15 @@ import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
 
-from aiohttp import web
-
 from registry import __version__
 from registry import cli_format as fmt
-from registry.app import create_app
 from registry.buildinfo import build_info
 from registry.cli_client import JSON, Client, ClientError
 from registry.db.migrate import MigrationError, migrate
 from registry.embedded_pg import EmbeddedPostgresError, start_embedded_postgres
 from registry.logs import configure_logging
 from registry.settings import Settings, SettingsError
+from registry.startup import StartupError, serve
 
 log = logging.getLogger("registry")
 
@@ -52,7 +50,7 @@ def _parser() -> argparse.ArgumentParser:
     _client_options(parser, top_level=True)
     commands = parser.add_subparsers(dest="command", required=True)
     for name, help_text in (
-        ("serve", "apply pending migrations, then serve the HTTP API"),
+        ("serve", "serve the HTTP API; apply pending migrations meanwhile (503 until ready)"),
         ("migrate", "apply pending migrations and exit"),
     ):
         command = commands.add_parser(name, help=help_text)
@@ -220,8 +218,6 @@ def _database(settings: Settings) -> tuple[str, Any]:
 
 
 def _serve(settings: Settings, dsn: str) -> None:
-    applied = asyncio.run(migrate(dsn))
-    log.info("migrations: %d applied", len(applied))
     if settings.admin_token is None:
         token = "radm_" + secrets.token_urlsafe(24)
         # Development convenience only: a fresh token per start, shown once, never stored.
@@ -238,16 +234,9 @@ def _serve(settings: Settings, dsn: str) -> None:
         extra={"build": info},
     )
     _tune_garbage_collector()
-    web.run_app(
-        create_app(settings, dsn),
-        host=settings.host,
-        port=settings.port,
-        print=None,
-        # Per-request access logs would cost the heartbeat path; /metrics counts requests.
-        access_log=None,
-        # SIGTERM: stop accepting, let in-flight requests finish within the grace period.
-        shutdown_timeout=settings.shutdown_grace_s,
-    )
+    # Listens at once and answers 503 `starting` until migrations are applied and the app
+    # has started (registry/startup.py).
+    asyncio.run(serve(settings, dsn))
 
 
 def _tune_garbage_collector() -> None:
@@ -273,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"applied {len(applied)} migration(s)")
         else:
             _serve(settings, dsn)
-    except (SettingsError, MigrationError, EmbeddedPostgresError) as exc:
+    except (SettingsError, MigrationError, StartupError, EmbeddedPostgresError) as exc:
         print(f"registry: {exc}", file=sys.stderr)
         return 2
     return 0

@@ -16,6 +16,10 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 # Seconds a client should wait before retrying while the database is unreachable.
 DB_RETRY_AFTER_S = 2
+# Seconds a client should wait before retrying while the registry starts (registry/startup.py):
+# about what migrations and opening the pools take, and long enough that a fleet of runtimes
+# retrying at once does not turn the start-up into a hot loop.
+STARTING_RETRY_AFTER_S = 2
 
 
 class ApiError(Exception):
@@ -90,6 +94,14 @@ class HistoryPruned(ApiError):
 class ServiceUnavailable(ApiError):
     status = 503
     code = "database_unavailable"
+    retry_after_s = DB_RETRY_AFTER_S
+
+
+class Starting(ServiceUnavailable):
+    """The process is up but not ready yet: migrations, the database or the workers pending."""
+
+    code = "starting"
+    retry_after_s = STARTING_RETRY_AFTER_S
 
 
 # Exceptions that mean "the database cannot be reached right now", not "the query is wrong".
@@ -130,8 +142,8 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return await handler(request)
     except ApiError as exc:
         response = json_response(exc.body(), status=exc.status)
-        if exc.status == 503:
-            response.headers["Retry-After"] = str(DB_RETRY_AFTER_S)
+        if isinstance(exc, ServiceUnavailable):
+            response.headers["Retry-After"] = str(exc.retry_after_s)
         return response
     except web.HTTPException as exc:
         if exc.status < 400:

@@ -26,12 +26,13 @@ class RegistryProcess:
         return self.log_path.read_text(errors="replace")
 
     async def wait_healthy(self, within_s: float = 20.0) -> None:
+        """Until the process is ready: /readyz, since /healthz answers while it starts."""
         deadline = time.monotonic() + within_s
         async with aiohttp.ClientSession() as session:
             while True:
                 assert self.process.poll() is None, f"registry exited early:\n{self.log()}"
                 try:
-                    async with session.get(f"{self.url}/healthz") as response:
+                    async with session.get(f"{self.url}/readyz") as response:
                         if response.status == 200:
                             return
                 except aiohttp.ClientError:

@@ -21,6 +21,7 @@ from urllib.parse import quote
 import asyncpg
 import pytest
 from aiohttp import ClientResponse
+from aiohttp.test_utils import TestClient, TestServer
 from jsonschema import Draft202012Validator
 from openapi_spec_validator import validate as validate_openapi
 from referencing import Registry as SchemaRegistry
@@ -30,6 +31,7 @@ from referencing.jsonschema import DRAFT202012
 import registry as registry_package
 from registry.auth import PUBLIC_ROUTES, WORKSPACE_TOKEN_ROUTES
 from registry.handlers import operations as operations_handlers
+from registry.startup import stand_in
 from tests.support import ADMIN, Registry, Workspace, bearer, write_tree
 
 SPEC_FILE = Path(registry_package.__file__).parent / "openapi.json"
@@ -645,6 +647,21 @@ async def test_every_documented_response_is_produced_and_conforms(
             assert (await check(response, operation_id))["error"]["code"] == (
                 "database_unavailable"
             )
+
+    # While the registry starts, its stand-in answers every operation but the process-level
+    # ones with 503 `starting` (registry/startup.py); those it serves as the app does.
+    async with TestClient(TestServer(stand_in())) as starting:
+        for (method, path), operation in conformance.operations.items():
+            operation_id = operation["operationId"]
+            response = await starting.request(
+                method, path.replace("{id}", missing_id), json={}, headers=ADMIN
+            )
+            if operation_id in ("get_healthz", "get_buildinfo", "get_openapi"):
+                assert response.status == 200, operation_id
+                await check(response, operation_id)
+                continue
+            assert response.status == 503, operation_id
+            assert (await check(response, operation_id))["error"]["code"] == "starting"
 
     missing = conformance.all_documented() - conformance.seen
     assert not missing, f"documented responses never produced: {sorted(missing)}"

@@ -110,10 +110,12 @@ async def pending_migrations(
     return [m for m in migrations if m.version not in done]
 
 
-async def migrate(dsn: str, migrations: list[Migration] | None = None) -> list[Migration]:
+async def migrate(
+    dsn: str, migrations: list[Migration] | None = None, *, connect_timeout_s: float = 60.0
+) -> list[Migration]:
     """Apply pending migrations, each in its own transaction; returns the ones applied."""
     migrations = load_migrations() if migrations is None else migrations
-    conn = await asyncpg.connect(dsn)
+    conn = await asyncpg.connect(dsn, timeout=connect_timeout_s)
     try:
         # A session lock on a dedicated connection: replicas starting together wait here,
         # then find nothing left to do.

@@ -1,0 +1,184 @@
+"""`registry serve`: listen at once, answer 503 `starting` until ready, then serve the app.
+
+The listening socket is bound before anything touches the database. Until migrations are
+applied and the app has started (pools open, background workers running), a stand-in answers on
+it: `/healthz` 200 (the process is alive), `/readyz`, `/metrics` and every runtime and API
+route 503 `starting` with Retry-After, so runtimes that retry on connection errors wait
+instead of hot-looping against a closed port. Then the app takes the socket over; the port
+never refuses a connection in between.
+
+While the database is unreachable, start-up retries with capped backoff, one warning line per
+attempt. Any other failure (a migration that does not apply, a database that refuses the
+password or does not exist) ends start-up with its message: retrying would not fix it, and
+endless 503s would hide it.
+
+Why a stand-in and not a readiness flag inside the app: aiohttp freezes an application's state
+once it has started, so pools opened afterwards could not be published under its keys. The app
+therefore starts exactly as it always has (and as the tests start it), just behind the stand-in.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import socket
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
+
+from aiohttp import web
+
+from registry.app import create_app
+from registry.db.migrate import MigrationError, migrate
+from registry.errors import DATABASE_DOWN, Starting, error_middleware
+from registry.handlers.openapi import get_openapi
+from registry.handlers.operations import get_buildinfo, get_healthz
+from registry.logs import echo_request_id, request_id_middleware
+from registry.settings import Settings
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# Start-up retries while the database is unreachable: soon at first (a database started
+# alongside is usually up within a second), doubling up to a cap, so a registry waiting out a
+# long outage costs the database one connection attempt every few seconds.
+RETRY_BASE_S = 0.5
+RETRY_CAP_S = 5.0
+# The stand-in's answers are immediate 503s; at the handover they get this long to finish.
+HANDOVER_GRACE_S = 1.0
+BACKLOG = 128
+
+
+class StartupError(RuntimeError):
+    """Start-up failed for a reason that retrying will not fix."""
+
+
+async def _starting(request: web.Request) -> web.StreamResponse:
+    raise Starting("the registry is starting: migrations or the database are not ready yet")
+
+
+def stand_in() -> web.Application:
+    """What answers on the port while the registry starts, with the app's envelope and request
+    ids: the process-level routes (they need nothing the start-up opens), and 503 `starting`
+    for every other path and method, /readyz and /metrics included."""
+    app = web.Application(middlewares=[request_id_middleware, error_middleware])
+    app.on_response_prepare.append(echo_request_id)
+    for path, handler in (
+        ("/healthz", get_healthz),
+        ("/buildinfo", get_buildinfo),
+        ("/openapi.json", get_openapi),
+    ):
+        # add_get answers HEAD too, as the app's probes do.
+        app.router.add_get(path, handler, name=handler.__name__)
+    app.router.add_route("*", "/{path:.*}", _starting, name="starting")
+    return app
+
+
+async def until_reachable(step: str, attempt: Callable[[], Awaitable[T]]) -> T:
+    """Run `attempt` until it succeeds, retrying only while the database is unreachable."""
+    delay = RETRY_BASE_S
+    number = 0
+    while True:
+        number += 1
+        try:
+            return await attempt()
+        except DATABASE_DOWN as exc:
+            log.warning(
+                "start-up: %s: database unreachable (attempt %d: %s: %s); retrying in %.1f s",
+                step,
+                number,
+                type(exc).__name__,
+                exc,
+                delay,
+            )
+        await asyncio.sleep(delay)
+        delay = min(delay * 2, RETRY_CAP_S)
+
+
+async def _started(settings: Settings, dsn: str) -> web.AppRunner:
+    """The app, started: pools open, background work running. A fresh app per attempt, since
+    an aiohttp application starts only once; what a failed attempt opened is closed again."""
+    runner = web.AppRunner(
+        create_app(settings, dsn),
+        # Per-request access logs would cost the heartbeat path; /metrics counts requests.
+        access_log=None,
+        # SIGTERM: stop accepting, let in-flight requests finish within the grace period.
+        shutdown_timeout=settings.shutdown_grace_s,
+    )
+    try:
+        await runner.setup()
+    except BaseException:
+        await runner.cleanup()
+        raise
+    return runner
+
+
+async def start_up(settings: Settings, dsn: str) -> web.AppRunner:
+    """Migrations applied and the app started, retrying while the database is unreachable."""
+    try:
+        applied = await until_reachable(
+            "migrations", lambda: migrate(dsn, connect_timeout_s=settings.db_timeout_s)
+        )
+        log.info("migrations: %d applied", len(applied))
+        return await until_reachable("opening the pools", lambda: _started(settings, dsn))
+    except MigrationError:
+        raise
+    except Exception as exc:
+        raise StartupError(f"start-up failed: {type(exc).__name__}: {exc}") from exc
+
+
+def _bind(host: str, port: int) -> list[socket.socket]:
+    """Listening sockets on every address `host` resolves to, as aiohttp's TCPSite would."""
+    found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    listeners: list[socket.socket] = []
+    try:
+        for family, address in dict.fromkeys((info[0], info[4]) for info in found):
+            listeners.append(socket.create_server(address, family=family, backlog=BACKLOG))
+    except BaseException:
+        for listener in listeners:
+            listener.close()
+        raise
+    return listeners
+
+
+async def _serve(settings: Settings, dsn: str) -> None:
+    listeners = _bind(settings.host, settings.port)
+    waiting = web.AppRunner(stand_in(), access_log=None, shutdown_timeout=HANDOVER_GRACE_S)
+    try:
+        await waiting.setup()
+        # The stand-in serves duplicates of the sockets: closing its copies at the handover
+        # leaves the app's open, and both accept meanwhile, so no connection is refused.
+        for listener in listeners:
+            await web.SockSite(waiting, listener.dup()).start()
+        runner = await start_up(settings, dsn)
+        try:
+            for listener in listeners:
+                await web.SockSite(runner, listener).start()
+            await waiting.cleanup()
+            log.info("ready")
+            await asyncio.Event().wait()  # until cancelled: SIGTERM or SIGINT
+        finally:
+            await runner.cleanup()
+    finally:
+        # Safe whatever happened: before setup, or after the handover's own cleanup, it finds
+        # nothing left to close.
+        await waiting.cleanup()
+        for listener in listeners:
+            listener.close()
+
+
+async def serve(settings: Settings, dsn: str) -> None:
+    """Serve until SIGTERM or SIGINT, which also interrupt a start-up still in progress.
+    Raises MigrationError or StartupError when start-up fails for good."""
+    task = asyncio.current_task()
+    assert task is not None
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        # Cancelling unwinds whatever runs, migrations and pool connects included; the
+        # `finally` clauses above close what was opened, the app within its grace period.
+        loop.add_signal_handler(signum, task.cancel)
+    try:
+        await _serve(settings, dsn)
+    except asyncio.CancelledError:
+        log.info("stopped")
