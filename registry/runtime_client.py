@@ -370,6 +370,15 @@ class RuntimeClient:
         log.info("registry answered 401; retrying with the re-read token")
         return self.config.min_delay_s
 
+    async def _pick_up_rotated_token(self) -> None:
+        # Our token is accepted only for the rotation's grace period: switch to the new one as
+        # soon as the provider has it, before the old one is refused.
+        fresh = await self._read_token()
+        if fresh is not None and fresh != self._token:
+            self._token = fresh
+            self.counters.token_reloads += 1
+            log.info("the workspace token was rotated; using the new one")
+
     async def _accept(self, kind: str, body: Any) -> None:
         self._failures = 0
         self.counters.beats_ok += 1
@@ -378,6 +387,8 @@ class RuntimeClient:
         if kind == "heartbeat":
             self.counters.acked += len(self._to_ack)
             self._to_ack.clear()
+        if body.get("token_rotated") is True:
+            await self._pick_up_rotated_token()
         interval = body.get("next_heartbeat_s")
         if isinstance(interval, int | float) and math.isfinite(interval) and interval > 0:
             self._interval_s = float(interval)

@@ -8,7 +8,6 @@ so nothing here waits for real seconds or depends on the machine's speed.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import socket
 import subprocess
@@ -321,10 +320,8 @@ async def test_connection_refused_backs_off_exponentially_up_to_the_cap() -> Non
 async def test_after_token_rotation_the_client_rereads_its_token_and_continues(
     make_registry: MakeRegistry, settings: Settings, tmp_path: Path
 ) -> None:
-    # Where rotation has a grace period, 0 makes the old token fail at once, as for a leak.
-    names = {f.name for f in dataclasses.fields(Settings)}
-    grace = {"token_rotation_grace_s": 0.0} if "token_rotation_grace_s" in names else {}
-    registry = await make_registry(**grace)
+    # A grace period of 0 makes the old token fail at once, as for a leak.
+    registry = await make_registry(token_rotation_grace_s=0.0)
     workspace = await registry.create_workspace()
     path = tmp_path / "token"
     path.write_text(workspace.token + "\n")
@@ -351,6 +348,40 @@ async def test_after_token_rotation_the_client_rereads_its_token_and_continues(
 
         await stepper.step()
         assert client.counters.beats_ok == 3
+
+
+async def test_during_the_grace_period_the_client_moves_to_the_new_token_without_a_401(
+    registry: Registry, tmp_path: Path
+) -> None:
+    workspace = await registry.create_workspace()
+    path = tmp_path / "token"
+    path.write_text(workspace.token + "\n")
+    stepper = Stepper()
+    config = ClientConfig(registry_url(registry), workspace.id)
+    client = RuntimeClient(config, token_file(path), sleep=stepper.sleep)
+    async with client:
+        await stepper.parked()
+        response = await registry.client.post(f"/workspaces/{workspace.id}/token", headers=ADMIN)
+        new_token = (await response.json())["token"]
+        path.write_text(new_token + "\n")
+
+        await stepper.step()  # answered with token_rotated: the client re-reads the file
+        await stepper.step()  # sent with the new token
+        previous_used_at = await registry.db.fetchval(
+            "SELECT previous_token_used_at FROM workspaces WHERE id = $1",
+            uuid.UUID(workspace.id),
+        )
+        # The grace period ends: the old token would be refused now, the client is not.
+        await registry.db.execute(
+            "UPDATE workspaces SET previous_token_valid_until = now() WHERE id = $1",
+            uuid.UUID(workspace.id),
+        )
+        await stepper.step()
+
+    assert client.counters.token_reloads == 1
+    assert client.counters.refused == 0
+    assert previous_used_at is not None  # the first beat after the rotation used the old one
+    assert client.counters.beats_ok == 4
 
 
 async def test_a_removed_workspace_stops_the_client(registry: Registry) -> None:
