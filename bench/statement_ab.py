@@ -1,0 +1,147 @@
+"""The heartbeat statement now against the one of an earlier revision, interleaved in one run.
+
+    .venv/bin/python -m bench.statement_ab [--rev 87cb0c3] [--workspaces 10000]
+        [--batch 100] [--rounds 20] [--batches-per-round 20]
+
+A/B over HTTP on this shared 2-core machine swings by 2x between runs; this compares only
+what the database does per beat (the part a protocol change touches), alternating old and
+new statement in rounds on one connection, one seeded fleet, so noise hits both alike. The
+old statement runs unchanged on today's schema (migrations only add columns). Its module is
+loaded from `git show <rev>:registry/db/heartbeats.py`; it must keep `apply_beats(conn,
+beats)` and the `Beat` fields of today.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import statistics
+import subprocess
+import sys
+import time
+import types
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+
+from bench import db
+from bench.fleet import Fleet, seed
+from registry.auth import hash_token
+from registry.db import heartbeats as current
+from registry.db.heartbeats import Beat
+from registry.statuses import Health
+
+ApplyBeats = Callable[[asyncpg.Connection, list[Beat]], Awaitable[list[Any]]]
+
+
+def module_at(rev: str) -> types.ModuleType:
+    root = Path(__file__).resolve().parents[1]
+    source = subprocess.run(
+        ["git", "show", f"{rev}:registry/db/heartbeats.py"],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    module = types.ModuleType(f"heartbeats_at_{rev}")
+    # dataclasses look their module up in sys.modules; a fresh name there is enough.
+    sys.modules[module.__name__] = module
+    exec(compile(source, module.__name__, "exec"), module.__dict__)  # noqa: S102
+    return module
+
+
+def beats(fleet: Fleet, start: int, count: int, uptime: float) -> list[Beat]:
+    """Steady-state beats as a real runtime sends them: growing uptime, two plugins."""
+    return [
+        Beat(
+            workspace_id=fleet.workspace_id(n),
+            token_hash=hash_token(fleet.token(n)),
+            health=Health.HEALTHY,
+            error_rate=0.0,
+            sample_error="",
+            active_tasks=n % 3,
+            uptime_seconds=uptime,
+            current_task="",
+            monthly_spend=1.5,
+            runtime_state="ok",
+            observed_plugins=[{"name": "a", "sha": "1" * 40}, {"name": "b", "sha": "2" * 40}],
+            acks=[],
+        )
+        for n in range(start, start + count)
+    ]
+
+
+async def timed_round(
+    conn: asyncpg.Connection,
+    apply: ApplyBeats,
+    fleet: Fleet,
+    batch: int,
+    batches: int,
+    uptime: float,
+) -> float:
+    """Seconds per beat over `batches` batches spread across the fleet."""
+    started = time.perf_counter()
+    for i in range(batches):
+        start = 1 + (i * batch) % max(1, fleet.size - batch)
+        await apply(conn, beats(fleet, start, batch, uptime))
+    return (time.perf_counter() - started) / (batch * batches)
+
+
+async def run(args: argparse.Namespace) -> None:
+    old = module_at(args.rev)
+    fleet = Fleet.new(args.workspaces)
+    dsn = await db.recreate(args.dsn, args.database)
+    try:
+        await seed(dsn, fleet, status="online", heartbeat_age_s=1.0)
+        conn = await asyncpg.connect(dsn)
+        try:
+            sides: dict[str, ApplyBeats] = {
+                f"at {args.rev}": old.apply_beats,
+                "now": current.apply_beats,
+            }
+            figures: dict[str, list[float]] = {name: [] for name in sides}
+            uptime = 3600.0
+            for round_ in range(args.rounds + 1):
+                # Alternate which side goes first, so neither always meets a warmer cache.
+                order = list(sides.items()) if round_ % 2 == 0 else list(sides.items())[::-1]
+                for name, apply in order:
+                    uptime += 1.0  # uptime only grows: no beat looks like a restart
+                    seconds = await timed_round(
+                        conn, apply, fleet, args.batch, args.batches_per_round, uptime
+                    )
+                    if round_ > 0:  # round 0 warms both up
+                        figures[name].append(seconds)
+        finally:
+            await conn.close()
+    finally:
+        await db.drop(args.dsn, args.database)
+    base, new = (statistics.median(v) for v in figures.values())
+    print(f"{'statement':<16} {'median us/beat':>15} {'min':>8} {'max':>8}")
+    for name, values in figures.items():
+        print(
+            f"{name:<16} {statistics.median(values) * 1e6:>15.1f} "
+            f"{min(values) * 1e6:>8.1f} {max(values) * 1e6:>8.1f}"
+        )
+    print(f"now / at {args.rev} (median time per beat) = {new / base:.3f}")
+    wins = sum(n < b for n, b in zip(figures["now"], figures[f"at {args.rev}"], strict=True))
+    print(f"rounds where now was faster: {wins} of {args.rounds}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.statement_ab", description=__doc__)
+    parser.add_argument("--dsn", default=db.DEFAULT_SERVER_DSN)
+    parser.add_argument("--database", default="bench_statement_ab")
+    parser.add_argument("--rev", default="87cb0c3", help="the revision to compare with")
+    parser.add_argument("--workspaces", type=int, default=10_000)
+    parser.add_argument("--batch", type=int, default=100, help="beats per statement")
+    parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--batches-per-round", type=int, default=20)
+    args = parser.parse_args(argv)
+    db.check_name(args.database)
+    asyncio.run(run(args))
+
+
+if __name__ == "__main__":
+    main()
