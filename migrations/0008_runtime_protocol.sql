@@ -39,3 +39,10 @@ ALTER TABLE workspace_events ADD CONSTRAINT workspace_events_kind_check
 --    the version sha: for a git source the sha is a commit, which a runtime cannot see in the
 --    delivered files; it may report either, and either counts as installed.
 ALTER TABLE installed_plugins ADD COLUMN digest text;
+
+-- 6. A runtime that restarted while online (its uptime went down, or it registered again)
+--    may be a new box without its plugins: it gets a reconcile of its own trigger.
+ALTER TABLE reconciles DROP CONSTRAINT reconciles_trigger_check;
+ALTER TABLE reconciles ADD CONSTRAINT reconciles_trigger_check CHECK (trigger IN
+    ('online_transition', 'manual', 'plugin_updated', 'declared_changed', 'retry',
+     'runtime_restarted'));

@@ -12,6 +12,7 @@ import aiojobs
 from aiohttp import web
 
 from registry.auth import admin_auth_middleware
+from registry.db.heartbeats import BeatPolicy
 from registry.db.pool import create_heartbeat_pool, create_pool
 from registry.db.reconciles import RestartBudget
 from registry.errors import DATABASE_DOWN, Handler, error_middleware
@@ -106,8 +107,11 @@ async def _database(app: web.Application) -> AsyncIterator[None]:
             coalesce=settings.heartbeat_coalesce,
             max_batch=settings.heartbeat_max_batch,
             max_in_flight=settings.heartbeat_max_in_flight,
-            # Only gaps the liveness window could have allowed measure the runtime's interval.
-            max_interval_s=settings.offline_after_max_s,
+            policy=BeatPolicy(
+                # Only gaps the liveness window could allow measure the runtime's interval.
+                max_interval_s=settings.offline_after_max_s,
+                restart_reconcile_every_s=settings.restart_reconcile_every_s,
+            ),
         )
         yield
 

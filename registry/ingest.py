@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import asyncpg
 
-from registry.db.heartbeats import MAX_OBSERVED_INTERVAL_S, Beat, BeatResult, apply_beats
+from registry.db.heartbeats import DEFAULT_POLICY, Beat, BeatPolicy, BeatResult, apply_beats
 from registry.errors import DATABASE_DOWN
 from registry.metrics import Metrics
 
@@ -52,14 +52,14 @@ class HeartbeatIngest:
         coalesce: bool,
         max_batch: int,
         max_in_flight: int,
-        max_interval_s: float = MAX_OBSERVED_INTERVAL_S,
+        policy: BeatPolicy = DEFAULT_POLICY,
     ) -> None:
         self._pool = pool
         self._metrics = metrics
         self._coalesce = coalesce
         self._max_batch = max_batch
         self._max_in_flight = max_in_flight
-        self._max_interval_s = max_interval_s
+        self._policy = policy
         self._pending: list[_Pending] = []
         self._in_flight = 0
 
@@ -149,7 +149,7 @@ class HeartbeatIngest:
     async def _execute(self, beats: list[Beat]) -> list[BeatResult]:
         self._metrics.heartbeat_batch_size.observe(len(beats))
         async with self._pool.acquire() as conn:
-            return await apply_beats(conn, beats, max_interval_s=self._max_interval_s)
+            return await apply_beats(conn, beats, self._policy)
 
 
 def _fail(batch: list[_Pending], exc: BaseException) -> None:

@@ -49,6 +49,9 @@ class Settings:
     # A runtime on a slower interval than ours gets three of its own observed intervals
     # before it is offline, but never more than this (nor less than offline_after_s).
     offline_after_max_s: float = 300.0
+    # A runtime that restarted while online (uptime went down, or it registered again) may be
+    # a new box without its plugins: it gets a reconcile, at most once per this per workspace.
+    restart_reconcile_every_s: float = 300.0
     # Token rotation: the previous token keeps working this long (0: at once, for a leaked
     # token; a rotation request can also ask for 0).
     token_rotation_grace_s: float = 3600.0
@@ -155,6 +158,7 @@ class Settings:
             "sweep_interval_s",
             "offline_after_max_s",
             "refusal_flush_interval_s",
+            "restart_reconcile_every_s",
             "shutdown_grace_s",
             "fetch_timeout_s",
             "event_retention_s",
@@ -311,6 +315,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "offline_after_max_s": _float,
     "token_rotation_grace_s": _float,
     "refusal_flush_interval_s": _float,
+    "restart_reconcile_every_s": _float,
     "mass_expiry_share": _float,
     "mass_expiry_min_fleet": _non_negative_int,
     "mass_expiry_rate": _float,

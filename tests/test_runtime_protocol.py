@@ -402,3 +402,102 @@ async def test_a_gap_across_an_outage_is_not_taken_for_the_interval(
 
     shown = await registry.show(workspace)
     assert shown["liveness"]["observed_interval_s"] == pytest.approx(30.0, abs=1.0)
+
+
+# A box replaced while online
+
+
+async def _converged(registry: Registry, plugin_sources: Path) -> Workspace:
+    """Online, its plugin installed, the restart handed out and acknowledged."""
+    workspace = await _online_with_restart_pending(registry, plugin_sources)
+    [restart] = (await registry.heartbeat(workspace, uptime_seconds=101.0))["actions"]
+    installed = (await registry.show(workspace))["installed_plugins"]
+    await registry.heartbeat(
+        workspace,
+        uptime_seconds=102.0,
+        acks=[restart["id"]],
+        plugins=[{"name": p["name"], "sha": p["sha"]} for p in installed],
+    )
+    return workspace
+
+
+async def _restart_handed_out_ago(registry: Registry, workspace: Workspace, seconds: float) -> None:
+    await registry.db.execute(
+        "UPDATE workspace_actions SET delivered_at = now() - make_interval(secs => $2) "
+        "WHERE workspace_id = $1",
+        uuid.UUID(workspace.id),
+        seconds,
+    )
+
+
+async def test_a_new_box_that_never_went_offline_gets_its_plugins_back(
+    make_registry: MakeRegistry, plugin_sources: Path
+) -> None:
+    registry = await make_registry(restart_reconcile_every_s=0.01)
+    workspace = await _converged(registry, plugin_sources)
+
+    # A new box at the same workspace: uptime from 1, nothing installed, still `online`.
+    answer = await registry.heartbeat(workspace, uptime_seconds=1.0, plugins=[])
+    runs = await registry.settled(workspace)
+    steps = await registry.db.fetch(
+        "SELECT plugin, action FROM reconcile_steps WHERE reconcile_id = $1", runs[-1]["id"]
+    )
+
+    assert answer["previous_status"] == "online"
+    assert [r["trigger"] for r in runs] == ["online_transition", "runtime_restarted"]
+    assert [(s["plugin"], s["action"]) for s in steps] == [("p", "install")]
+
+
+async def test_registering_again_while_online_queues_a_reconcile(
+    make_registry: MakeRegistry, plugin_sources: Path
+) -> None:
+    registry = await make_registry(restart_reconcile_every_s=0.01)
+    workspace = await _converged(registry, plugin_sources)
+
+    response = await registry.client.post(
+        "/registry/register", json={"workspace_id": workspace.id}, headers=workspace.auth
+    )
+    runs = await registry.settled(workspace)
+
+    assert response.status == 200
+    assert [r["trigger"] for r in runs] == ["online_transition", "runtime_restarted"]
+
+
+async def test_restart_reconciles_are_due_at_most_once_a_window(
+    make_registry: MakeRegistry, plugin_sources: Path
+) -> None:
+    registry = await make_registry(restart_reconcile_every_s=3600.0)
+    workspace = await _converged(registry, plugin_sources)
+    await _restart_handed_out_ago(registry, workspace, 7200.0)
+
+    # The box restarts again and again right after its last run: one run, due an hour after
+    # that run, however often it restarts meanwhile.
+    for uptime in (1.0, 0.5, 0.2):
+        await registry.heartbeat(workspace, uptime_seconds=uptime)
+    queued = await registry.db.fetch(
+        "SELECT trigger, next_attempt_at - now() AS due_in FROM reconciles "
+        "WHERE workspace_id = $1 AND status = 'queued'",
+        uuid.UUID(workspace.id),
+    )
+
+    assert [r["trigger"] for r in queued] == ["runtime_restarted"]
+    assert queued[0]["due_in"].total_seconds() > 3000
+
+
+async def test_the_restart_it_was_asked_for_queues_no_reconcile(
+    registry: Registry, plugin_sources: Path
+) -> None:
+    workspace = await _online_with_restart_pending(registry, plugin_sources)
+    [restart] = (await registry.heartbeat(workspace, uptime_seconds=101.0))["actions"]
+
+    # It restarts as asked (uptime down) and registers again at boot.
+    await registry.heartbeat(workspace, uptime_seconds=0.0)
+    await registry.client.post(
+        "/registry/register", json={"workspace_id": workspace.id}, headers=workspace.auth
+    )
+    runs = await registry.settled(workspace)
+    shown = await registry.show(workspace)
+
+    assert [r["trigger"] for r in runs] == ["online_transition"]
+    assert (shown["plugins_sync"], shown["pending_actions"]) == ("synced", [])
+    assert restart["type"] == "restart"

@@ -148,16 +148,36 @@ event AS (
     FROM beat b
     WHERE b.restarted_at IS NOT NULL
 ),
+-- Entering online (the box may have been replaced meanwhile) queues a reconcile, due now. So
+-- does a runtime that restarted while online unasked, which may be a new box with none of its
+-- plugins (its uptime went down, or it registered again; a restart handed out in the last $23 s
+-- explains both): due no sooner than $23 s after the workspace's last run was created, so a
+-- runtime restarting in a loop costs one run a window, and a restart right after a run is
+-- still reconciled, a little later.
 intent AS (
-    INSERT INTO reconciles (workspace_id, trigger)
-    SELECT b.id, 'online_transition'
+    INSERT INTO reconciles (workspace_id, trigger, next_attempt_at)
+    SELECT b.id,
+           CASE WHEN b.previous_status = ANY($18::text[]) THEN 'online_transition'
+                ELSE 'runtime_restarted' END,
+           CASE WHEN b.previous_status = ANY($18::text[]) THEN now()
+                ELSE GREATEST(now(), (SELECT max(r.created_at) FROM reconciles r
+                                      WHERE r.workspace_id = b.id)
+                                     + make_interval(secs => $23)) END
     FROM beat b
-    WHERE b.previous_status = ANY($18::text[]) AND b.status = ANY($19::text[])
-    -- A queued run already covers this entry: fold into it, due now with its full attempt
-    -- budget even if it was waiting out a retry backoff (see reconciles.QUEUE_RECONCILE).
+    WHERE b.status = ANY($19::text[])
+      AND (b.previous_status = ANY($18::text[])
+           OR ((b.restarted_at IS NOT NULL OR b.cause = 'register')
+               AND b.previous_status = ANY($19::text[])
+               AND NOT EXISTS (SELECT 1 FROM workspace_actions a
+                               WHERE a.workspace_id = b.id AND a.type = 'restart'
+                                 AND a.delivered_at > now() - make_interval(secs => $23))))
+    -- A queued run already covers this: fold into it, with its full attempt budget, due by
+    -- the new cause's time even if it was waiting out a retry backoff (see
+    -- reconciles.QUEUE_RECONCILE); a restart never pulls a run forward past its window.
     -- A fold returns the run's id too, so the beat wakes the reconciler for it.
     ON CONFLICT (workspace_id) WHERE status = 'queued' DO UPDATE SET
-        attempt = 0, error = NULL, next_attempt_at = LEAST(reconciles.next_attempt_at, now())
+        attempt = 0, error = NULL,
+        next_attempt_at = LEAST(reconciles.next_attempt_at, EXCLUDED.next_attempt_at)
     RETURNING id, workspace_id
 ),
 acks AS (
@@ -209,12 +229,21 @@ def _json(value: Any) -> str | None:
     return None if value is None else orjson.dumps(value).decode()
 
 
-# Gaps between beats longer than this are outages, not the runtime's interval.
-MAX_OBSERVED_INTERVAL_S = 300.0
+@dataclass(frozen=True, slots=True)
+class BeatPolicy:
+    """The settings the heartbeat statement applies."""
+
+    # Gaps between beats longer than this are outages, not the runtime's interval.
+    max_interval_s: float = 300.0
+    # A runtime that restarted while online gets a reconcile, due at most this often.
+    restart_reconcile_every_s: float = 300.0
+
+
+DEFAULT_POLICY = BeatPolicy()
 
 
 async def apply_beats(
-    conn: Connection, beats: list[Beat], *, max_interval_s: float = MAX_OBSERVED_INTERVAL_S
+    conn: Connection, beats: list[Beat], policy: BeatPolicy = DEFAULT_POLICY
 ) -> list[BeatResult]:
     """Apply beats for distinct workspaces; one result per beat, in order."""
     rows = await conn.fetch(
@@ -240,7 +269,8 @@ async def apply_beats(
         LIVE_STATUSES,
         [b.workspace_id for b in beats for _ in b.acks],
         [ack for b in beats for ack in b.acks],
-        max_interval_s,
+        policy.max_interval_s,
+        policy.restart_reconcile_every_s,
     )
     found = {
         row["id"]: BeatResult(
