@@ -228,13 +228,16 @@ async def _background(app: web.Application) -> AsyncIterator[None]:
 async def _stop_loops(loops: list[tuple[aiojobs.Job[None], Callable[[], None]]]) -> None:
     for _, stop in loops:
         stop()
-    for job, _ in loops:
-        try:
-            await job.wait(timeout=LOOP_STOP_S)
-        except Exception as exc:
+    # Waited for together, so the loops' bound is LOOP_STOP_S (+ CANCEL_GRACE_S for one that
+    # had to be cancelled), not the sum of them.
+    ended = await asyncio.gather(
+        *(job.wait(timeout=LOOP_STOP_S) for job, _ in loops), return_exceptions=True
+    )
+    for (job, _), result in zip(loops, ended, strict=True):
+        if isinstance(result, BaseException):
             # Timed out (the job is then cancelled), or it had already failed (and logged
             # it): either way it is over, and the rest of the teardown goes on.
-            log.warning("background loop %s ended badly: %r", job.get_name(), exc)
+            log.warning("background loop %s ended badly: %r", job.get_name(), result)
 
 
 async def _close_scheduler(scheduler: aiojobs.Scheduler, grace_s: float) -> None:

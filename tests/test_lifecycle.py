@@ -217,3 +217,27 @@ async def test_a_connection_never_returned_does_not_hold_the_teardown(
 
     assert "main pool: a connection was not returned" in caplog.text
     await assert_nothing_left(db, watch)
+
+
+async def test_a_loop_that_does_not_stop_is_cancelled_and_the_teardown_goes_on(
+    settings: Settings,
+    dsn: str,
+    db: asyncpg.Connection,
+    watch: Watch,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(registry.app, "LOOP_STOP_S", 0.2)
+    running = asyncio.Event()
+
+    async def deaf(self: object) -> None:
+        running.set()
+        await asyncio.Event().wait()  # ignores its stop; only cancellation ends it
+
+    monkeypatch.setattr(registry.app.Pruner, "run_forever", deaf)
+    runner = await _started(settings, dsn)
+    await running.wait()
+
+    async with asyncio.timeout(HANG_S):
+        await runner.cleanup()
+
+    await assert_nothing_left(db, watch)
