@@ -104,9 +104,9 @@ async def _database(app: web.Application) -> AsyncIterator[None]:
     # start-up is cancelled meanwhile): aiohttp only tears down contexts that finished starting.
     async with contextlib.AsyncExitStack() as opened:
         pool = await create_pool(settings, app[DSN])
-        opened.push_async_callback(close_pool, pool, "main")
+        opened.push_async_callback(_close_pool, pool, "main")
         heartbeat_pool = await create_heartbeat_pool(settings, app[DSN])
-        opened.push_async_callback(close_pool, heartbeat_pool, "heartbeat")
+        opened.push_async_callback(_close_pool, heartbeat_pool, "heartbeat")
         app[POOL] = pool
         app[INGEST] = HeartbeatIngest(
             heartbeat_pool,
@@ -120,7 +120,7 @@ async def _database(app: web.Application) -> AsyncIterator[None]:
         yield
 
 
-async def close_pool(pool: asyncpg.Pool, name: str) -> None:
+async def _close_pool(pool: asyncpg.Pool, name: str) -> None:
     """Close a pool within POOL_CLOSE_S; connections still checked out then are terminated."""
     try:
         # On timeout wait_for cancels close(), which then terminates the pool itself;
