@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Coroutine
+from typing import Any
 
 import aiohttp
 import aiojobs
+import asyncpg
 from aiohttp import web
 
 from registry.auth import admin_auth_middleware
@@ -48,6 +51,11 @@ log = logging.getLogger(__name__)
 LOOP_STOP_S = 5.0
 # After the scheduler cancels a job, how long it may take to hand its run back.
 CANCEL_GRACE_S = 5.0
+# Closing a pool waits for every connection to come back; one that leaked (checked out and
+# never released) would hold SIGTERM forever. After this long the rest are terminated.
+POOL_CLOSE_S = 5.0
+# The delivery client's connections are closed locally; this only bounds a stuck close.
+HTTP_CLOSE_S = 5.0
 
 
 @web.middleware
@@ -97,9 +105,9 @@ async def _database(app: web.Application) -> AsyncIterator[None]:
     # start-up is cancelled meanwhile): aiohttp only tears down contexts that finished starting.
     async with contextlib.AsyncExitStack() as opened:
         pool = await create_pool(settings, app[DSN])
-        opened.push_async_callback(pool.close)
+        opened.push_async_callback(_close_pool, pool, "main")
         heartbeat_pool = await create_heartbeat_pool(settings, app[DSN])
-        opened.push_async_callback(heartbeat_pool.close)
+        opened.push_async_callback(_close_pool, heartbeat_pool, "heartbeat")
         app[POOL] = pool
         app[INGEST] = HeartbeatIngest(
             heartbeat_pool,
@@ -114,6 +122,21 @@ async def _database(app: web.Application) -> AsyncIterator[None]:
             ),
         )
         yield
+
+
+async def _close_pool(pool: asyncpg.Pool, name: str) -> None:
+    """Close a pool within POOL_CLOSE_S; connections still checked out then are terminated."""
+    try:
+        # On timeout wait_for cancels close(), which then terminates the pool itself;
+        # terminate() below is for the record (and a no-op once closed).
+        await asyncio.wait_for(pool.close(), POOL_CLOSE_S)
+    except TimeoutError:
+        log.warning(
+            "%s pool: a connection was not returned within %.1f s of closing; terminated",
+            name,
+            POOL_CLOSE_S,
+        )
+        pool.terminate()
 
 
 def source_settings(settings: Settings) -> SourceSettings:
@@ -144,51 +167,99 @@ def reconcile_config(settings: Settings, sources: SourceSettings) -> ReconcileCo
 async def _background(app: web.Application) -> AsyncIterator[None]:
     """The reconcile worker, the liveness sweeper and the event hub, as aiojobs jobs."""
     settings, pool = app[SETTINGS], app[POOL]
-    scheduler = aiojobs.Scheduler(close_timeout=CANCEL_GRACE_S)
-    # One client session for deliveries to runtimes; its connection pool is shared.
-    http = aiohttp.ClientSession()
-    owner = new_owner_id()
-    worker = ReconcileWorker(
-        pool,
-        scheduler,
-        Reconciler(
-            pool, scheduler, http, reconcile_config(settings, app[SOURCES]), owner, app[METRICS]
-        ),
-        owner=owner,
-        concurrency=settings.reconcile_concurrency,
-        poll_s=settings.reconcile_poll_s,
-        lease_s=settings.reconcile_lease_s,
+    # Everything is released in reverse order, at teardown and also when a later step of the
+    # start fails: the loops started so far stop, the scheduler closes, the session closes.
+    async with contextlib.AsyncExitStack() as opened:
+        # One client session for deliveries to runtimes; its connection pool is shared. It
+        # closes last, after the scheduler has drained the reconciles delivering through it.
+        http = aiohttp.ClientSession()
+        opened.push_async_callback(_close_http, http)
+        scheduler = aiojobs.Scheduler(close_timeout=CANCEL_GRACE_S)
+        opened.push_async_callback(_close_scheduler, scheduler, settings.shutdown_grace_s)
+        owner = new_owner_id()
+        worker = ReconcileWorker(
+            pool,
+            scheduler,
+            Reconciler(
+                pool,
+                scheduler,
+                http,
+                reconcile_config(settings, app[SOURCES]),
+                owner,
+                app[METRICS],
+            ),
+            owner=owner,
+            concurrency=settings.reconcile_concurrency,
+            poll_s=settings.reconcile_poll_s,
+            lease_s=settings.reconcile_lease_s,
+        )
+        sweeper = LivenessSweeper(pool, settings, app[METRICS])
+        hub = EventHub(pool, app[DSN])
+        pruner = Pruner(pool, settings, app[METRICS])
+        app[RECONCILER] = worker
+        app[EVENT_HUB] = hub
+        stop_refusals = asyncio.Event()
+        # Each loop with what stops it; a coroutine is made only when it is spawned, so a
+        # failed spawn leaves none that was never awaited.
+        starts: list[tuple[str, Callable[[], Coroutine[Any, Any, None]], Callable[[], None]]] = [
+            ("reconcile-worker", worker.run_forever, worker.stop),
+            ("liveness-sweeper", sweeper.run_forever, sweeper.stop),
+            ("event-sequencer", hub.run_sequencer, hub.stop),
+            ("event-listener", hub.run_listener, hub.stop),
+            ("retention-pruner", pruner.run_forever, pruner.stop),
+            (
+                "refusal-flusher",
+                functools.partial(
+                    app[REFUSALS].run_forever,
+                    pool,
+                    settings.refusal_flush_interval_s,
+                    stop_refusals,
+                ),
+                stop_refusals.set,
+            ),
+        ]
+        loops: list[tuple[aiojobs.Job[None], Callable[[], None]]] = []
+        opened.push_async_callback(_stop_loops, loops)
+        for name, run, stop in starts:
+            loops.append((await scheduler.spawn(run(), name=name), stop))
+        yield
+        # Teardown, by the stack (last pushed first): stop the loops, so nothing is claimed
+        # that the closing scheduler would refuse; running reconciles get the grace period to
+        # finish, then are cancelled and hand their runs back as queued intents; then the
+        # session closes.
+
+
+async def _stop_loops(loops: list[tuple[aiojobs.Job[None], Callable[[], None]]]) -> None:
+    for _, stop in loops:
+        stop()
+    # Waited for together, so the loops' bound is LOOP_STOP_S (+ CANCEL_GRACE_S for one that
+    # had to be cancelled), not the sum of them.
+    ended = await asyncio.gather(
+        *(job.wait(timeout=LOOP_STOP_S) for job, _ in loops), return_exceptions=True
     )
-    sweeper = LivenessSweeper(pool, settings, app[METRICS])
-    hub = EventHub(pool, app[DSN])
-    pruner = Pruner(pool, settings, app[METRICS])
-    app[RECONCILER] = worker
-    app[EVENT_HUB] = hub
-    stop_refusals = asyncio.Event()
-    loops = [
-        await scheduler.spawn(worker.run_forever(), name="reconcile-worker"),
-        await scheduler.spawn(sweeper.run_forever(), name="liveness-sweeper"),
-        await scheduler.spawn(hub.run_sequencer(), name="event-sequencer"),
-        await scheduler.spawn(hub.run_listener(), name="event-listener"),
-        await scheduler.spawn(pruner.run_forever(), name="retention-pruner"),
-        await scheduler.spawn(
-            app[REFUSALS].run_forever(pool, settings.refusal_flush_interval_s, stop_refusals),
-            name="refusal-flusher",
-        ),
-    ]
-    yield
-    # Stop the loops first, so nothing is claimed that the closing scheduler would refuse;
-    # running reconciles get the grace period to finish, then are cancelled and hand their
-    # runs back as queued intents.
-    worker.stop()
-    sweeper.stop()
-    pruner.stop()
-    hub.stop()
-    stop_refusals.set()
-    for loop in loops:
-        await loop.wait(timeout=LOOP_STOP_S)
-    await scheduler.wait_and_close(timeout=settings.shutdown_grace_s)
-    await http.close()
+    for (job, _), result in zip(loops, ended, strict=True):
+        if isinstance(result, BaseException):
+            # Timed out (the job is then cancelled), or it had already failed (and logged
+            # it): either way it is over, and the rest of the teardown goes on.
+            log.warning("background loop %s ended badly: %r", job.get_name(), result)
+
+
+async def _close_scheduler(scheduler: aiojobs.Scheduler, grace_s: float) -> None:
+    # wait_and_close bounds itself (the grace period, then CANCEL_GRACE_S per cancelled
+    # job, in parallel); the outer limit holds even against a job that ignores cancellation.
+    try:
+        await asyncio.wait_for(
+            scheduler.wait_and_close(timeout=grace_s), grace_s + CANCEL_GRACE_S + 1.0
+        )
+    except TimeoutError:
+        log.warning("job scheduler: jobs still running after the grace period; left behind")
+
+
+async def _close_http(http: aiohttp.ClientSession) -> None:
+    try:
+        await asyncio.wait_for(http.close(), HTTP_CLOSE_S)
+    except TimeoutError:
+        log.warning("delivery client session did not close within %.1f s", HTTP_CLOSE_S)
 
 
 async def _end_streams(app: web.Application) -> None:

@@ -68,27 +68,63 @@ class HeartbeatIngest:
             return (await self._execute([beat]))[0]
         pending = _Pending(beat)
         self._pending.append(pending)
-        if self._in_flight < self._max_in_flight:
+        leading = self._in_flight < self._max_in_flight
+        if leading:
             self._in_flight += 1
-            await self._lead()
-        while True:
-            result = await pending.future
-            if not isinstance(result, _Lead):
-                return result
-            pending.future = asyncio.get_running_loop().create_future()
-            await self._lead()
+        # A request can be cancelled at any await below (a client that hangs up, with aiohttp's
+        # handler cancellation on; a timeout around the call). Whatever the point, a slot this
+        # beat holds goes back, and nothing is handed to it afterwards.
+        try:
+            while True:
+                if leading:
+                    await self._lead(pending)  # gives the slot back itself, whatever happens
+                result = await pending.future
+                if not isinstance(result, _Lead):
+                    return result
+                pending.future = asyncio.get_running_loop().create_future()
+                leading = True
+        except BaseException:
+            # Told to lead, then cancelled before it resumed: it never led, and the slot it
+            # was handed is still counted as taken. Hand it to the next beat in line.
+            told_to_lead = (
+                pending.future.done()
+                and not pending.future.cancelled()
+                and pending.future.exception() is None
+                and isinstance(pending.future.result(), _Lead)
+            )
+            self._forget(pending)
+            if told_to_lead:
+                self._in_flight -= 1
+                self._pass_slot()
+            raise
 
-    async def _lead(self) -> None:
+    async def _lead(self, own: _Pending) -> None:
         """Send one batch of what is pending (this slot is ours), then pass the slot on."""
         try:
             # Let the beats that arrived in this same loop tick join the batch.
             await asyncio.sleep(0)
             batch = self._take_batch()
             if batch:
-                await self._send(batch)
+                try:
+                    await self._send(batch)
+                except BaseException:
+                    # Interrupted (cancelled) while sending: every beat of the batch still
+                    # gets an answer, also those `_send` had not reached yet.
+                    _fail(batch, asyncpg.InterfaceError("heartbeat batch interrupted"))
+                    raise
+        except BaseException:
+            # This beat goes away: the slot must not be passed back to it below.
+            self._forget(own)
+            raise
         finally:
             self._in_flight -= 1
             self._pass_slot()
+
+    def _forget(self, pending: _Pending) -> None:
+        """A beat whose request went away: no batch or slot is handed to it any more."""
+        pending.future.cancel()  # a no-op when it already holds an answer
+        if pending in self._pending:
+            self._pending.remove(pending)
 
     def _take_batch(self) -> list[_Pending]:
         # One beat per workspace per batch: a second beat for the same workspace must see
