@@ -46,6 +46,25 @@ async def insert_reconcile_event(
     )
 
 
+# The event of the change into the current status (the newest, so unsequenced ones first;
+# the (workspace_id, seq) index walks backwards). None when retention pruned it or a writer
+# recorded none.
+SELECT_STATUS_CAUSE = """
+SELECT cause FROM workspace_events
+WHERE workspace_id = $1 AND kind = 'status' AND to_status = $2 AND at >= $3
+ORDER BY seq DESC NULLS FIRST, id DESC
+LIMIT 1
+"""
+
+
+async def status_cause(
+    conn: Connection, workspace_id: uuid.UUID, status: Status, since: datetime
+) -> str | None:
+    """The cause recorded with the change into `status` at `since` (its status_changed_at)."""
+    cause: str | None = await conn.fetchval(SELECT_STATUS_CAUSE, workspace_id, status.value, since)
+    return cause
+
+
 @dataclass(frozen=True, slots=True)
 class Event:
     id: int  # the sequence number: commit-ordered, what clients resume after

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from datetime import UTC, datetime
 from typing import Any
 
 from aiohttp import web
@@ -10,7 +11,7 @@ from aiohttp import web
 from registry import query
 from registry import validation as v
 from registry.auth import hash_token, new_workspace_token
-from registry.db import Connection, actions, reconciles, workspaces
+from registry.db import Connection, actions, events, fleet, reconciles, workspaces
 from registry.db.workspaces import DeclaredPlugin
 from registry.errors import (
     Forbidden,
@@ -31,7 +32,8 @@ from registry.plugins import (
 )
 from registry.settings import Settings
 from registry.statuses import LIVE, Status
-from registry.views import Liveness, workspace_summary, workspace_view
+from registry.verdicts import Liveness, Recorded
+from registry.views import workspace_summary, workspace_view
 
 CREATE_FIELDS = frozenset({"name", "url", "delivery", "plugins"})
 DELIVERY_MODES = ("filesystem", "http")
@@ -84,30 +86,55 @@ async def post_workspaces(request: web.Request) -> web.Response:
             url=url,
             plugins=plugins,
         )
-        view = await _workspace_view(conn, workspace.id, request.app[SETTINGS])
+        view = await _workspace_view(
+            conn, workspace.id, request.app[SETTINGS], request.app[SOURCES]
+        )
     # The only time the token is shown: only its hash is kept.
     return json_response({"workspace": view, "token": token}, status=201)
 
 
 async def _workspace_view(
-    conn: Connection, workspace_id: uuid.UUID, settings: Settings
+    conn: Connection, workspace_id: uuid.UUID, settings: Settings, sources: SourceSettings
 ) -> dict[str, Any]:
     workspace = await workspaces.get_workspace(conn, workspace_id)
     if workspace is None:
         raise workspace_not_found(workspace_id)
-    return workspace_view(
+    declared = await workspaces.declared_plugins(conn, workspace_id)
+    recorded = Recorded(
         workspace,
-        declared=await workspaces.declared_plugins(conn, workspace_id),
+        declared=declared,
         installed=await workspaces.installed_plugins(conn, workspace_id),
         last=await reconciles.last_reconcile(conn, workspace_id),
         liveness=Liveness.from_settings(settings),
+        now=datetime.now(UTC),
         pending=await actions.pending_actions(conn, workspace_id),
+        status_cause=await events.status_cause(
+            conn, workspace_id, workspace.status, workspace.status_changed_at
+        ),
+        guard=await fleet.read_guard(conn),
+        refused_sources=refused_sources(declared, sources),
+        allowlist=sources.allowlist,
     )
+    return workspace_view(recorded)
+
+
+def refused_sources(declared: list[DeclaredPlugin], sources: SourceSettings) -> dict[str, str]:
+    """Declared plugins the allowlist refuses now: it may have been tightened since they were
+    declared (and installed). The same check the install pipeline makes."""
+    refused = {}
+    for plugin in declared:
+        try:
+            check_allowed(parse_source(plugin.source, sources), sources)
+        except PluginError as exc:
+            refused[plugin.name] = exc.message
+    return refused
 
 
 async def workspace_response(request: web.Request, workspace_id: uuid.UUID) -> web.Response:
     async with request.app[POOL].acquire() as conn:
-        return json_response(await _workspace_view(conn, workspace_id, request.app[SETTINGS]))
+        return json_response(
+            await _workspace_view(conn, workspace_id, request.app[SETTINGS], request.app[SOURCES])
+        )
 
 
 async def get_workspace(request: web.Request) -> web.Response:
@@ -164,7 +191,9 @@ async def put_workspace_plugins(request: web.Request) -> web.Response:
             if status in LIVE:
                 await reconciles.queue_reconcile(conn, workspace_id, "declared_changed")
                 queued = True
-        view = await _workspace_view(conn, workspace_id, request.app[SETTINGS])
+        view = await _workspace_view(
+            conn, workspace_id, request.app[SETTINGS], request.app[SOURCES]
+        )
     if queued:
         request.app[RECONCILER].wake()
     return json_response(view)
