@@ -213,7 +213,7 @@ def _silence_reason(state: Recorded) -> str | None:
         return (
             f"{silent}, but held {state.workspace.status} by the mass-expiry guard (holding "
             f"since {_ago(guard.since, state.now)}: {guard.stale} of {guard.live} live "
-            f"workspaces silent); it goes offline "
+            f"workspaces silent, {guard.expired} taken offline within the window); it goes offline "
             "at the guard's slow rate or once the guard lets go"
         )
     return f"{silent}: the liveness sweeper takes it offline at its next sweep"
