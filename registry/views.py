@@ -112,9 +112,16 @@ def _action_view(action: PendingAction, now: datetime) -> dict[str, Any]:
     }
 
 
-def workspace_summary(workspace: Workspace) -> dict[str, Any]:
-    """The short form used in lists."""
-    return {**_identity(workspace), "last_heartbeat_at": workspace.last_heartbeat_at}
+def workspace_summary(state: Recorded) -> dict[str, Any]:
+    """The short form used in lists; its verdicts are the full view's."""
+    workspace, verdict = state.workspace, judge(state)
+    return {
+        **_identity(workspace),
+        "last_heartbeat_at": workspace.last_heartbeat_at,
+        "plugins_sync": verdict.plugins_sync.value,
+        "ready": verdict.ready,
+        "usable": verdict.usable,
+    }
 
 
 def _identity(workspace: Workspace) -> dict[str, Any]:

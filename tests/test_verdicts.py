@@ -328,3 +328,40 @@ async def test_right_after_resume_the_offline_reason_is_truthful(registry: Regis
     assert why.startswith("resumed by an operator 0 s ago: waiting for a heartbeat")
     assert "last heartbeat 4 s ago" in why
     assert "of silence" not in why
+
+
+async def test_list_summaries_carry_the_same_verdicts_as_the_full_view(
+    registry: Registry, plugin_sources: Path
+) -> None:
+    plugin = write_tree(plugin_sources / "seo", {"plugin.py": "print('seo')\n"})
+    ready = await registry.create_workspace()
+    settling = await registry.create_workspace([{"source": f"file://{plugin}"}])
+    provisioning = await registry.create_workspace()
+    silent = await registry.create_workspace()
+    for workspace in (ready, settling, silent):
+        await registry.heartbeat(workspace)
+        await registry.settled(workspace)
+    await registry.db.execute(
+        "UPDATE workspaces SET last_heartbeat_at = now() - interval '300 seconds' WHERE id = $1",
+        uuid.UUID(silent.id),
+    )
+
+    response = await registry.client.get("/workspaces", headers=ADMIN)
+    listed = {w["id"]: w for w in (await response.json())["workspaces"]}
+
+    verdicts = {}
+    for workspace in (ready, settling, provisioning, silent):
+        shown = await registry.show(workspace)
+        summary = listed[workspace.id]
+        assert (summary["plugins_sync"], summary["ready"], summary["usable"]) == (
+            shown["plugins_sync"],
+            shown["ready"],
+            shown["usable"],
+        )
+        verdicts[workspace.id] = (summary["ready"], summary["usable"])
+    assert verdicts == {
+        ready.id: (True, True),
+        settling.id: (False, True),  # its restart is not acknowledged yet
+        provisioning.id: (False, False),
+        silent.id: (False, False),
+    }

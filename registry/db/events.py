@@ -65,6 +65,31 @@ async def status_cause(
     return cause
 
 
+SELECT_STATUS_CAUSES = """
+SELECT w.id, e.cause
+FROM unnest($1::uuid[], $2::text[], $3::timestamptz[]) AS w(id, status, since)
+CROSS JOIN LATERAL (
+    SELECT cause FROM workspace_events
+    WHERE workspace_id = w.id AND kind = 'status' AND to_status = w.status AND at >= w.since
+    ORDER BY seq DESC NULLS FIRST, id DESC
+    LIMIT 1
+) e
+"""
+
+
+async def status_causes(
+    conn: Connection, changes: list[tuple[uuid.UUID, Status, datetime]]
+) -> dict[uuid.UUID, str]:
+    """status_cause() for a page of workspaces: (id, status, status_changed_at) each."""
+    rows = await conn.fetch(
+        SELECT_STATUS_CAUSES,
+        [id_ for id_, _, _ in changes],
+        [status.value for _, status, _ in changes],
+        [since for _, _, since in changes],
+    )
+    return {row["id"]: row["cause"] for row in rows}
+
+
 @dataclass(frozen=True, slots=True)
 class Event:
     id: int  # the sequence number: commit-ordered, what clients resume after

@@ -118,15 +118,25 @@ async def _workspace_view(
     return workspace_view(recorded)
 
 
-def refused_sources(declared: list[DeclaredPlugin], sources: SourceSettings) -> dict[str, str]:
+def refused_sources(
+    declared: list[DeclaredPlugin],
+    sources: SourceSettings,
+    checked: dict[str, str | None] | None = None,
+) -> dict[str, str]:
     """Declared plugins the allowlist refuses now: it may have been tightened since they were
-    declared (and installed). The same check the install pipeline makes."""
+    declared (and installed). The same check the install pipeline makes; `checked` keeps the
+    answer per source across a page (a file:// check resolves the path on disk)."""
+    checked = {} if checked is None else checked
     refused = {}
     for plugin in declared:
-        try:
-            check_allowed(parse_source(plugin.source, sources), sources)
-        except PluginError as exc:
-            refused[plugin.name] = exc.message
+        if plugin.source not in checked:
+            try:
+                check_allowed(parse_source(plugin.source, sources), sources)
+                checked[plugin.source] = None
+            except PluginError as exc:
+                checked[plugin.source] = exc.message
+        if (refusal := checked[plugin.source]) is not None:
+            refused[plugin.name] = refusal
     return refused
 
 
@@ -156,14 +166,50 @@ async def get_workspaces(request: web.Request) -> web.Response:
         page = await workspaces.list_workspaces(
             conn, status=status, after=after, limit=limit + 1, include_removed=include_removed
         )
-    more = len(page) > limit
-    page = page[:limit]
+        more = len(page) > limit
+        page = page[:limit]
+        recorded = await _recorded_page(conn, page, request.app[SETTINGS], request.app[SOURCES])
     return json_response(
         {
-            "workspaces": [workspace_summary(w) for w in page],
+            "workspaces": [workspace_summary(state) for state in recorded],
             "next_cursor": str(page[-1].id) if more else None,
         }
     )
+
+
+async def _recorded_page(
+    conn: Connection,
+    page: list[workspaces.Workspace],
+    settings: Settings,
+    sources: SourceSettings,
+) -> list[Recorded]:
+    """The recorded state of a page of workspaces, for their verdicts: one statement per
+    table for the whole page, not per workspace."""
+    ids = [w.id for w in page]
+    declared = await workspaces.declared_plugins_of(conn, ids)
+    installed = await workspaces.installed_plugins_of(conn, ids)
+    last = await reconciles.last_reconciles(conn, ids)
+    pending = await actions.pending_actions_of(conn, ids)
+    causes = await events.status_causes(conn, [(w.id, w.status, w.status_changed_at) for w in page])
+    guard = await fleet.read_guard(conn)
+    liveness, now = Liveness.from_settings(settings), datetime.now(UTC)
+    checked: dict[str, str | None] = {}
+    return [
+        Recorded(
+            w,
+            declared=declared[w.id],
+            installed=installed[w.id],
+            last=last.get(w.id),
+            liveness=liveness,
+            now=now,
+            pending=pending[w.id],
+            status_cause=causes.get(w.id),
+            guard=guard,
+            refused_sources=refused_sources(declared[w.id], sources, checked),
+            allowlist=sources.allowlist,
+        )
+        for w in page
+    ]
 
 
 async def lock_existing_workspace(conn: Connection, workspace_id: uuid.UUID) -> Status:
