@@ -216,7 +216,10 @@ def _silence_reason(state: Recorded) -> str | None:
             f"workspaces silent, {guard.expired} taken offline within the window); it goes offline "
             "at the guard's slow rate or once the guard lets go"
         )
-    return f"{silent}: the liveness sweeper takes it offline at its next sweep"
+    return (
+        f"{silent}: the liveness sweeper takes it offline at its next sweep (a registry that "
+        "just started first gives every workspace one liveness window)"
+    )
 
 
 def _refusal_reason(workspace: Workspace, now: datetime) -> str | None:
