@@ -146,8 +146,9 @@ async def test_fleet_going_silent_at_once_trips_the_guard_and_is_not_all_expired
 
 # A gradual outage, with time controlled through the database: the heartbeats of a fleet of 50
 # stop one after another over 20 s; every 4 s a sweep runs (10 more silent each time, a fifth
-# of the fleet). Judging one sweep at a time, the guard saw 10 of 50, then 10 of 40 (both
-# within its 30%) and held only at the third sweep, with 20 of 50 (40%) already offline.
+# of the fleet). Judging one sweep at a time, the guard saw 6 of 50, 10 of 44 and 10 of 34
+# silent (each within its 30%) and held only at the fourth sweep, with 26 of 50 offline.
+# Counting the window's expirations, it holds at the second, with 6 offline.
 GRADUAL = SweepPolicy(
     offline_after_s=10.0,
     provision_timeout_s=1e9,
