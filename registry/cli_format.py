@@ -120,6 +120,13 @@ def _plugins(title: str, headers: Sequence[str], rows: list[Sequence[Any]]) -> l
     return [f"{title}:", table(headers, rows, indent="  ")]
 
 
+def _ready_usable(view: JSON) -> str | None:
+    if "ready" not in view:
+        return None  # a registry from before lesson 16 was built
+    ready = "ready" if view["ready"] else "not ready"
+    return f"{ready}, {'usable' if view['usable'] else 'not usable'}"
+
+
 def workspace(view: JSON) -> str:
     beat = view.get("heartbeat") or {}
     lines = [
@@ -140,6 +147,7 @@ def workspace(view: JSON) -> str:
                 ("uptime", _seconds(beat.get("uptime_seconds"))),
                 ("monthly spend", beat.get("monthly_spend")),
                 ("plugins sync", view.get("plugins_sync")),
+                ("ready / usable", _ready_usable(view)),
                 ("last refusal", _refusal(view.get("last_refusal"))),
                 ("why", view.get("why")),
             ]

@@ -72,18 +72,34 @@ class SweepPolicy:
             offline_after_max_s=settings.offline_after_max_s,
         )
 
-    def expiry_limit(self, live: int, silent: int) -> tuple[bool, int]:
-        """(holding, how many may go offline this sweep) for a fleet of `live`."""
-        holding = live >= self.mass_expiry_min_fleet and silent > self.mass_expiry_share * live
+    def expiry_limit(self, live: int, silent: int, expired: int = 0) -> tuple[bool, int]:
+        """(holding, how many may go offline this sweep) for a fleet of `live` with `silent`
+        of them silent, `expired` having been taken offline within the last window.
+
+        The guard judges a sliding window, not one sweep: an outage spread over several
+        sweeps (heartbeats stopping over 20 s) looks small in each, yet takes the fleet. So it
+        compares the silent ones plus the window's expirations with the fleet as it was a
+        window ago (the live ones plus those expirations). Below the share every silent one
+        expires, which keeps the window's expirations within the share; above, it holds.
+        """
+        fleet = live + expired
+        holding = (
+            fleet >= self.mass_expiry_min_fleet
+            and silent + expired > self.mass_expiry_share * fleet
+        )
         if not holding:
             return False, silent
         # A partition or a registry outage looks like a dead fleet; expire slowly until
         # heartbeats return, so a mistake costs a few workspaces, not all of them.
-        return True, max(1, math.floor(self.mass_expiry_rate * live))
+        return True, max(1, math.floor(self.mass_expiry_rate * fleet))
 
 
-async def sweep(conn: Connection, policy: SweepPolicy) -> SweepResult:
-    """One sweep, in one transaction; skipped when another process is sweeping."""
+async def sweep(conn: Connection, policy: SweepPolicy, *, expire: bool = True) -> SweepResult:
+    """One sweep, in one transaction; skipped when another process is sweeping.
+
+    With `expire` False (a sweeper in its start-up grace window) it only counts and writes the
+    guard's figures, so /fleet is fresh from the first sweep after a start, and judges nobody.
+    """
     async with conn.transaction():
         if not await conn.fetchval(TRY_SWEEP_LOCK, SWEEP_LOCK_KEY):
             return SweepResult(swept=False)
@@ -92,7 +108,15 @@ async def sweep(conn: Connection, policy: SweepPolicy) -> SweepResult:
         count = await transitions.count_silent(
             conn, LIVE, policy.offline_after_s, policy.live_window
         )
-        holding, limit = policy.expiry_limit(count.live, count.silent)
+        # The window is the configured liveness window: within it, a fleet that is really
+        # going away has gone silent, however its heartbeats were spread.
+        recent = await fleet.recent_expirations(conn, policy.offline_after_s)
+        if not expire:
+            holding = await fleet.write_figures(
+                conn, live=count.live, stale=count.silent, expired=recent
+            )
+            return SweepResult(swept=True, holding=holding)
+        holding, limit = policy.expiry_limit(count.live, count.silent, recent)
         expired = await transitions.expire_silent(
             conn,
             statuses=LIVE,
@@ -102,6 +126,8 @@ async def sweep(conn: Connection, policy: SweepPolicy) -> SweepResult:
             limit=limit,
             window=policy.live_window,
         )
+        gone = sum(expired.values())
+        await fleet.record_expirations(conn, gone)
         failed = await transitions.expire_silent(
             conn,
             statuses=frozenset({Status.PROVISIONING}),
@@ -110,12 +136,24 @@ async def sweep(conn: Connection, policy: SweepPolicy) -> SweepResult:
             cause="provision_timeout",
             limit=MAX_FAILED_PER_SWEEP,
         )
-        if await fleet.write_guard(conn, holding=holding, live=count.live, stale=count.silent):
+        # Figures after this sweep: what is still live and silent, and the window's
+        # expirations including this sweep's.
+        changed = await fleet.write_guard(
+            conn,
+            holding=holding,
+            live=count.live - gone,
+            stale=max(0, count.silent - gone),
+            expired=recent + gone,
+        )
+        if changed:
             log.warning(
-                "mass-expiry guard %s: %d of %d live workspaces silent",
+                "mass-expiry guard %s: %d of %d live workspaces silent, %d expired within "
+                "the last %g s",
                 "holding" if holding else "released",
                 count.silent,
                 count.live,
+                recent,
+                policy.offline_after_s,
             )
     moved = {(source, Status.OFFLINE): n for source, n in expired.items()}
     moved |= {(source, Status.FAILED): n for source, n in failed.items()}
@@ -151,21 +189,22 @@ class LivenessSweeper:
 
     async def run_forever(self) -> None:
         while not self._stop.is_set():
-            if time.monotonic() >= self._grace_until:
-                try:
-                    async with self._pool.acquire() as conn:
-                        result = await sweep(conn, self._policy)
-                    self._count(result)
-                    if result.moved:
-                        log.info(
-                            "sweep: %d offline, %d failed",
-                            result.count(Status.OFFLINE),
-                            result.count(Status.FAILED),
-                        )
-                except DATABASE_DOWN as exc:
-                    log.warning("sweep skipped: database unavailable: %r", exc)
-                    await self._pool.expire_connections()
-                except Exception:
-                    log.exception("sweep failed")
+            # In the grace window it still counts (fresh /fleet figures), but expires nothing.
+            expire = time.monotonic() >= self._grace_until
+            try:
+                async with self._pool.acquire() as conn:
+                    result = await sweep(conn, self._policy, expire=expire)
+                self._count(result)
+                if result.moved:
+                    log.info(
+                        "sweep: %d offline, %d failed",
+                        result.count(Status.OFFLINE),
+                        result.count(Status.FAILED),
+                    )
+            except DATABASE_DOWN as exc:
+                log.warning("sweep skipped: database unavailable: %r", exc)
+                await self._pool.expire_connections()
+            except Exception:
+                log.exception("sweep failed")
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._stop.wait(), timeout=self._interval_s)

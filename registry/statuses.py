@@ -104,3 +104,54 @@ def _heartbeat_table(health: Health) -> TransitionTable:
 HEARTBEAT_TABLES: dict[Health, TransitionTable] = {h: _heartbeat_table(h) for h in Health}
 RECONCILE_ENTRY_FROM: list[str] = sorted(s.value for s in RECONCILE_ON_ENTRY_FROM)
 LIVE_STATUSES: list[str] = sorted(s.value for s in LIVE)
+
+
+class Sync(enum.StrEnum):
+    """Where a workspace's plugins stand (registry/verdicts.py derives it)."""
+
+    SYNCED = "synced"  # nothing to do, and the runtime loaded it (no restart pending)
+    OUT_OF_SYNC = "out_of_sync"  # installed but not loaded, not all installed, or refused now
+    RECONCILING = "reconciling"  # a run is queued or running (a retry after a transient error too)
+    FAILED = "failed"  # the last run failed for good
+
+
+# DESIGN lesson 16, usable is not ready. `ready`: nothing to wait for and nothing to explain.
+# `usable`: it can take work now. A workspace that is still settling (a reconcile running or
+# waiting for its retry, a restart not yet acknowledged, plugins not loaded yet) is usable;
+# only a real failure sends a caller back to repair. The rule, in the two tables below:
+# usable = the status takes work (TAKES_WORK), the workspace was heard from within its offline
+# window, its plugin state is usable (SYNC_USABLE) and no declared source is refused by the
+# allowlist; ready = usable, online, synced and nothing else to tell (`why` is null). A live
+# workspace silent past its window (held online by the mass-expiry guard, or waiting for the
+# next sweep) is not heard from, so not usable. README.md shows the table.
+TAKES_WORK: dict[Status, bool] = {
+    S.ONLINE: True,
+    S.DEGRADED: True,  # serves, with errors: still usable, never ready
+    S.PROVISIONING: False,  # never heard from yet
+    S.OFFLINE: False,
+    S.FAILED: False,
+    S.PAUSED: False,  # operator hold
+    S.REMOVED: False,
+}
+SYNC_USABLE: dict[Sync, bool] = {
+    Sync.SYNCED: True,
+    Sync.RECONCILING: True,
+    Sync.OUT_OF_SYNC: True,
+    Sync.FAILED: False,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Use:
+    ready: bool
+    usable: bool
+
+
+def classify_use(
+    status: Status, sync: Sync, *, heard: bool, source_refused: bool, attention: bool
+) -> Use:
+    """`heard`: a live workspace beat within its offline window; `source_refused`: a declared
+    source the allowlist now refuses; `attention`: anything else `why` has to tell."""
+    usable = TAKES_WORK[status] and heard and SYNC_USABLE[sync] and not source_refused
+    ready = usable and status is S.ONLINE and sync is Sync.SYNCED and not attention
+    return Use(ready=ready, usable=usable)

@@ -147,6 +147,7 @@ TABLES = (
     "installed_plugins",
     "declared_plugins",
     "workspaces",
+    "fleet_expirations",
 )
 
 
@@ -155,7 +156,9 @@ async def db(dsn: str) -> AsyncIterator[asyncpg.Connection]:
     """A connection to an emptied test database."""
     conn = await asyncpg.connect(dsn)
     await conn.execute(f"TRUNCATE {', '.join(TABLES)} RESTART IDENTITY CASCADE")
-    await conn.execute("UPDATE fleet_guard SET holding = false, since = NULL, live = 0, stale = 0")
+    await conn.execute(
+        "UPDATE fleet_guard SET holding = false, since = NULL, live = 0, stale = 0, expired = 0"
+    )
     await conn.execute("UPDATE retention_state SET events_pruned_through = 0")
     yield conn
     await conn.close()

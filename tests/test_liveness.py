@@ -7,6 +7,10 @@ import time
 import uuid
 from collections.abc import Awaitable, Callable
 
+import asyncpg
+
+from registry.db.pool import init_connection
+from registry.liveness import SweepPolicy, sweep
 from tests.conftest import MakeRegistry
 from tests.support import ADMIN, Registry, Workspace
 
@@ -140,6 +144,78 @@ async def test_fleet_going_silent_at_once_trips_the_guard_and_is_not_all_expired
     await eventually(lambda: _guard_released(registry))
 
 
+# A gradual outage, with time controlled through the database: the heartbeats of a fleet of 50
+# stop one after another over 20 s; every 4 s a sweep runs (10 more silent each time, a fifth
+# of the fleet). Judging one sweep at a time, the guard saw 6 of 50, 10 of 44 and 10 of 34
+# silent (each within its 30%) and held only at the fourth sweep, with 26 of 50 offline.
+# Counting the window's expirations, it holds at the second, with 6 offline.
+GRADUAL = SweepPolicy(
+    offline_after_s=10.0,
+    provision_timeout_s=1e9,
+    mass_expiry_share=0.3,
+    mass_expiry_min_fleet=10,
+    mass_expiry_rate=0.01,  # while holding: max(1, 1% of 50) = 1 per sweep
+)
+FLEET, OUTAGE_S, SWEEP_EVERY_S = 50, 20.0, 4.0
+
+
+async def _online_fleet(db: asyncpg.Connection, n: int) -> list[uuid.UUID]:
+    ids: list[uuid.UUID] = [
+        await db.fetchval(
+            "INSERT INTO workspaces (name, token_hash) VALUES ('w', $1) RETURNING id",
+            f"token-{i}".encode(),
+        )
+        for i in range(n)
+    ]
+    await db.execute(
+        "UPDATE workspaces SET status = 'online', last_heartbeat_at = now() "
+        "WHERE id = ANY($1::uuid[])",
+        ids,
+    )
+    return ids
+
+
+async def _at_moment(db: asyncpg.Connection, ids: list[uuid.UUID], moment_s: float) -> None:
+    """Make the database look as it does `moment_s` into the outage: workspace i stopped
+    beating at i * OUTAGE_S / FLEET seconds, and what the sweeper recorded is that much older."""
+    stopped = [i * OUTAGE_S / len(ids) for i in range(len(ids))]
+    await db.execute(
+        "UPDATE workspaces w SET last_heartbeat_at = now() - make_interval(secs => s.silent) "
+        "FROM unnest($1::uuid[], $2::float8[]) AS s(id, silent) WHERE w.id = s.id",
+        ids,
+        [max(0.0, moment_s - t) for t in stopped],
+    )
+
+
+async def test_heartbeats_stopping_gradually_trip_the_guard_before_the_share_is_expired(
+    db: asyncpg.Connection,
+) -> None:
+    await init_connection(db)  # the codecs the registry's own connections have
+    ids = await _online_fleet(db, FLEET)
+    offline_when_holding = None
+    moment = 0.2  # off the 0.4 s grid of stopping times, so no beat is exactly on a deadline
+    while moment < OUTAGE_S + 3 * GRADUAL.offline_after_s:
+        await _at_moment(db, ids, moment)
+        result = await sweep(db, GRADUAL)
+        offline = await db.fetchval("SELECT count(*) FROM workspaces WHERE status = 'offline'")
+        if result.holding and offline_when_holding is None:
+            offline_when_holding = offline
+        # The sweeper's record of its expirations ages with the simulated clock.
+        await db.execute(
+            "UPDATE fleet_expirations SET at = at - make_interval(secs => $1)", SWEEP_EVERY_S
+        )
+        moment += SWEEP_EVERY_S
+
+    assert offline_when_holding is not None, "the guard never held"
+    # It held before more than the share (30% of 50) was offline, and went on holding.
+    assert offline_when_holding <= GRADUAL.mass_expiry_share * FLEET + 1
+    assert result.holding
+    guard = await db.fetchrow("SELECT holding, live, stale, expired FROM fleet_guard")
+    assert guard["holding"] is True
+    assert guard["live"] + offline == FLEET
+    assert guard["stale"] == guard["live"]  # the whole remaining fleet is silent
+
+
 async def _guard_holding(registry: Registry) -> bool:
     return bool(await registry.db.fetchval("SELECT holding FROM fleet_guard"))
 
@@ -165,6 +241,38 @@ async def test_after_start_every_workspace_gets_one_liveness_window(
 
     assert still_online == "online"
     assert time.monotonic() - started >= 1.0
+
+
+async def test_guard_figures_are_fresh_from_the_first_sweep_after_start(
+    make_registry: MakeRegistry,
+) -> None:
+    first = await make_registry()
+    fleet = [await first.create_workspace() for _ in range(3)]
+    for workspace in fleet:
+        await first.heartbeat(workspace)
+    await make_silent(first, fleet[:1], 3600)
+    await first.db.execute("UPDATE fleet_guard SET live = 0, stale = 0, updated_at = 'epoch'")
+
+    # A start with a liveness window of a minute: its sweeper judges nobody for that minute,
+    # but counts from its first sweep.
+    registry = await make_registry(offline_after_s=60.0, sweep_interval_s=0.1)
+    await eventually(lambda: _guard_written(registry))
+    response = await registry.client.get("/fleet", headers=ADMIN)
+    guard = (await response.json())["mass_expiry_guard"]
+
+    assert (guard["holding"], guard["live"], guard["silent"], guard["expired"]) == (
+        False,
+        3,
+        1,
+        0,
+    )
+    assert await status_of(registry, fleet[0]) == "online"  # the grace window: not expired
+
+
+async def _guard_written(registry: Registry) -> bool:
+    return bool(
+        await registry.db.fetchval("SELECT updated_at > now() - interval '1 hour' FROM fleet_guard")
+    )
 
 
 async def test_two_sweepers_expire_each_workspace_once(make_registry: MakeRegistry) -> None:

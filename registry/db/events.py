@@ -46,6 +46,50 @@ async def insert_reconcile_event(
     )
 
 
+# The event of the change into the current status (the newest, so unsequenced ones first;
+# the (workspace_id, seq) index walks backwards). None when retention pruned it or a writer
+# recorded none.
+SELECT_STATUS_CAUSE = """
+SELECT cause FROM workspace_events
+WHERE workspace_id = $1 AND kind = 'status' AND to_status = $2 AND at >= $3
+ORDER BY seq DESC NULLS FIRST, id DESC
+LIMIT 1
+"""
+
+
+async def status_cause(
+    conn: Connection, workspace_id: uuid.UUID, status: Status, since: datetime
+) -> str | None:
+    """The cause recorded with the change into `status` at `since` (its status_changed_at)."""
+    cause: str | None = await conn.fetchval(SELECT_STATUS_CAUSE, workspace_id, status.value, since)
+    return cause
+
+
+SELECT_STATUS_CAUSES = """
+SELECT w.id, e.cause
+FROM unnest($1::uuid[], $2::text[], $3::timestamptz[]) AS w(id, status, since)
+CROSS JOIN LATERAL (
+    SELECT cause FROM workspace_events
+    WHERE workspace_id = w.id AND kind = 'status' AND to_status = w.status AND at >= w.since
+    ORDER BY seq DESC NULLS FIRST, id DESC
+    LIMIT 1
+) e
+"""
+
+
+async def status_causes(
+    conn: Connection, changes: list[tuple[uuid.UUID, Status, datetime]]
+) -> dict[uuid.UUID, str]:
+    """status_cause() for a page of workspaces: (id, status, status_changed_at) each."""
+    rows = await conn.fetch(
+        SELECT_STATUS_CAUSES,
+        [id_ for id_, _, _ in changes],
+        [status.value for _, status, _ in changes],
+        [since for _, _, since in changes],
+    )
+    return {row["id"]: row["cause"] for row in rows}
+
+
 @dataclass(frozen=True, slots=True)
 class Event:
     id: int  # the sequence number: commit-ordered, what clients resume after

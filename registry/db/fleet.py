@@ -8,13 +8,20 @@ from typing import Any
 
 from registry.db import Connection
 
-SELECT_GUARD = "SELECT holding, since, live, stale, updated_at FROM fleet_guard"
+SELECT_GUARD = "SELECT holding, since, live, stale, expired, updated_at FROM fleet_guard"
 
 UPDATE_GUARD = """
 UPDATE fleet_guard SET
     holding = $1,
     since = CASE WHEN $1 AND NOT holding THEN now() WHEN $1 THEN since END,
-    live = $2, stale = $3, updated_at = now()
+    live = $2, stale = $3, expired = $4, updated_at = now()
+RETURNING holding
+"""
+
+# The figures alone, the guard's judgement untouched: what a sweeper in its start-up grace
+# writes (it judges nobody yet, but /fleet should not show figures from before the start).
+UPDATE_FIGURES = """
+UPDATE fleet_guard SET live = $1, stale = $2, expired = $3, updated_at = now()
 RETURNING holding
 """
 
@@ -29,8 +36,9 @@ class Guard:
     holding: bool
     since: datetime | None
     live: int
-    stale: int
+    stale: int  # of the live ones, silent past their window
     updated_at: datetime
+    expired: int = 0  # taken offline by the sweeper within the last liveness window
 
 
 async def read_guard(conn: Connection) -> Guard:
@@ -39,16 +47,43 @@ async def read_guard(conn: Connection) -> Guard:
     return Guard(**dict(row))
 
 
-async def write_guard(conn: Connection, *, holding: bool, live: int, stale: int) -> bool:
+async def write_guard(
+    conn: Connection, *, holding: bool, live: int, stale: int, expired: int = 0
+) -> bool:
     """Record the guard's state; True when it changed (and then an event was recorded)."""
     was = await read_guard(conn)
-    await conn.execute(UPDATE_GUARD, holding, live, stale)
+    await conn.execute(UPDATE_GUARD, holding, live, stale, expired)
     if was.holding == holding:
         return False
-    detail: dict[str, Any] = {"live": live, "stale": stale}
+    detail: dict[str, Any] = {"live": live, "stale": stale, "expired": expired}
     cause = "mass_expiry_guard_holding" if holding else "mass_expiry_guard_released"
     await conn.execute(INSERT_FLEET_EVENT, cause, detail)
     return True
+
+
+async def write_figures(conn: Connection, *, live: int, stale: int, expired: int) -> bool:
+    """Record the figures only; returns whether the guard holds."""
+    holding: bool = await conn.fetchval(UPDATE_FIGURES, live, stale, expired)
+    return holding
+
+
+# Expirations older than the window are deleted as the window slides past them (the rows of
+# one window are a few dozen at most: one per sweep that expired anything).
+PRUNE_EXPIRATIONS = "DELETE FROM fleet_expirations WHERE at < now() - make_interval(secs => $1)"
+COUNT_EXPIRATIONS = "SELECT COALESCE(sum(n), 0)::int FROM fleet_expirations"
+RECORD_EXPIRATIONS = "INSERT INTO fleet_expirations (n) VALUES ($1)"
+
+
+async def recent_expirations(conn: Connection, window_s: float) -> int:
+    """How many workspaces the sweeper took offline within the last `window_s` seconds."""
+    await conn.execute(PRUNE_EXPIRATIONS, window_s)
+    expired: int = await conn.fetchval(COUNT_EXPIRATIONS)
+    return expired
+
+
+async def record_expirations(conn: Connection, n: int) -> None:
+    if n > 0:
+        await conn.execute(RECORD_EXPIRATIONS, n)
 
 
 # Live rows through their partial index, tombstones through theirs (an index-only count,

@@ -112,6 +112,21 @@ async def last_reconcile(conn: Connection, workspace_id: uuid.UUID) -> Reconcile
     return runs[0] if runs else None
 
 
+SELECT_LAST_RECONCILES = f"""
+SELECT DISTINCT ON (workspace_id) {RECONCILE_COLUMNS} FROM reconciles
+WHERE workspace_id = ANY($1::uuid[])
+ORDER BY workspace_id, created_at DESC, id DESC
+"""
+
+
+async def last_reconciles(
+    conn: Connection, workspace_ids: list[uuid.UUID]
+) -> dict[uuid.UUID, Reconcile]:
+    """The most recent run of each workspace of a page, without its steps."""
+    rows = await conn.fetch(SELECT_LAST_RECONCILES, workspace_ids)
+    return {row["workspace_id"]: _reconcile(row) for row in rows}
+
+
 @dataclass(frozen=True, slots=True)
 class Claim:
     id: uuid.UUID

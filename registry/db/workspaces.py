@@ -171,6 +171,36 @@ async def installed_plugins(conn: Connection, workspace_id: uuid.UUID) -> list[I
     return [InstalledPlugin(**dict(row)) for row in rows]
 
 
+SELECT_DECLARED_OF = """
+SELECT workspace_id, name, source FROM declared_plugins WHERE workspace_id = ANY($1::uuid[])
+ORDER BY workspace_id, position, name
+"""
+SELECT_INSTALLED_OF = """
+SELECT workspace_id, name, source, sha, installed_at, digest FROM installed_plugins
+WHERE workspace_id = ANY($1::uuid[]) ORDER BY workspace_id, name
+"""
+
+
+async def declared_plugins_of(
+    conn: Connection, workspace_ids: list[uuid.UUID]
+) -> dict[uuid.UUID, list[DeclaredPlugin]]:
+    """The declared sets of a page of workspaces, in one statement."""
+    found: dict[uuid.UUID, list[DeclaredPlugin]] = {id_: [] for id_ in workspace_ids}
+    for row in await conn.fetch(SELECT_DECLARED_OF, workspace_ids):
+        found[row["workspace_id"]].append(DeclaredPlugin(row["name"], row["source"]))
+    return found
+
+
+async def installed_plugins_of(
+    conn: Connection, workspace_ids: list[uuid.UUID]
+) -> dict[uuid.UUID, list[InstalledPlugin]]:
+    found: dict[uuid.UUID, list[InstalledPlugin]] = {id_: [] for id_ in workspace_ids}
+    for row in await conn.fetch(SELECT_INSTALLED_OF, workspace_ids):
+        values = dict(row)
+        found[values.pop("workspace_id")].append(InstalledPlugin(**values))
+    return found
+
+
 UPSERT_INSTALLED = """
 INSERT INTO installed_plugins (workspace_id, name, source, sha, digest)
 VALUES ($1, $2, $3, $4, $5)

@@ -148,6 +148,7 @@ async def get_fleet(request: web.Request) -> web.Response:
                 "since": guard.since,
                 "live": guard.live,
                 "silent": guard.stale,
+                "expired": guard.expired,
                 "updated_at": guard.updated_at,
             },
         }

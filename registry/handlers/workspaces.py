@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import uuid
+from datetime import UTC, datetime
 from typing import Any
 
 from aiohttp import web
@@ -10,7 +11,7 @@ from aiohttp import web
 from registry import query
 from registry import validation as v
 from registry.auth import hash_token, new_workspace_token
-from registry.db import Connection, actions, reconciles, workspaces
+from registry.db import Connection, actions, events, fleet, reconciles, workspaces
 from registry.db.workspaces import DeclaredPlugin
 from registry.errors import (
     Forbidden,
@@ -31,7 +32,8 @@ from registry.plugins import (
 )
 from registry.settings import Settings
 from registry.statuses import LIVE, Status
-from registry.views import Liveness, workspace_summary, workspace_view
+from registry.verdicts import Liveness, Recorded
+from registry.views import workspace_summary, workspace_view
 
 CREATE_FIELDS = frozenset({"name", "url", "delivery", "plugins"})
 DELIVERY_MODES = ("filesystem", "http")
@@ -84,30 +86,65 @@ async def post_workspaces(request: web.Request) -> web.Response:
             url=url,
             plugins=plugins,
         )
-        view = await _workspace_view(conn, workspace.id, request.app[SETTINGS])
+        view = await _workspace_view(
+            conn, workspace.id, request.app[SETTINGS], request.app[SOURCES]
+        )
     # The only time the token is shown: only its hash is kept.
     return json_response({"workspace": view, "token": token}, status=201)
 
 
 async def _workspace_view(
-    conn: Connection, workspace_id: uuid.UUID, settings: Settings
+    conn: Connection, workspace_id: uuid.UUID, settings: Settings, sources: SourceSettings
 ) -> dict[str, Any]:
     workspace = await workspaces.get_workspace(conn, workspace_id)
     if workspace is None:
         raise workspace_not_found(workspace_id)
-    return workspace_view(
+    declared = await workspaces.declared_plugins(conn, workspace_id)
+    recorded = Recorded(
         workspace,
-        declared=await workspaces.declared_plugins(conn, workspace_id),
+        declared=declared,
         installed=await workspaces.installed_plugins(conn, workspace_id),
         last=await reconciles.last_reconcile(conn, workspace_id),
         liveness=Liveness.from_settings(settings),
+        now=datetime.now(UTC),
         pending=await actions.pending_actions(conn, workspace_id),
+        status_cause=await events.status_cause(
+            conn, workspace_id, workspace.status, workspace.status_changed_at
+        ),
+        guard=await fleet.read_guard(conn),
+        refused_sources=refused_sources(declared, sources),
+        allowlist=sources.allowlist,
     )
+    return workspace_view(recorded)
+
+
+def refused_sources(
+    declared: list[DeclaredPlugin],
+    sources: SourceSettings,
+    checked: dict[str, str | None] | None = None,
+) -> dict[str, str]:
+    """Declared plugins the allowlist refuses now: it may have been tightened since they were
+    declared (and installed). The same check the install pipeline makes; `checked` keeps the
+    answer per source across a page (a file:// check resolves the path on disk)."""
+    checked = {} if checked is None else checked
+    refused = {}
+    for plugin in declared:
+        if plugin.source not in checked:
+            try:
+                check_allowed(parse_source(plugin.source, sources), sources)
+                checked[plugin.source] = None
+            except PluginError as exc:
+                checked[plugin.source] = exc.message
+        if (refusal := checked[plugin.source]) is not None:
+            refused[plugin.name] = refusal
+    return refused
 
 
 async def workspace_response(request: web.Request, workspace_id: uuid.UUID) -> web.Response:
     async with request.app[POOL].acquire() as conn:
-        return json_response(await _workspace_view(conn, workspace_id, request.app[SETTINGS]))
+        return json_response(
+            await _workspace_view(conn, workspace_id, request.app[SETTINGS], request.app[SOURCES])
+        )
 
 
 async def get_workspace(request: web.Request) -> web.Response:
@@ -129,14 +166,50 @@ async def get_workspaces(request: web.Request) -> web.Response:
         page = await workspaces.list_workspaces(
             conn, status=status, after=after, limit=limit + 1, include_removed=include_removed
         )
-    more = len(page) > limit
-    page = page[:limit]
+        more = len(page) > limit
+        page = page[:limit]
+        recorded = await _recorded_page(conn, page, request.app[SETTINGS], request.app[SOURCES])
     return json_response(
         {
-            "workspaces": [workspace_summary(w) for w in page],
+            "workspaces": [workspace_summary(state) for state in recorded],
             "next_cursor": str(page[-1].id) if more else None,
         }
     )
+
+
+async def _recorded_page(
+    conn: Connection,
+    page: list[workspaces.Workspace],
+    settings: Settings,
+    sources: SourceSettings,
+) -> list[Recorded]:
+    """The recorded state of a page of workspaces, for their verdicts: one statement per
+    table for the whole page, not per workspace."""
+    ids = [w.id for w in page]
+    declared = await workspaces.declared_plugins_of(conn, ids)
+    installed = await workspaces.installed_plugins_of(conn, ids)
+    last = await reconciles.last_reconciles(conn, ids)
+    pending = await actions.pending_actions_of(conn, ids)
+    causes = await events.status_causes(conn, [(w.id, w.status, w.status_changed_at) for w in page])
+    guard = await fleet.read_guard(conn)
+    liveness, now = Liveness.from_settings(settings), datetime.now(UTC)
+    checked: dict[str, str | None] = {}
+    return [
+        Recorded(
+            w,
+            declared=declared[w.id],
+            installed=installed[w.id],
+            last=last.get(w.id),
+            liveness=liveness,
+            now=now,
+            pending=pending[w.id],
+            status_cause=causes.get(w.id),
+            guard=guard,
+            refused_sources=refused_sources(declared[w.id], sources, checked),
+            allowlist=sources.allowlist,
+        )
+        for w in page
+    ]
 
 
 async def lock_existing_workspace(conn: Connection, workspace_id: uuid.UUID) -> Status:
@@ -164,7 +237,9 @@ async def put_workspace_plugins(request: web.Request) -> web.Response:
             if status in LIVE:
                 await reconciles.queue_reconcile(conn, workspace_id, "declared_changed")
                 queued = True
-        view = await _workspace_view(conn, workspace_id, request.app[SETTINGS])
+        view = await _workspace_view(
+            conn, workspace_id, request.app[SETTINGS], request.app[SOURCES]
+        )
     if queued:
         request.app[RECONCILER].wake()
     return json_response(view)
