@@ -283,6 +283,18 @@ def _plugins_reason(state: Recorded, sync: Sync) -> str | None:
             f"reconcile attempt {last.attempt} failed: {last.error}; "
             f"next attempt at {last.next_attempt_at:%Y-%m-%dT%H:%M:%SZ}"
         )
+    if (
+        sync is Sync.RECONCILING
+        and last is not None
+        and last.status == "queued"
+        and last.next_attempt_at is not None
+        and last.next_attempt_at > state.now
+    ):
+        # e.g. the check after a runtime restarted on its own, held back by its rate limit.
+        return (
+            f"a plugin reconcile ({last.trigger}) is queued, due at "
+            f"{last.next_attempt_at:%Y-%m-%dT%H:%M:%SZ}"
+        )
     if sync is Sync.RECONCILING:
         return "plugin reconcile in progress"
     if last is not None and last.restart_withheld and sync is not Sync.FAILED:

@@ -482,6 +482,9 @@ async def test_restart_reconciles_are_due_at_most_once_a_window(
 
     assert [r["trigger"] for r in queued] == ["runtime_restarted"]
     assert queued[0]["due_in"].total_seconds() > 3000
+    assert (
+        "reconcile (runtime_restarted) is queued, due at" in (await registry.show(workspace))["why"]
+    )
 
 
 async def test_the_restart_it_was_asked_for_queues_no_reconcile(
