@@ -219,7 +219,12 @@ class Reconciler:
     async def _install(self, workspace: workspaces.Workspace, planned: PlannedStep) -> str:
         # stage() checks the allowlist itself: every install path passes through it.
         source = parse_source(planned.source, self._config.sources)
-        work_dir = Path(await asyncio.to_thread(tempfile.mkdtemp, prefix="registry-stage-"))
+        try:
+            work_dir = Path(await asyncio.to_thread(tempfile.mkdtemp, prefix="registry-stage-"))
+        except OSError as exc:  # a full disk, say: this step fails with its own code
+            raise FetchFailed(
+                f"cannot make a staging directory: {exc}", code="stage_failed", transient=True
+            ) from None
         try:
             staged = await stage(source, self._config.sources, self._config.limits, work_dir)
             await self._deliver(workspace, planned.plugin, staged)
