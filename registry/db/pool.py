@@ -34,15 +34,24 @@ class _Checkout(_CheckoutBase):
 
     __slots__ = ()
 
+    # Plain try/except rather than database_calls(): this runs for every heartbeat batch.
     async def __aenter__(self) -> PoolConnectionProxy[asyncpg.Record]:
-        with database_calls(checkout=True):
+        try:
             return await super().__aenter__()
+        except Exception as exc:
+            if is_unavailable(exc, checkout=True):
+                raise DatabaseUnavailable.of(exc) from exc
+            raise
 
     async def __aexit__(self, *exc_info: object) -> None:
-        # The release: with asyncpg's reset it is a round trip, which fails (and terminates
-        # the connection) when the outage broke it.
-        with database_calls(checkout=True):
+        try:
+            # The release: with asyncpg's reset a round trip, which fails (and terminates the
+            # connection) when the outage broke it.
             await super().__aexit__(*exc_info)
+        except Exception as exc:
+            if is_unavailable(exc, checkout=True):
+                raise DatabaseUnavailable.of(exc) from exc
+            raise
         error = exc_info[1]
         if isinstance(error, BaseException) and is_unavailable(error):
             raise DatabaseUnavailable.of(error) from error
