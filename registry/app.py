@@ -18,7 +18,7 @@ from registry.auth import admin_auth_middleware
 from registry.db.heartbeats import BeatPolicy
 from registry.db.pool import create_heartbeat_pool, create_pool
 from registry.db.reconciles import RestartBudget
-from registry.errors import DATABASE_DOWN, Handler, error_middleware
+from registry.errors import error_middleware
 from registry.events import EventHub
 from registry.ingest import HeartbeatIngest
 from registry.keys import (
@@ -58,27 +58,12 @@ POOL_CLOSE_S = 5.0
 HTTP_CLOSE_S = 5.0
 
 
-@web.middleware
-async def fresh_connections_after_outage(
-    request: web.Request, handler: Handler
-) -> web.StreamResponse:
-    """After a database error, replace the pool's connections: the pool skips its reset
-    round trip (db/pool.py), so a connection broken by an outage would otherwise be reused."""
-    try:
-        return await handler(request)
-    except DATABASE_DOWN:
-        if POOL in request.app:
-            await request.app[POOL].expire_connections()
-        raise
-
-
 def create_app(settings: Settings, dsn: str) -> web.Application:
     """Build the application; no I/O happens until it starts."""
     app = web.Application(
         middlewares=[
             request_id_middleware,
             error_middleware,
-            fresh_connections_after_outage,
             admin_auth_middleware,
         ],
         client_max_size=settings.max_body_bytes,

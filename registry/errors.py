@@ -5,9 +5,9 @@ from __future__ import annotations
 import logging
 from collections.abc import Awaitable, Callable
 
-import asyncpg
 from aiohttp import web
 
+from registry.db.errors import DatabaseUnavailable
 from registry.jsonio import json_response
 
 log = logging.getLogger(__name__)
@@ -104,19 +104,17 @@ class Starting(ServiceUnavailable):
     retry_after_s = STARTING_RETRY_AFTER_S
 
 
-# Exceptions that mean "the database cannot be reached right now", not "the query is wrong".
-DATABASE_DOWN = (
-    OSError,
-    TimeoutError,
-    asyncpg.exceptions.ConnectionDoesNotExistError,
-    asyncpg.exceptions.CannotConnectNowError,
-    asyncpg.exceptions.TooManyConnectionsError,
-    asyncpg.exceptions.AdminShutdownError,
-    asyncpg.exceptions.CrashShutdownError,
-    asyncpg.exceptions.InterfaceError,
-    # Raised on a pooled connection whose server went away while it sat idle.
-    asyncpg.InternalClientError,
-)
+# Status of a request whose client hung up before the answer (nginx's "client closed
+# request"): nobody reads it, but the access log and metrics should not count a 5xx for it.
+CLIENT_GONE_STATUS = 499
+
+
+def client_gone(request: web.BaseRequest, exc: BaseException) -> bool:
+    """The client hung up: a connection error while its transport is gone (aiohttp raises
+    ConnectionResetError from a body read, ClientConnectionResetError from a write)."""
+    transport = request.transport
+    return isinstance(exc, ConnectionError) and (transport is None or transport.is_closing())
+
 
 _HTTP_CODES = {
     400: "bad_request",
@@ -156,11 +154,15 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             if name.lower() not in _OWN_HEADERS:
                 response.headers.add(name, value)
         return response
-    except DATABASE_DOWN as exc:
-        log.warning("database unavailable during %s %s: %r", request.method, request.path, exc)
+    except DatabaseUnavailable as exc:
+        log.warning("database unavailable during %s %s: %s", request.method, request.path, exc)
         response = _error_response(503, "database_unavailable", "the database is unreachable")
         response.headers["Retry-After"] = str(DB_RETRY_AFTER_S)
         return response
-    except Exception:
+    except Exception as exc:
+        if client_gone(request, exc):
+            # Not an error of the registry: no warning, no 5xx, nothing to retry.
+            log.debug("client gone during %s %s: %r", request.method, request.path, exc)
+            return _error_response(CLIENT_GONE_STATUS, "client_gone", "the client hung up")
         log.exception("unhandled error in %s %s", request.method, request.path)
         return _error_response(500, "internal_error", "internal error")

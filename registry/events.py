@@ -17,7 +17,7 @@ from typing import Any
 import asyncpg
 
 from registry.db import events
-from registry.errors import DATABASE_DOWN
+from registry.db.errors import DatabaseUnavailable, database_calls
 
 log = logging.getLogger(__name__)
 
@@ -65,9 +65,8 @@ class EventHub:
             try:
                 async with self._pool.acquire() as conn:
                     await events.sequence_pending(conn)
-            except DATABASE_DOWN as exc:
-                log.warning("event sequencer: database unavailable: %r", exc)
-                await self._pool.expire_connections()
+            except DatabaseUnavailable as exc:
+                log.warning("event sequencer: database unavailable: %s", exc)
             except Exception:
                 log.exception("event sequencer failed")
             with contextlib.suppress(TimeoutError):
@@ -78,8 +77,10 @@ class EventHub:
         while not self._stop.is_set():
             conn: asyncpg.Connection | None = None
             try:
-                conn = await asyncpg.connect(self._dsn)
-                await conn.add_listener(events.EVENTS_CHANNEL, self._on_notification)
+                # A connection of its own, not the pool's: classified here.
+                with database_calls(checkout=True):
+                    conn = await asyncpg.connect(self._dsn)
+                    await conn.add_listener(events.EVENTS_CHANNEL, self._on_notification)
                 # Anything that happened while we were not listening.
                 await self._notify_local()
                 while not self._stop.is_set() and not conn.is_closed():
@@ -87,8 +88,8 @@ class EventHub:
                         await asyncio.wait_for(self._pending_wake.wait(), SUBSCRIBER_POLL_S)
                     self._pending_wake.clear()
                     await self._notify_local()
-            except DATABASE_DOWN as exc:
-                log.warning("event listener: database unavailable: %r", exc)
+            except DatabaseUnavailable as exc:
+                log.warning("event listener: database unavailable: %s", exc)
             except Exception:
                 log.exception("event listener failed")
             finally:

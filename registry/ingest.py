@@ -19,8 +19,8 @@ from dataclasses import dataclass, field
 
 import asyncpg
 
+from registry.db.errors import DatabaseUnavailable
 from registry.db.heartbeats import DEFAULT_POLICY, Beat, BeatPolicy, BeatResult, apply_beats
-from registry.errors import DATABASE_DOWN
 from registry.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -158,10 +158,14 @@ class HeartbeatIngest:
         """Answer every beat of the batch: a result or an exception, never nothing."""
         try:
             results = await self._execute([p.beat for p in batch])
+        except DatabaseUnavailable as exc:
+            # Every beat gets the same 503. This pool skips asyncpg's reset, which would
+            # otherwise find a connection the outage broke (db/pool.py): replace them all.
+            await self._pool.expire_connections()
+            _fail(batch, exc)
+            return
         except asyncpg.PostgresError as exc:
-            if isinstance(exc, DATABASE_DOWN):
-                await self._pool.expire_connections()
-            if len(batch) == 1 or isinstance(exc, DATABASE_DOWN):
+            if len(batch) == 1:
                 _fail(batch, exc)
                 return
             # One bad beat must not fail the others: retry them one by one.
@@ -170,13 +174,12 @@ class HeartbeatIngest:
                 await self._send([pending])
             return
         except Exception as exc:
-            # The database is down: every beat gets the same 503, and the pool's connections
-            # (its no-op reset keeps broken ones otherwise) are replaced on next use.
-            await self._pool.expire_connections()
+            # Not the database's doing (a bug): each beat gets its 500, the pool stays.
             _fail(batch, exc)
             return
         except BaseException as exc:
-            _fail(batch, asyncpg.InterfaceError("heartbeat batch interrupted"))
+            # The leader was cancelled mid-statement; the beats it carried may retry.
+            _fail(batch, DatabaseUnavailable("heartbeat batch interrupted"))
             raise exc
         for pending, result in zip(batch, results, strict=True):
             if not pending.future.done():

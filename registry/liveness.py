@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 import asyncpg
 
 from registry.db import Connection, fleet, transitions
-from registry.errors import DATABASE_DOWN
+from registry.db.errors import DatabaseUnavailable
 from registry.metrics import Metrics
 from registry.settings import Settings
 from registry.statuses import LIVE, Status
@@ -201,9 +201,8 @@ class LivenessSweeper:
                         result.count(Status.OFFLINE),
                         result.count(Status.FAILED),
                     )
-            except DATABASE_DOWN as exc:
-                log.warning("sweep skipped: database unavailable: %r", exc)
-                await self._pool.expire_connections()
+            except DatabaseUnavailable as exc:
+                log.warning("sweep skipped: database unavailable: %s", exc)
             except Exception:
                 log.exception("sweep failed")
             with contextlib.suppress(TimeoutError):

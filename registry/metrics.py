@@ -15,7 +15,8 @@ class Metrics:
         r = self.registry
         self.heartbeats = Counter(
             "registry_heartbeats",
-            "Heartbeats and registrations answered, by outcome and HTTP status code.",
+            "Heartbeats and registrations answered, by outcome and HTTP status code "
+            "(outcome client_gone, code 499: the client hung up before the answer).",
             ["kind", "outcome", "code"],
             registry=r,
         )

@@ -21,7 +21,7 @@ from datetime import UTC, datetime
 import asyncpg
 
 from registry.db import Connection
-from registry.errors import DATABASE_DOWN
+from registry.db.errors import DatabaseUnavailable
 from registry.metrics import Metrics
 from registry.tolerance import RateLimit
 
@@ -162,7 +162,7 @@ class RefusalLog:
             try:
                 async with pool.acquire() as conn:
                     await self.flush(conn)
-            except DATABASE_DOWN as exc:
-                log.warning("refusals not recorded yet: database unavailable: %r", exc)
+            except DatabaseUnavailable as exc:
+                log.warning("refusals not recorded yet: database unavailable: %s", exc)
             except Exception:
                 log.exception("recording refusals failed")

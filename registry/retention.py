@@ -19,7 +19,7 @@ import asyncpg
 
 from registry.db import Connection
 from registry.db import retention as db
-from registry.errors import DATABASE_DOWN
+from registry.db.errors import DatabaseUnavailable
 from registry.metrics import Metrics
 from registry.settings import Settings
 
@@ -167,8 +167,7 @@ class Pruner:
                 break
             try:
                 await self.run_once()
-            except DATABASE_DOWN as exc:
-                log.warning("prune skipped: database unavailable: %r", exc)
-                await self._pool.expire_connections()
+            except DatabaseUnavailable as exc:
+                log.warning("prune skipped: database unavailable: %s", exc)
             except Exception:
                 log.exception("prune failed")

@@ -29,8 +29,9 @@ from typing import TypeVar
 from aiohttp import web
 
 from registry.app import create_app
+from registry.db.errors import DatabaseUnavailable, database_calls
 from registry.db.migrate import MigrationError, migrate
-from registry.errors import DATABASE_DOWN, Starting, error_middleware
+from registry.errors import Starting, error_middleware
 from registry.handlers.openapi import get_openapi
 from registry.handlers.operations import get_buildinfo, get_healthz
 from registry.logs import echo_request_id, request_id_middleware
@@ -82,13 +83,15 @@ async def until_reachable(step: str, attempt: Callable[[], Awaitable[T]]) -> T:
     while True:
         number += 1
         try:
-            return await attempt()
-        except DATABASE_DOWN as exc:
+            # Migrations connect on their own (the pools classify their checkouts): what
+            # asyncpg raised because the database is unreachable is DatabaseUnavailable.
+            with database_calls():
+                return await attempt()
+        except DatabaseUnavailable as exc:
             log.warning(
-                "start-up: %s: database unreachable (attempt %d: %s: %s); retrying in %.1f s",
+                "start-up: %s: database unreachable (attempt %d: %s); retrying in %.1f s",
                 step,
                 number,
-                type(exc).__name__,
                 exc,
                 delay,
             )

@@ -200,11 +200,11 @@ def database_down(
     """Every pool checkout fails as it does when PostgreSQL cannot be reached."""
     failure = error or ConnectionRefusedError("database down (test)")
 
-    def refuse(self: asyncpg.Pool, *args: Any, **kwargs: Any) -> Any:
+    async def refuse(self: asyncpg.pool.PoolAcquireContext[Any]) -> Any:
         raise failure
 
     with monkeypatch.context() as patch:
-        patch.setattr(asyncpg.pool.Pool, "acquire", refuse)
+        patch.setattr(asyncpg.pool.PoolAcquireContext, "__aenter__", refuse)
         yield
 
 

@@ -217,11 +217,11 @@ def test_plugin_source_schemes_are_documented() -> None:
 def database_down(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
     """Every pool checkout fails as it does when PostgreSQL cannot be reached."""
 
-    def refuse(self: asyncpg.Pool, *args: Any, **kwargs: Any) -> Any:
+    async def refuse(self: asyncpg.pool.PoolAcquireContext[Any]) -> Any:
         raise ConnectionRefusedError("database down (test)")
 
     with monkeypatch.context() as patch:
-        patch.setattr(asyncpg.pool.Pool, "acquire", refuse)
+        patch.setattr(asyncpg.pool.PoolAcquireContext, "__aenter__", refuse)
         yield
 
 

@@ -28,6 +28,7 @@ from multidict import CIMultiDict
 import registry.app as app_module
 import registry.db.pool
 from registry.app import create_app
+from registry.db.errors import DatabaseUnavailable
 from registry.db.migrate import MIGRATION_LOCK_KEY
 from registry.errors import STARTING_RETRY_AFTER_S
 from registry.settings import Settings
@@ -413,7 +414,8 @@ async def test_a_pool_that_cannot_be_opened_yet_is_retried_with_a_fresh_app(
     caplog: pytest.LogCaptureFixture,
 ) -> None:
     opened: list[asyncpg.Pool] = []
-    refusals = [ConnectionRefusedError("the database is restarting")]
+    # What opening a pool raises when the database refuses (db/pool.py classifies it).
+    refusals = [DatabaseUnavailable("ConnectionRefusedError: the database is restarting")]
     real_create_pool = registry.db.pool.create_pool
     real_heartbeat_pool = registry.db.pool.create_heartbeat_pool
 

@@ -9,8 +9,9 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from registry.buildinfo import build_info
 from registry.db import fleet, reconciles
+from registry.db.errors import DatabaseUnavailable
 from registry.db.migrate import pending_migrations
-from registry.errors import DATABASE_DOWN, ServiceUnavailable
+from registry.errors import ServiceUnavailable
 from registry.jsonio import json_response
 from registry.keys import EVENT_HUB, METRICS, POOL
 
@@ -43,7 +44,7 @@ async def get_metrics(request: web.Request) -> web.Response:
     metrics.pool_connections.labels("in_use").set(pool.get_size() - pool.get_idle_size())
     metrics.pool_connections.labels("idle").set(pool.get_idle_size())
     metrics.event_subscribers.set(request.app[EVENT_HUB].subscribers)
-    with contextlib.suppress(*DATABASE_DOWN):
+    with contextlib.suppress(DatabaseUnavailable):
         async with pool.acquire(timeout=READINESS_TIMEOUT_S) as conn:
             for status, n in (await fleet.status_counts(conn)).items():
                 metrics.workspaces.labels(status).set(n)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import random
 import time
 import uuid
@@ -14,8 +15,17 @@ from aiohttp import web
 
 from registry import validation as v
 from registry.auth import bearer_token, hash_token
+from registry.db.errors import DatabaseUnavailable
 from registry.db.heartbeats import Beat, BeatResult, token_owner
-from registry.errors import ApiError, Forbidden, Gone, InvalidField, Unauthorized
+from registry.errors import (
+    CLIENT_GONE_STATUS,
+    ApiError,
+    Forbidden,
+    Gone,
+    InvalidField,
+    Unauthorized,
+    client_gone,
+)
 from registry.jsonio import json_response
 from registry.keys import (
     IGNORED_FIELDS,
@@ -231,6 +241,18 @@ async def _observed(
         code, outcome = exc.status, exc.code
         if token_hash is not None and _is_refusal(exc):
             request.app[REFUSALS].record(token_hash, exc.status, exc.code, exc.field)
+        raise
+    except DatabaseUnavailable:
+        code, outcome = 503, "database_unavailable"
+        raise
+    except Exception as exc:
+        if client_gone(request, exc):
+            # It hung up (mid-body, say): its own outcome, not an error of the registry.
+            code, outcome = CLIENT_GONE_STATUS, "client_gone"
+        raise
+    except asyncio.CancelledError:
+        if request.transport is None:  # cancelled because it hung up (handler_cancellation)
+            code, outcome = CLIENT_GONE_STATUS, "client_gone"
         raise
     finally:
         metrics.heartbeats.labels(kind, outcome, str(code)).inc()

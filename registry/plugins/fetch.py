@@ -659,15 +659,20 @@ async def resolve_version(
 ) -> str:
     """The version ``stage`` would install now: commit sha for git, tree digest for file."""
     check_allowed(source, settings)
-    if source.kind == "file":
-        return await _file_digest(source, limits)
     try:
+        if source.kind == "file":
+            return await _file_digest(source, limits)
         async with asyncio.timeout(limits.timeout_s):
             # cwd '/' keeps git from discovering (and reading the config of) whatever
             # repository the service happens to be started in.
             sha, _ = await _resolve_git(source, Path("/"))
     except TimeoutError:
         raise _timeout() from None
+    except OSError as exc:
+        # An unreadable source tree, git that cannot be spawned: this step's failure.
+        raise FetchFailed(
+            f"cannot resolve {source.raw}: {exc}", code="source_unreachable", transient=True
+        ) from None
     return sha
 
 
@@ -681,7 +686,12 @@ async def stage(
     """
     check_allowed(source, settings)
     work_dir = Path(work_dir)
-    await asyncio.to_thread(work_dir.mkdir, parents=True, exist_ok=True)
-    if source.kind == "file":
-        return await _stage_file(source, limits, work_dir)
-    return await _stage_git(source, limits, work_dir)
+    try:
+        await asyncio.to_thread(work_dir.mkdir, parents=True, exist_ok=True)
+        if source.kind == "file":
+            return await _stage_file(source, limits, work_dir)
+        return await _stage_git(source, limits, work_dir)
+    except OSError as exc:
+        # What the steps above leave unclassified (a full disk as the staging directories
+        # are made, no descriptors left to spawn git): a failure of staging, with its code.
+        raise FetchFailed(f"staging failed: {exc}", code="stage_failed", transient=True) from None

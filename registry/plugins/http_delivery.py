@@ -34,7 +34,12 @@ async def deliver_over_http(
     timeout_s: float,
 ) -> None:
     """PUT the plugin to `<workspace_url>/plugins/<name>`; 2xx means the runtime has it."""
-    body = await asyncio.to_thread(_tarball, tree)
+    try:
+        body = await asyncio.to_thread(_tarball, tree)
+    except OSError as exc:
+        raise FetchFailed(
+            f"packing plugin {name!r} failed: {exc}", code="delivery_failed", transient=True
+        ) from None
     headers = {"Content-Type": "application/gzip", "X-Plugin-Sha": sha}
     await _send(session, "PUT", _plugin_url(workspace_url, name), body, headers, timeout_s)
 

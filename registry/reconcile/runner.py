@@ -18,8 +18,8 @@ import aiojobs
 import asyncpg
 
 from registry.db import reconciles, workspaces
+from registry.db.errors import DatabaseUnavailable
 from registry.db.reconciles import Claim, Outcome, RestartBudget, Step
-from registry.errors import DATABASE_DOWN
 from registry.metrics import Metrics
 from registry.plugins import (
     FetchFailed,
@@ -100,8 +100,8 @@ class Reconciler:
             # The terminal write must not ride on the cancelled work (DESIGN lesson 8).
             await self._scheduler.shield(self._release(claim))
             raise
-        except DATABASE_DOWN as exc:
-            outcome = Outcome("failed", f"database unavailable: {exc!r}", transient=True)
+        except DatabaseUnavailable as exc:
+            outcome = Outcome("failed", f"database unavailable: {exc}", transient=True)
         except Exception as exc:
             log.exception("reconcile crashed", extra=context)
             outcome = Outcome("failed", f"internal error: {type(exc).__name__}")
@@ -219,7 +219,12 @@ class Reconciler:
     async def _install(self, workspace: workspaces.Workspace, planned: PlannedStep) -> str:
         # stage() checks the allowlist itself: every install path passes through it.
         source = parse_source(planned.source, self._config.sources)
-        work_dir = Path(await asyncio.to_thread(tempfile.mkdtemp, prefix="registry-stage-"))
+        try:
+            work_dir = Path(await asyncio.to_thread(tempfile.mkdtemp, prefix="registry-stage-"))
+        except OSError as exc:  # a full disk, say: this step fails with its own code
+            raise FetchFailed(
+                f"cannot make a staging directory: {exc}", code="stage_failed", transient=True
+            ) from None
         try:
             staged = await stage(source, self._config.sources, self._config.limits, work_dir)
             await self._deliver(workspace, planned.plugin, staged)

@@ -14,8 +14,8 @@ import aiojobs
 import asyncpg
 
 from registry.db import reconciles
+from registry.db.errors import DatabaseUnavailable
 from registry.db.reconciles import Claim
-from registry.errors import DATABASE_DOWN
 from registry.reconcile.runner import Reconciler
 
 log = logging.getLogger(__name__)
@@ -76,9 +76,8 @@ class ReconcileWorker:
             self._wakeup.clear()
             try:
                 await self._tick()
-            except DATABASE_DOWN as exc:
-                log.warning("reconcile worker: database unavailable: %r", exc)
-                await self._pool.expire_connections()
+            except DatabaseUnavailable as exc:
+                log.warning("reconcile worker: database unavailable: %s", exc)
                 await self._fence_if_leases_lapsed()
             except Exception:
                 log.exception("reconcile worker: poll failed")
