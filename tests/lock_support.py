@@ -44,3 +44,18 @@ async def insert_workspace(
         status,
     )
     return workspace_id, token_hash
+
+
+async def blocked_or_done(
+    observer: asyncpg.Connection, conn: asyncpg.Connection, task: asyncio.Future[object]
+) -> bool:
+    """True once `conn` waits for a lock; False if `task` (running on it) finished first."""
+    pid = conn.get_server_pid()
+    async with asyncio.timeout(BLOCKED_WITHIN_S):
+        while not task.done():
+            if await observer.fetchval(
+                "SELECT wait_event_type = 'Lock' FROM pg_stat_activity WHERE pid = $1", pid
+            ):
+                return True
+            await asyncio.sleep(0.01)
+    return False
