@@ -37,7 +37,7 @@ async def test_a_claim_racing_another_running_run_of_the_workspace_claims_nothin
             "lease_expires_at = now() + interval '1 hour' WHERE id = $1",
             first,
         )
-        claim = asyncio.ensure_future(reconciles.claim_due(claimer, "claimer", 60.0, 10, []))
+        claim = asyncio.ensure_future(reconciles.claim_due(claimer, "claimer", 60.0, 10, [], 5))
         waited = await blocked_or_done(db, claimer, claim)
         await transaction.commit()
         claimed = await asyncio.wait_for(claim, 20)

@@ -86,6 +86,10 @@ class Reconciler:
         self._config = config
         self._owner = owner
 
+    @property
+    def max_attempts(self) -> int:
+        return self._config.max_attempts
+
     async def run(self, claim: Claim) -> Outcome:
         """Run to a terminal status. A cancelled run (shutdown) is handed back as an intent."""
         context = {"reconcile_id": str(claim.id), "workspace_id": str(claim.workspace_id)}

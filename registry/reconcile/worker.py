@@ -97,7 +97,14 @@ class ReconcileWorker:
             self._leases_renewed_at = time.monotonic()
             free = self._concurrency - len(self._jobs)
             claims = (
-                await reconciles.claim_due(conn, self.owner, self._lease_s, free, list(self._jobs))
+                await reconciles.claim_due(
+                    conn,
+                    self.owner,
+                    self._lease_s,
+                    free,
+                    list(self._jobs),
+                    self._reconciler.max_attempts,
+                )
                 if free > 0
                 else []
             )
