@@ -13,7 +13,7 @@ from registry.db import reconciles
 from registry.db.reconciles import Finished, Outcome, RestartBudget
 from registry.keys import RECONCILER
 from tests.conftest import MakeRegistry
-from tests.durability_support import wait_until
+from tests.durability_support import plugin_runtime, wait_until
 from tests.lock_support import connect, insert_workspace
 from tests.support import write_tree
 
@@ -115,3 +115,43 @@ async def test_a_run_whose_terminal_write_keeps_failing_ends_failed_at_max_attem
         uuid.UUID(workspace.id),
     )
     assert len(events) == 1
+
+
+async def test_a_run_whose_lease_renewal_stalls_for_a_whole_lease_is_stopped_here(
+    make_registry: MakeRegistry, dsn: str, plugin_sources: Path
+) -> None:
+    """Mutant: no fencing. The renewal hangs (here: on a lock; in life: a dead connection, an
+    exhausted pool) for longer than the lease: another process may take the run over by now,
+    so this one must stop its copy at once, not when the query times out (30 s here) or
+    never. Then the run is handed back and completes, on its second attempt."""
+    registry = await make_registry(reconcile_lease_s=1.5)
+    worker = registry.client.app[RECONCILER]
+    plugin = write_tree(plugin_sources / "p", {"plugin.py": "print('p')\n"})
+    async with plugin_runtime(hold_first=1) as runtime:
+        workspace = await registry.create_workspace(
+            [{"source": f"file://{plugin}"}], delivery="http", url=runtime.url
+        )
+        await registry.heartbeat(workspace, plugins=[])
+        await runtime.wait_for_puts(1)
+        [run] = await registry.reconciles(workspace)
+        assert run["id"] in worker.running
+
+        async def stopped() -> bool:
+            return run["id"] not in worker.running
+
+        async def describe() -> str:
+            return str([dict(r) for r in await registry.reconciles(workspace)])
+
+        staller = await connect(dsn)
+        try:
+            stall = staller.transaction()
+            await stall.start()
+            await staller.execute("SELECT 1 FROM reconciles WHERE id = $1 FOR UPDATE", run["id"])
+            await wait_until(stopped, 10, describe)
+            await stall.rollback()
+        finally:
+            await staller.close()
+        runs = await registry.settled(workspace)
+
+    assert [(r["id"], r["status"], r["attempt"]) for r in runs] == [(run["id"], "succeeded", 2)]
+    assert [p.held for p in runtime.puts] == [True, False]

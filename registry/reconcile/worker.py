@@ -88,13 +88,12 @@ class ReconcileWorker:
                 await asyncio.wait_for(self._wakeup.wait(), timeout=self._poll_s)
 
     async def _tick(self) -> None:
-        async with self._pool.acquire() as conn:
-            if self._jobs:
-                held = await reconciles.renew_leases(
-                    conn, self.owner, self._lease_s, list(self._jobs)
-                )
-                await self._stop_runs(set(self._jobs) - held, "its lease was taken over")
+        if self._jobs:
+            await self._renew()
+        if not self._jobs:
+            # Nothing held: the leases of what this tick claims start now.
             self._leases_renewed_at = time.monotonic()
+        async with self._pool.acquire() as conn:
             free = self._concurrency - len(self._jobs)
             claims = (
                 await reconciles.claim_due(
@@ -118,6 +117,24 @@ class ReconcileWorker:
                 # Not started: the claim's lease lapses and another poll takes the run over.
                 run.close()
                 raise
+
+    async def _renew(self) -> None:
+        """Renew the leases of the runs held here, within what is left of them: a renewal that
+        stalls (a hung connection, a lock, an exhausted pool) must not outlast the leases, or
+        this process would run on while another takes its runs over."""
+        started = time.monotonic()
+        left = self._leases_renewed_at + self._lease_s - started
+        try:
+            async with asyncio.timeout(max(left, 0.0)):
+                async with self._pool.acquire() as conn:
+                    held = await reconciles.renew_leases(
+                        conn, self.owner, self._lease_s, list(self._jobs)
+                    )
+        except TimeoutError:
+            await self._stop_runs(set(self._jobs), "its lease could not be renewed in time")
+            return
+        self._leases_renewed_at = started
+        await self._stop_runs(set(self._jobs) - held, "its lease was taken over")
 
     async def _fence_if_leases_lapsed(self) -> None:
         """Unable to renew for a whole lease, this process must assume others took its runs
