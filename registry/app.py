@@ -184,6 +184,8 @@ async def _background(app: web.Application) -> AsyncIterator[None]:
     for loop in loops:
         await loop.wait(timeout=LOOP_STOP_S)
     await scheduler.wait_and_close(timeout=settings.shutdown_grace_s)
+    # close() cancels shielded terminal writes too: whatever is still held goes back now.
+    await worker.hand_back()
     await http.close()
 
 

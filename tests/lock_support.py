@@ -59,3 +59,14 @@ async def blocked_or_done(
                 return True
             await asyncio.sleep(0.01)
     return False
+
+
+async def wait_blocked_by(observer: asyncpg.Connection, holder: asyncpg.Connection) -> None:
+    """Return once some other backend waits for a lock `holder` holds."""
+    pid = holder.get_server_pid()
+    async with asyncio.timeout(BLOCKED_WITHIN_S):
+        while not await observer.fetchval(
+            "SELECT EXISTS (SELECT 1 FROM pg_stat_activity WHERE $1 = ANY(pg_blocking_pids(pid)))",
+            pid,
+        ):
+            await asyncio.sleep(0.01)

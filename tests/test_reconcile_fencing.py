@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -14,7 +15,7 @@ from registry.db.reconciles import Finished, Outcome, RestartBudget
 from registry.keys import RECONCILER
 from tests.conftest import MakeRegistry
 from tests.durability_support import plugin_runtime, wait_until
-from tests.lock_support import connect, insert_workspace
+from tests.lock_support import connect, insert_workspace, wait_blocked_by
 from tests.support import write_tree
 
 BUDGET = RestartBudget(limit=3, window_s=3600.0)
@@ -155,3 +156,54 @@ async def test_a_run_whose_lease_renewal_stalls_for_a_whole_lease_is_stopped_her
 
     assert [(r["id"], r["status"], r["attempt"]) for r in runs] == [(run["id"], "succeeded", 2)]
     assert [p.held for p in runtime.puts] == [True, False]
+
+
+async def test_closing_the_scheduler_while_a_run_writes_its_outcome_hands_the_run_back(
+    make_registry: MakeRegistry, dsn: str, plugin_sources: Path
+) -> None:
+    """The bug: aiojobs 1.4's close() cancels shielded jobs too, so a run writing its outcome
+    when the scheduler closed lost that write and stayed `running` under the lease of a
+    process that had gone. Closed mid-write, the run must end terminal or be handed back as
+    queued, with nobody's lease on it."""
+    registry = await make_registry(
+        reconcile_lease_s=60.0, reconcile_poll_s=20.0, shutdown_grace_s=0.1
+    )
+    plugin = write_tree(plugin_sources / "p", {"plugin.py": "print('p')\n"})
+    holder = await connect(dsn)
+    try:
+        async with plugin_runtime(hold_first=1) as runtime:
+            workspace = await registry.create_workspace(
+                [{"source": f"file://{plugin}"}], delivery="http", url=runtime.url
+            )
+            await registry.heartbeat(workspace, plugins=[])
+            await runtime.wait_for_puts(1)
+            # Only the terminal write touches workspace_actions (it asks for a restart): held
+            # here, the run stops in the middle of writing its outcome.
+            barrier = holder.transaction()
+            await barrier.start()
+            await holder.execute("LOCK TABLE workspace_actions IN EXCLUSIVE MODE")
+            runtime.release()
+            await wait_blocked_by(registry.db, holder)
+            [run] = await registry.reconciles(workspace)
+            assert run["status"] == "running"
+
+            closing = asyncio.ensure_future(registry.client.close())
+
+            async def handed_back() -> bool:
+                [run] = await registry.reconciles(workspace)
+                return bool(run["status"] != "running")
+
+            async def describe() -> str:
+                return str([dict(r) for r in await registry.reconciles(workspace)])
+
+            try:
+                await wait_until(handed_back, 20, describe)
+            finally:
+                await barrier.rollback()
+                await asyncio.wait_for(closing, 30)
+    finally:
+        await holder.close()
+
+    [after] = await registry.reconciles(workspace)
+    assert after["status"] in ("queued", "succeeded", "failed"), dict(after)
+    assert after["lease_owner"] is None

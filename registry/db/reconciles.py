@@ -240,6 +240,17 @@ async def release(conn: Connection, reconcile_id: uuid.UUID, owner: str) -> None
     await conn.execute(RELEASE, reconcile_id, owner)
 
 
+HELD_BY = "SELECT id FROM reconciles WHERE lease_owner = $1 AND status = 'running' ORDER BY id"
+
+
+async def release_all(conn: Connection, owner: str) -> int:
+    """Give back every run `owner` still holds; how many there were."""
+    held = [row["id"] for row in await conn.fetch(HELD_BY, owner)]
+    for reconcile_id in held:
+        await conn.execute(RELEASE, reconcile_id, owner)
+    return len(held)
+
+
 INSERT_STEP = """
 INSERT INTO reconcile_steps
     (reconcile_id, attempt, plugin, action, status, source, sha, started_at, finished_at, error)

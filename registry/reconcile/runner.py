@@ -101,7 +101,9 @@ class Reconciler:
         except TimeoutError:
             outcome = Outcome("failed", f"timed out after {self._config.timeout_s:g} s")
         except asyncio.CancelledError:
-            # The terminal write must not ride on the cancelled work (DESIGN lesson 8).
+            # The terminal write must not ride on the cancelled work (DESIGN lesson 8). The
+            # shield covers a cancelled job, not a closing scheduler (aiojobs cancels shields
+            # then too): for that, the worker hands back what is left (ReconcileWorker.hand_back).
             await self._scheduler.shield(self._release(claim))
             raise
         except DATABASE_DOWN as exc:

@@ -20,6 +20,9 @@ from registry.reconcile.runner import Reconciler
 
 log = logging.getLogger(__name__)
 
+# The hand-back at shutdown is one short statement per held run; bounded all the same.
+HAND_BACK_S = 5.0
+
 
 def new_owner_id() -> str:
     """Names this process in leases: unique per start, readable in the table."""
@@ -148,6 +151,24 @@ class ReconcileWorker:
             if job is not None:
                 log.warning("reconcile stopped: %s", why, extra={"reconcile_id": str(reconcile_id)})
                 await job.close()
+
+    async def hand_back(self) -> None:
+        """Once the scheduler has closed: give back every run still held here.
+
+        aiojobs' close() cancels shielded jobs too, so a run cancelled while it wrote its
+        outcome (or handed itself back) may have written nothing and would stay `running`
+        under the lease of a process that is gone. This short write, outside any job, makes
+        every such run queued again (DESIGN lesson 8); if it cannot, the leases lapse and
+        another process takes the runs over.
+        """
+        try:
+            async with asyncio.timeout(HAND_BACK_S), self._pool.acquire() as conn:
+                count = await reconciles.release_all(conn, self.owner)
+        except DATABASE_DOWN as exc:
+            log.warning("reconciles not handed back (their leases will lapse): %r", exc)
+            return
+        if count:
+            log.info("handed %d reconcile(s) back at shutdown", count)
 
     async def _run(self, claim: Claim) -> None:
         try:
