@@ -52,6 +52,47 @@ async def test_a_claim_racing_another_running_run_of_the_workspace_claims_nothin
     assert await db.fetchval("SELECT status FROM reconciles WHERE id = $1", queued) == "queued"
 
 
+async def test_two_claimers_at_once_never_claim_one_run_or_one_workspace_twice(
+    dsn: str, db: asyncpg.Connection
+) -> None:
+    """The claim statement's own guarantee (SKIP LOCKED, and NOT EXISTS a running run): with
+    one claimer's claims not yet committed, a second claims none of them, does not wait, and
+    takes neither a queued follow-up of a workspace being claimed nor a lapsed run twice."""
+    workspaces = [(await insert_workspace(db, "online"))[0] for _ in range(3)]
+    due = [await reconciles.queue_reconcile(db, w, "manual") for w in workspaces]
+    lapsed = await db.fetchval(
+        "UPDATE reconciles SET status = 'running', attempt = 1, lease_owner = 'dead', "
+        "lease_expires_at = now() - interval '1 second' WHERE id = $1 RETURNING id",
+        due[0],
+    )
+    follow_up = await reconciles.queue_reconcile(db, workspaces[0], "manual")
+    one, two = await connect(dsn), await connect(dsn)
+    try:
+        claiming = one.transaction()
+        await claiming.start()
+        first = await reconciles.claim_due(one, "one", 60.0, 10, [], 5)
+        racing = asyncio.ensure_future(reconciles.claim_due(two, "two", 60.0, 10, [], 5))
+        waited = await blocked_or_done(db, two, racing)
+        second = await asyncio.wait_for(racing, 20)
+        await claiming.commit()
+        after = await reconciles.claim_due(two, "two", 60.0, 10, [], 5)
+    finally:
+        await one.close()
+        await two.close()
+
+    assert not waited
+    assert sorted(c.id for c in first) == sorted([lapsed, *due[1:]])
+    assert (second, after) == ([], [])
+    running = await db.fetch(
+        "SELECT workspace_id, count(*) AS n FROM reconciles WHERE status = 'running' "
+        "GROUP BY workspace_id"
+    )
+    assert sorted((r["workspace_id"], r["n"]) for r in running) == sorted(
+        (w, 1) for w in workspaces
+    )
+    assert await db.fetchval("SELECT status FROM reconciles WHERE id = $1", follow_up) == "queued"
+
+
 POLICY = SweepPolicy(
     offline_after_s=1.0,
     provision_timeout_s=3600.0,
