@@ -134,6 +134,8 @@ class ReconcileWorker:
                         conn, self.owner, self._lease_s, list(self._jobs)
                     )
         except TimeoutError:
+            if time.monotonic() < self._leases_renewed_at + self._lease_s:
+                raise  # the pool's or the query's own timeout, within the leases
             await self._stop_runs(set(self._jobs), "its lease could not be renewed in time")
             return
         self._leases_renewed_at = started
