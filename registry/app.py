@@ -159,6 +159,10 @@ async def _background(app: web.Application) -> AsyncIterator[None]:
         # closes last, after the scheduler has drained the reconciles delivering through it.
         http = aiohttp.ClientSession()
         opened.push_async_callback(_close_http, http)
+        # Once the scheduler has closed (it cancels shielded terminal writes too), the worker
+        # gives back whatever runs it still holds; it exists only once built, hence the list.
+        built: list[ReconcileWorker] = []
+        opened.push_async_callback(_hand_back, built)
         scheduler = aiojobs.Scheduler(close_timeout=CANCEL_GRACE_S)
         opened.push_async_callback(_close_scheduler, scheduler, settings.shutdown_grace_s)
         owner = new_owner_id()
@@ -178,6 +182,7 @@ async def _background(app: web.Application) -> AsyncIterator[None]:
             poll_s=settings.reconcile_poll_s,
             lease_s=settings.reconcile_lease_s,
         )
+        built.append(worker)
         sweeper = LivenessSweeper(pool, settings, app[METRICS])
         hub = EventHub(pool, app[DSN])
         pruner = Pruner(pool, settings, app[METRICS])
@@ -238,6 +243,11 @@ async def _close_scheduler(scheduler: aiojobs.Scheduler, grace_s: float) -> None
         )
     except TimeoutError:
         log.warning("job scheduler: jobs still running after the grace period; left behind")
+
+
+async def _hand_back(built: list[ReconcileWorker]) -> None:
+    for worker in built:
+        await worker.hand_back()
 
 
 async def _close_http(http: aiohttp.ClientSession) -> None:

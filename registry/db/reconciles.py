@@ -154,12 +154,41 @@ WHERE r.id IN (
                            WHERE x.workspace_id = c.workspace_id AND x.status = 'running'))
        OR (c.status = 'running' AND c.lease_expires_at < now()
            -- a run this process still executes (it stalled past its lease) is not taken twice
-           AND c.id <> ALL($4::uuid[]))
+           AND c.id <> ALL($4::uuid[])
+           -- a run out of attempts is ended by GIVE_UP_LAPSED instead
+           AND c.attempt < $5)
     ORDER BY c.next_attempt_at
     LIMIT $3
     FOR UPDATE SKIP LOCKED
 )
 RETURNING r.id, r.workspace_id, r.attempt, r.refresh, r.trigger
+"""
+
+
+# A run whose owner's lease lapsed on its last allowed attempt (the owner died, or its
+# terminal write failed: either way the run never ended) is not taken over once more: it
+# ends failed, with its event, so a run that keeps losing its owner cannot run forever.
+GIVE_UP_LAPSED = """
+WITH lapsed AS (
+    SELECT id FROM reconciles
+    WHERE status = 'running' AND lease_expires_at < now() AND attempt >= $1
+      AND id <> ALL($2::uuid[])
+    FOR UPDATE SKIP LOCKED
+),
+ended AS (
+    UPDATE reconciles r SET
+        status = 'failed', finished_at = now(), lease_owner = NULL, lease_expires_at = NULL,
+        error = format('gave up after %s attempts: the lease of the last one lapsed before '
+                       'it ended (its process died or could not write its outcome)', r.attempt)
+    FROM lapsed l
+    WHERE r.id = l.id
+    RETURNING r.id, r.workspace_id, r.error
+)
+INSERT INTO workspace_events (workspace_id, kind, cause, actor, detail)
+SELECT workspace_id, 'reconcile', 'reconcile_failed', 'reconciler',
+       jsonb_build_object('reconcile_id', id, 'error', error, 'changes', '[]'::jsonb,
+                          'restart_requested', false, 'restart_withheld', false)
+FROM ended
 """
 
 
@@ -169,9 +198,12 @@ async def claim_due(
     lease_s: float,
     limit: int,
     running_here: list[uuid.UUID],
+    max_attempts: int,
 ) -> list[Claim]:
+    """Claim up to `limit` due runs; runs out of attempts whose lease lapsed end failed."""
+    await conn.execute(GIVE_UP_LAPSED, max_attempts, running_here)
     try:
-        rows = await conn.fetch(CLAIM_DUE, owner, lease_s, limit, running_here)
+        rows = await conn.fetch(CLAIM_DUE, owner, lease_s, limit, running_here, max_attempts)
     except asyncpg.UniqueViolationError:
         # Another process claimed a run of the same workspace in the same instant; the
         # index refused the second. Nothing was claimed; the next poll tries again.
@@ -221,6 +253,17 @@ FROM mine WHERE r.id = mine.id
 
 async def release(conn: Connection, reconcile_id: uuid.UUID, owner: str) -> None:
     await conn.execute(RELEASE, reconcile_id, owner)
+
+
+HELD_BY = "SELECT id FROM reconciles WHERE lease_owner = $1 AND status = 'running' ORDER BY id"
+
+
+async def release_all(conn: Connection, owner: str) -> int:
+    """Give back every run `owner` still holds; how many there were."""
+    held = [row["id"] for row in await conn.fetch(HELD_BY, owner)]
+    for reconcile_id in held:
+        await conn.execute(RELEASE, reconcile_id, owner)
+    return len(held)
 
 
 INSERT_STEP = """

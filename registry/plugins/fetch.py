@@ -420,8 +420,16 @@ async def _git(args: list[str], *, git_dir: Path | None, cwd: Path) -> _GitResul
     return _GitResult(proc.returncode, stdout, stderr)
 
 
+# What git says when transfer.fsckObjects refuses a fetched object (a tree entry named `..`
+# or `.git`, a malformed object): the source's content is at fault, and a retry fetches it
+# again, so this is permanent.
+_FSCK_REFUSED = ("fsck error", "fsck-objects")
+
+
 def _remote_failure(result: _GitResult, source: PluginSource) -> FetchFailed:
     text = result.error_text()
+    if any(marker in text for marker in _FSCK_REFUSED):
+        return FetchFailed(f"git refused an object of {source.raw}: {text}", code="object_refused")
     if "not allowed" in text and "transport" in text:
         return FetchFailed(f"git transport refused: {text}", code="protocol_not_allowed")
     return FetchFailed(

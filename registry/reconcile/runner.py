@@ -86,6 +86,10 @@ class Reconciler:
         self._config = config
         self._owner = owner
 
+    @property
+    def max_attempts(self) -> int:
+        return self._config.max_attempts
+
     async def run(self, claim: Claim) -> Outcome:
         """Run to a terminal status. A cancelled run (shutdown) is handed back as an intent."""
         context = {"reconcile_id": str(claim.id), "workspace_id": str(claim.workspace_id)}
@@ -97,7 +101,9 @@ class Reconciler:
         except TimeoutError:
             outcome = Outcome("failed", f"timed out after {self._config.timeout_s:g} s")
         except asyncio.CancelledError:
-            # The terminal write must not ride on the cancelled work (DESIGN lesson 8).
+            # The terminal write must not ride on the cancelled work (DESIGN lesson 8). The
+            # shield covers a cancelled job, not a closing scheduler (aiojobs cancels shields
+            # then too): for that, the worker hands back what is left (ReconcileWorker.hand_back).
             await self._scheduler.shield(self._release(claim))
             raise
         except DatabaseUnavailable as exc:

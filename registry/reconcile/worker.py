@@ -20,6 +20,9 @@ from registry.reconcile.runner import Reconciler
 
 log = logging.getLogger(__name__)
 
+# The hand-back at shutdown is one short statement per held run; bounded all the same.
+HAND_BACK_S = 5.0
+
 
 def new_owner_id() -> str:
     """Names this process in leases: unique per start, readable in the table."""
@@ -87,16 +90,22 @@ class ReconcileWorker:
                 await asyncio.wait_for(self._wakeup.wait(), timeout=self._poll_s)
 
     async def _tick(self) -> None:
-        async with self._pool.acquire() as conn:
-            if self._jobs:
-                held = await reconciles.renew_leases(
-                    conn, self.owner, self._lease_s, list(self._jobs)
-                )
-                await self._stop_runs(set(self._jobs) - held, "its lease was taken over")
+        if self._jobs:
+            await self._renew()
+        if not self._jobs:
+            # Nothing held: the leases of what this tick claims start now.
             self._leases_renewed_at = time.monotonic()
+        async with self._pool.acquire() as conn:
             free = self._concurrency - len(self._jobs)
             claims = (
-                await reconciles.claim_due(conn, self.owner, self._lease_s, free, list(self._jobs))
+                await reconciles.claim_due(
+                    conn,
+                    self.owner,
+                    self._lease_s,
+                    free,
+                    list(self._jobs),
+                    self._reconciler.max_attempts,
+                )
                 if free > 0
                 else []
             )
@@ -111,6 +120,26 @@ class ReconcileWorker:
                 run.close()
                 raise
 
+    async def _renew(self) -> None:
+        """Renew the leases of the runs held here, within what is left of them: a renewal that
+        stalls (a hung connection, a lock, an exhausted pool) must not outlast the leases, or
+        this process would run on while another takes its runs over."""
+        started = time.monotonic()
+        left = self._leases_renewed_at + self._lease_s - started
+        try:
+            async with asyncio.timeout(max(left, 0.0)):
+                async with self._pool.acquire() as conn:
+                    held = await reconciles.renew_leases(
+                        conn, self.owner, self._lease_s, list(self._jobs)
+                    )
+        except TimeoutError:
+            if time.monotonic() < self._leases_renewed_at + self._lease_s:
+                raise  # the pool's or the query's own timeout, within the leases
+            await self._stop_runs(set(self._jobs), "its lease could not be renewed in time")
+            return
+        self._leases_renewed_at = started
+        await self._stop_runs(set(self._jobs) - held, "its lease was taken over")
+
     async def _fence_if_leases_lapsed(self) -> None:
         """Unable to renew for a whole lease, this process must assume others took its runs
         over: stop them, so that no workspace ever gets two reconciles at once."""
@@ -123,6 +152,24 @@ class ReconcileWorker:
             if job is not None:
                 log.warning("reconcile stopped: %s", why, extra={"reconcile_id": str(reconcile_id)})
                 await job.close()
+
+    async def hand_back(self) -> None:
+        """Once the scheduler has closed: give back every run still held here.
+
+        aiojobs' close() cancels shielded jobs too, so a run cancelled while it wrote its
+        outcome (or handed itself back) may have written nothing and would stay `running`
+        under the lease of a process that is gone. This short write, outside any job, makes
+        every such run queued again (DESIGN lesson 8); if it cannot, the leases lapse and
+        another process takes the runs over.
+        """
+        try:
+            async with asyncio.timeout(HAND_BACK_S), self._pool.acquire() as conn:
+                count = await reconciles.release_all(conn, self.owner)
+        except (DatabaseUnavailable, TimeoutError) as exc:
+            log.warning("reconciles not handed back (their leases will lapse): %r", exc)
+            return
+        if count:
+            log.info("handed %d reconcile(s) back at shutdown", count)
 
     async def _run(self, claim: Claim) -> None:
         try:

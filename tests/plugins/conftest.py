@@ -39,6 +39,21 @@ def run_git(cwd: Path, *args: str) -> str:
     return result.stdout.strip()
 
 
+def run_git_input(cwd: Path, stdin: str, *args: str) -> str:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GIT_")}
+    env["GIT_CONFIG_NOSYSTEM"] = "1"
+    result = subprocess.run(
+        ["git", *_GIT_IDENTITY, *args],
+        cwd=cwd,
+        env=env,
+        input=stdin,
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    return result.stdout.strip()
+
+
 class Repo:
     """A non-bare working repository that tests commit into and fetch from."""
 
@@ -53,6 +68,10 @@ class Repo:
 
     def git(self, *args: str) -> str:
         return run_git(self.path, *args)
+
+    def git_input(self, *args: str) -> str:
+        """A git command fed `args[-1]` on its stdin."""
+        return run_git_input(self.path, args[-1], *args[:-1])
 
     def write(self, rel: str, content: str | bytes, *, executable: bool = False) -> None:
         target = self.path / rel
