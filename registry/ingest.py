@@ -110,7 +110,7 @@ class HeartbeatIngest:
                 except BaseException:
                     # Interrupted (cancelled) while sending: every beat of the batch still
                     # gets an answer, also those `_send` had not reached yet.
-                    _fail(batch, asyncpg.InterfaceError("heartbeat batch interrupted"))
+                    _fail(batch, DatabaseUnavailable("heartbeat batch interrupted"))
                     raise
         except BaseException:
             # This beat goes away: the slot must not be passed back to it below.
