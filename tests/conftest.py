@@ -24,8 +24,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
-from aiohttp import web
-from aiohttp.test_utils import TestClient
+from pytest_aiohttp import AiohttpClient
 
 from registry.app import create_app
 from registry.db.migrate import migrate
@@ -203,7 +202,7 @@ MakeRegistry = Callable[..., Awaitable[Registry]]
 
 @pytest.fixture
 def make_registry(
-    aiohttp_client: Callable[[web.Application], Awaitable[TestClient]],
+    aiohttp_client: AiohttpClient,
     settings: Settings,
     dsn: str,
     db: asyncpg.Connection,

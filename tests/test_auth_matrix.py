@@ -282,6 +282,7 @@ async def test_auth_fails_closed_when_the_database_is_unreachable(
     row = await registry.db.fetchrow(
         "SELECT status, last_heartbeat_at FROM workspaces WHERE id = $1", uuid.UUID(workspace.id)
     )
+    assert row is not None
     assert (row["status"], row["last_heartbeat_at"]) == ("provisioning", None)
     await registry.heartbeat(workspace)  # and it recovers by itself
 

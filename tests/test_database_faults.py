@@ -162,7 +162,7 @@ async def test_heartbeats_and_reconciles_survive_a_database_outage(
                 ids = [uuid.UUID(w.id) for w in watched]
 
                 async def settled() -> bool:
-                    active = await conn.fetchval(
+                    active: int = await conn.fetchval(
                         "SELECT count(*) FROM reconciles WHERE workspace_id = ANY($1::uuid[])"
                         " AND status IN ('queued', 'running')",
                         ids,

@@ -55,6 +55,7 @@ async def test_silent_workspace_goes_offline_within_one_sweep_of_its_deadline(
         "WHERE workspace_id = $1 AND to_status = 'offline'",
         uuid.UUID(workspace.id),
     )
+    assert row is not None
     assert (row["from_status"], row["cause"], row["actor"]) == (
         "online",
         "heartbeat_timeout",
