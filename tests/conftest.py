@@ -33,6 +33,7 @@ from registry.settings import Settings
 from tests.fake_runtime import FakeRuntime
 from tests.pg_cluster import StoppableCluster
 from tests.pg_source import DEFAULT_IMAGE, IMAGE_ENV, container_dsn, docker_answers, docker_switch
+from tests.processes import Processes
 from tests.support import ADMIN_TOKEN, Registry
 
 
@@ -227,6 +228,13 @@ async def fake_runtime() -> AsyncIterator[FakeRuntime]:
     await runtime.start()
     yield runtime
     await runtime.close()
+
+
+@pytest.fixture
+async def processes() -> AsyncIterator[Processes]:
+    """Every process the test starts through it, stopped when the test ends, whatever failed."""
+    async with Processes() as owned:
+        yield owned
 
 
 @pytest.fixture
