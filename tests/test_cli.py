@@ -54,7 +54,14 @@ async def spawn(url: str | None, *args: str, token: str | None) -> asyncio.subpr
         env=cli_env(url, token),
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
+        # Ctrl-C must reach the CLI as in a terminal, even when the test run was started in
+        # the background, where SIGINT is ignored and children inherit that.
+        preexec_fn=_default_sigint,
     )
+
+
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 async def cli(url: str | None, *args: str, token: str | None = ADMIN_TOKEN) -> Result:
