@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -17,6 +18,7 @@ FAILING_TEST = """
 import asyncio
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 SLEEP = "import time; time.sleep(600)"
@@ -88,7 +90,10 @@ def test_a_failing_test_leaves_no_process_behind(tmp_path: Path) -> None:
     assert "1 failed" in output, output
     assert "failing with every process still running" in output, output
     pids = [int(pid) for pid in pids_file.read_text().split()]
-    survivors = [pid for pid in pids if alive(pid)]
+    # A SIGKILL sent last, to what was left of the session, may take a moment to land.
+    deadline = time.monotonic() + 5.0
+    while (survivors := [pid for pid in pids if alive(pid)]) and time.monotonic() < deadline:
+        time.sleep(0.1)
     for pid in survivors:  # this test's own cleanup when the fixture under test fails
         os.kill(pid, signal.SIGKILL)
     assert len(pids) == 5, pids
