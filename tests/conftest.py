@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import os
 import shutil
+import signal
 import socket
 import tempfile
 import uuid
@@ -33,7 +34,7 @@ from registry.settings import Settings
 from tests.fake_runtime import FakeRuntime
 from tests.pg_cluster import StoppableCluster
 from tests.pg_source import DEFAULT_IMAGE, IMAGE_ENV, container_dsn, docker_answers, docker_switch
-from tests.processes import Processes
+from tests.processes import Processes, registry_children
 from tests.support import ADMIN_TOKEN, Registry
 
 
@@ -228,6 +229,18 @@ async def fake_runtime() -> AsyncIterator[FakeRuntime]:
     await runtime.start()
     yield runtime
     await runtime.close()
+
+
+@pytest.fixture(autouse=True)
+def no_registry_outlives_its_test() -> Iterator[None]:
+    """A registry left running claims the next tests' reconciles: fail here, and stop it."""
+    yield
+    left = registry_children()
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(ChildProcessError):  # reaped by its owner meanwhile
+            os.waitpid(pid, 0)
+    assert left == [], f"registry processes outlived the test (killed): {left}"
 
 
 @pytest.fixture

@@ -24,7 +24,7 @@ import aiohttp
 from bench.registry_proc import free_port, spawn, stop_process
 from tests.support import ADMIN_TOKEN
 
-__all__ = ["Processes", "RegistryProcess", "free_port", "start_registry"]
+__all__ = ["Processes", "RegistryProcess", "free_port", "registry_children", "start_registry"]
 
 AnyProcess = TypeVar("AnyProcess", subprocess.Popen[bytes], asyncio.subprocess.Process)
 
@@ -150,3 +150,18 @@ class Processes:
         tb: TracebackType | None,
     ) -> None:
         await self.stop_all()
+
+
+def registry_children() -> list[int]:
+    """Running `python -m registry` children of this process (Linux; elsewhere none are seen)."""
+    found = []
+    for listing in Path("/proc/self/task").glob("*/children"):
+        for pid in listing.read_text().split():
+            try:
+                argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+                state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            except OSError:
+                continue  # gone meanwhile
+            if argv[1:3] == [b"-m", b"registry"] and state not in ("Z", "X"):
+                found.append(int(pid))
+    return found
