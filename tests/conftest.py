@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import os
 import shutil
+import signal
 import socket
 import tempfile
 import uuid
@@ -24,8 +25,7 @@ from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 import pytest
-from aiohttp import web
-from aiohttp.test_utils import TestClient
+from pytest_aiohttp import AiohttpClient
 
 from registry.app import create_app
 from registry.db.migrate import migrate
@@ -34,6 +34,7 @@ from registry.settings import Settings
 from tests.fake_runtime import FakeRuntime
 from tests.pg_cluster import StoppableCluster
 from tests.pg_source import DEFAULT_IMAGE, IMAGE_ENV, container_dsn, docker_answers, docker_switch
+from tests.processes import Processes, registry_children
 from tests.support import ADMIN_TOKEN, Registry
 
 
@@ -206,7 +207,7 @@ MakeRegistry = Callable[..., Awaitable[Registry]]
 
 @pytest.fixture
 def make_registry(
-    aiohttp_client: Callable[[web.Application], Awaitable[TestClient]],
+    aiohttp_client: AiohttpClient,
     settings: Settings,
     dsn: str,
     db: asyncpg.Connection,
@@ -231,6 +232,25 @@ async def fake_runtime() -> AsyncIterator[FakeRuntime]:
     await runtime.start()
     yield runtime
     await runtime.close()
+
+
+@pytest.fixture(autouse=True)
+def no_registry_outlives_its_test() -> Iterator[None]:
+    """A registry left running claims the next tests' reconciles: fail here, and stop it."""
+    yield
+    left = registry_children()
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+        with contextlib.suppress(ChildProcessError):  # reaped by its owner meanwhile
+            os.waitpid(pid, 0)
+    assert left == [], f"registry processes outlived the test (killed): {left}"
+
+
+@pytest.fixture
+async def processes() -> AsyncIterator[Processes]:
+    """Every process the test starts through it, stopped when the test ends, whatever failed."""
+    async with Processes() as owned:
+        yield owned
 
 
 @pytest.fixture

@@ -26,7 +26,7 @@ import asyncpg
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from tests.processes import RegistryProcess, start_registry
+from tests.processes import Processes, RegistryProcess
 from tests.support import ADMIN, Workspace, bearer
 
 # A held delivery waits this long at most: far longer than any test, shorter than forever.
@@ -158,16 +158,14 @@ async def registry_processes(
     dsn: str, work_dir: Path, count: int, env: dict[str, str]
 ) -> AsyncIterator[list[RegistryProcess]]:
     """`count` registry processes on one database, each in its own directory; always stopped."""
-    processes: list[RegistryProcess] = []
-    try:
+    async with Processes() as owned:
+        processes: list[RegistryProcess] = []
         for index in range(count):
             own = work_dir / f"registry-{index}"
             own.mkdir(parents=True, exist_ok=True)
-            processes.append(start_registry(dsn, own, env))
+            processes.append(owned.registry(dsn, own, env))
         await asyncio.gather(*(p.wait_healthy() for p in processes))
         yield processes
-    finally:
-        await stop_all(processes)
 
 
 async def stop_all(processes: list[RegistryProcess]) -> None:

@@ -99,7 +99,7 @@ async def assert_error(
     assert response.content_type == "application/json", text
     body = json.loads(text)
     assert set(body) == {"error"}, body
-    error = body["error"]
+    error: dict[str, Any] = body["error"]
     assert set(error) <= {"code", "message", "field"}, error
     assert isinstance(error["code"], str)
     assert error["code"]

@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    # Imported for real only inside start(): pgserver warns at import time.
+    from pgserver.postgres_server import PostgresServer
 
 
 class StoppableCluster:
@@ -12,25 +17,28 @@ class StoppableCluster:
 
     def __init__(self, data_dir: Path) -> None:
         self.data_dir = data_dir
-        self._server: Any = None
+        self._server: PostgresServer | None = None
 
     @property
     def dsn(self) -> str:
         return f"postgresql://postgres:@/postgres?host={self.data_dir}"
 
     def _pg_ctl(self, *args: str) -> None:
-        from pgserver._commands import pg_ctl  # type: ignore[import-untyped]
+        from pgserver import _commands
 
+        # pgserver makes one function per bundled binary at import time, so no type names it.
+        pg_ctl: Callable[..., object] = vars(_commands)["pg_ctl"]
+        assert self._server is not None, "start() first"
         pg_ctl(list(args), pgdata=self.data_dir, user=self._server.system_user)
 
     def start(self) -> None:
         if self._server is None:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                import pgserver
+                from pgserver.postgres_server import get_server
 
                 # cleanup_mode=None: this object, not pgserver, decides when it stops.
-                self._server = pgserver.get_server(self.data_dir, cleanup_mode=None)
+                self._server = get_server(self.data_dir, cleanup_mode=None)
             return
         self._pg_ctl(
             "-w", "-o", '-h ""', "-o", f"-k {self.data_dir}", "-l", f"{self.data_dir}/log", "start"

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import asyncpg
+from aiohttp import web
 from aiohttp.test_utils import TestClient
 
 from registry.settings import Settings
@@ -18,6 +19,10 @@ from registry.statuses import LEGAL_TRANSITIONS, Status
 
 ADMIN_TOKEN = "test-admin-token-0123456789"
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+
+
+# What `aiohttp_client(create_app(...))` returns: a client whose `.app` is the application.
+AppClient = TestClient[web.Request, web.Application]
 
 
 def bearer(token: str) -> dict[str, str]:
@@ -38,7 +43,7 @@ class Workspace:
 class Registry:
     """The app under test, its database, and its settings."""
 
-    client: TestClient
+    client: AppClient
     db: asyncpg.Connection
     settings: Settings
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import inspect
+import hmac
 import logging
 import uuid
 from collections.abc import AsyncIterator
@@ -105,20 +105,69 @@ def expected(route_kind: str, credential: str) -> int | None:
 # --- the admin-token comparison -------------------------------------------------------------
 
 
-def test_admin_check_compares_equal_length_digests_with_compare_digest() -> None:
-    source = inspect.getsource(auth.is_admin_token)
-
-    assert "hmac.compare_digest(" in source
-    assert "hash_token(token)" in source
-    assert "hash_token(admin_token)" in source
-    assert "==" not in source
-    lengths = {len(auth.hash_token("x" * n)) for n in (0, 1, 26, 27, 512, 4096)}
-    assert lengths == {hashlib.sha256().digest_size}
-    assert auth.is_admin_token(ADMIN_TOKEN, ADMIN_TOKEN)
-
-
 def _flip(char: str) -> str:
     return "a" if char != "a" else "b"
+
+
+NEAR_MISSES = (
+    _flip(ADMIN_TOKEN[0]) + ADMIN_TOKEN[1:],
+    ADMIN_TOKEN[:-1] + _flip(ADMIN_TOKEN[-1]),
+    ADMIN_TOKEN[:-1],
+    ADMIN_TOKEN + "0",
+    "",
+    "x" * 512,
+)
+
+
+def record_comparisons(monkeypatch: pytest.MonkeyPatch) -> list[tuple[Any, Any]]:
+    """Every call of hmac.compare_digest from now on, answered by the real one."""
+    calls: list[tuple[Any, Any]] = []
+    real = hmac.compare_digest
+
+    def recording(a: Any, b: Any) -> bool:
+        calls.append((a, b))
+        return real(a, b)
+
+    monkeypatch.setattr(hmac, "compare_digest", recording)
+    return calls
+
+
+def test_the_admin_check_is_one_constant_time_comparison_of_fixed_length_digests(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # What must not leak is how long the admin token is and where a guess first differs: so
+    # each answer, yes or no, comes from exactly one compare_digest over two SHA-256 digests
+    # (no early return on a length or a raw `==`), and never over the tokens themselves.
+    calls = record_comparisons(monkeypatch)
+    tokens = (ADMIN_TOKEN, *NEAR_MISSES)
+
+    answers = [auth.is_admin_token(token, ADMIN_TOKEN) for token in tokens]
+
+    assert answers == [True] + [False] * len(NEAR_MISSES)
+    assert len(calls) == len(tokens), calls
+    for (a, b), token in zip(calls, tokens, strict=True):
+        assert sorted((a, b)) == sorted((sha256(token), sha256(ADMIN_TOKEN)))
+
+
+async def test_every_admin_request_is_decided_by_that_comparison(
+    registry: Registry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = record_comparisons(monkeypatch)
+    tokens = (ADMIN_TOKEN, *(token for token in NEAR_MISSES if token))
+
+    statuses = []
+    for token in tokens:
+        response = await registry.client.get("/workspaces", headers=bearer(token))
+        statuses.append(response.status)
+
+    assert statuses == [200] + [401] * (len(tokens) - 1)
+    assert [sorted(call) for call in calls] == [
+        sorted((sha256(token), sha256(ADMIN_TOKEN))) for token in tokens
+    ]
+
+
+def sha256(token: str) -> bytes:
+    return hashlib.sha256(token.encode()).digest()
 
 
 # --- fail closed ----------------------------------------------------------------------------
@@ -282,6 +331,7 @@ async def test_auth_fails_closed_when_the_database_is_unreachable(
     row = await registry.db.fetchrow(
         "SELECT status, last_heartbeat_at FROM workspaces WHERE id = $1", uuid.UUID(workspace.id)
     )
+    assert row is not None
     assert (row["status"], row["last_heartbeat_at"]) == ("provisioning", None)
     await registry.heartbeat(workspace)  # and it recovers by itself
 

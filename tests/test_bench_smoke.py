@@ -2,41 +2,51 @@
 
 from __future__ import annotations
 
-import subprocess
+import asyncio
 import sys
 import uuid
 from pathlib import Path
 
 from bench.pgbench import find_pgbench
+from tests.processes import Processes
 
 ROOT = Path(__file__).resolve().parents[1]
+WITHIN_S = 120.0
 
 
-def test_heartbeat_bench_completes_and_prints_its_figures(server_dsn: str) -> None:
+async def test_heartbeat_bench_completes_and_prints_its_figures(
+    server_dsn: str, tmp_path: Path, processes: Processes
+) -> None:
     database = f"bench_smoke_{uuid.uuid4().hex[:8]}"
+    out, err = tmp_path / "stdout", tmp_path / "stderr"
     # A child process, as an operator runs it: its subprocesses and sockets stay out of
     # this interpreter (and out of filterwarnings=error). The Python generator always exists.
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "bench.heartbeat",
-            f"--dsn={server_dsn}",
-            f"--database={database}",
-            "--workspaces=200",
-            "--connections=8",
-            "--duration=2",
-            "--warmup=0.5",
-            "--generator=python",
-            f"--pgbench={find_pgbench()}",
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
+    # A session of its own: should it fail or time out, the fixture stops the registries and
+    # generators it started too, not only the bench.
+    with out.open("wb") as stdout, err.open("wb") as stderr:
+        bench = processes.adopt(
+            await asyncio.create_subprocess_exec(
+                sys.executable,
+                "-m",
+                "bench.heartbeat",
+                f"--dsn={server_dsn}",
+                f"--database={database}",
+                "--workspaces=200",
+                "--connections=8",
+                "--duration=2",
+                "--warmup=0.5",
+                "--generator=python",
+                f"--pgbench={find_pgbench()}",
+                cwd=ROOT,
+                stdout=stdout,
+                stderr=stderr,
+                start_new_session=True,
+            ),
+            group=True,
+        )
+    await asyncio.wait_for(bench.wait(), WITHIN_S)
+    printed = out.read_text()
+    assert bench.returncode == 0, printed + err.read_text()
     for figure in (
         "pgbench single statement",
         "registry coalesced",
@@ -44,4 +54,4 @@ def test_heartbeat_bench_completes_and_prints_its_figures(server_dsn: str) -> No
         "registry (coalesced) / pgbench =",
         "coalesced / per-request",
     ):
-        assert figure in done.stdout, done.stdout
+        assert figure in printed, printed

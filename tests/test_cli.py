@@ -9,7 +9,7 @@ import signal
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,7 +19,7 @@ import asyncpg
 import pytest
 
 from registry.cli import main
-from tests.processes import RegistryProcess, free_port, start_registry
+from tests.processes import Processes, RegistryProcess, free_port
 from tests.support import ADMIN, ADMIN_TOKEN, bearer, write_tree
 
 WAIT_S = 30.0
@@ -54,7 +54,14 @@ async def spawn(url: str | None, *args: str, token: str | None) -> asyncio.subpr
         env=cli_env(url, token),
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
+        # Ctrl-C must reach the CLI as in a terminal, even when the test run was started in
+        # the background, where SIGINT is ignored and children inherit that.
+        preexec_fn=_default_sigint,
     )
+
+
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 async def cli(url: str | None, *args: str, token: str | None = ADMIN_TOKEN) -> Result:
@@ -80,20 +87,21 @@ def registry_env(plugin_sources: Path, **extra: str) -> dict[str, str]:
     return {
         "REGISTRY_PLUGIN_ALLOWLIST": f"file://{plugin_sources}/",
         "REGISTRY_RECONCILE_POLL_S": "0.2",
+        # Retries a tenth of a second apart, not the default 2 s doubling: a failed run still
+        # goes through every attempt before the CLI reports it, in well under a second.
+        "REGISTRY_RECONCILE_RETRY_BASE_S": "0.05",
+        "REGISTRY_RECONCILE_RETRY_CAP_S": "0.5",
         **extra,
     }
 
 
 @pytest.fixture
 async def registry_process(
-    db: asyncpg.Connection, dsn: str, tmp_path: Path, plugin_sources: Path
-) -> AsyncIterator[RegistryProcess]:
-    process = start_registry(dsn, tmp_path, env=registry_env(plugin_sources))
-    try:
-        await process.wait_healthy()
-        yield process
-    finally:
-        process.stop()
+    db: asyncpg.Connection, dsn: str, tmp_path: Path, plugin_sources: Path, processes: Processes
+) -> RegistryProcess:
+    process = processes.registry(dsn, tmp_path, env=registry_env(plugin_sources))
+    await process.wait_healthy()
+    return process
 
 
 @pytest.fixture
@@ -252,6 +260,8 @@ async def test_a_failed_reconcile_exits_1_and_shows_why(url: str, plugin_sources
     assert "Traceback" not in result.err
     lines = result.out.splitlines()
     assert next(line for line in lines if line.startswith("status")).split()[1] == "failed"
+    # The fast retries shorten the waits only: the run still used every attempt (default 5).
+    assert next(line for line in lines if line.startswith("attempt")).split()[1] == "5"
     step = next(line for line in lines if line.lstrip().startswith("vanishing"))
     assert step.split()[1:3] == ["install", "failed"]
     shown = await ok(url, "workspaces", "show", workspace_id)
@@ -285,9 +295,9 @@ async def next_event_for(follower: asyncio.subprocess.Process, workspace_id: str
             return event
 
 
-async def test_events_follow_prints_changes_as_they_happen(url: str) -> None:
+async def test_events_follow_prints_changes_as_they_happen(url: str, processes: Processes) -> None:
     workspace_id, _ = await create(url, "watched")
-    follower = await spawn(url, "events", "--follow", "--json", token=ADMIN_TOKEN)
+    follower = processes.adopt(await spawn(url, "events", "--follow", "--json", token=ADMIN_TOKEN))
     try:
         assert "following events" in await read_line(follower.stderr)
 
@@ -302,44 +312,39 @@ async def test_events_follow_prints_changes_as_they_happen(url: str) -> None:
 
 
 async def test_events_follow_resumes_after_the_stream_drops(
-    db: asyncpg.Connection, dsn: str, tmp_path: Path, plugin_sources: Path
+    db: asyncpg.Connection, dsn: str, tmp_path: Path, plugin_sources: Path, processes: Processes
 ) -> None:
+    # Three registries and a follower, all the fixture's: a failure anywhere stops every one.
     port = free_port()
     env = registry_env(plugin_sources, REGISTRY_PORT=str(port))
 
     def on_the_same_port() -> RegistryProcess:
-        process = start_registry(dsn, tmp_path, env=env)
+        process = processes.registry(dsn, tmp_path, env=env)
         process.url = f"http://127.0.0.1:{port}"  # start_registry names the port it picked
         return process
 
     first = on_the_same_port()
-    other = start_registry(dsn, tmp_path, env=registry_env(plugin_sources))
-    replacement: RegistryProcess | None = None
-    follower: asyncio.subprocess.Process | None = None
-    try:
-        await first.wait_healthy()
-        await other.wait_healthy()
-        workspace_id, _ = await create(first.url, "resumed")
-        follower = await spawn(first.url, "events", "--follow", "--json", token=ADMIN_TOKEN)
-        assert "following events" in await read_line(follower.stderr)
-        await ok(first.url, "workspaces", "pause", workspace_id)
-        assert (await next_event_for(follower, workspace_id))["to"] == "paused"
+    other = processes.registry(dsn, tmp_path, env=registry_env(plugin_sources))
+    await first.wait_healthy()
+    await other.wait_healthy()
+    workspace_id, _ = await create(first.url, "resumed")
+    follower = processes.adopt(
+        await spawn(first.url, "events", "--follow", "--json", token=ADMIN_TOKEN)
+    )
+    assert "following events" in await read_line(follower.stderr)
+    await ok(first.url, "workspaces", "pause", workspace_id)
+    assert (await next_event_for(follower, workspace_id))["to"] == "paused"
 
-        assert first.stop() == 0
-        # Changed while the follower is cut off: only Last-Event-ID brings it back.
-        await ok(other.url, "workspaces", "resume", workspace_id)
-        replacement = on_the_same_port()
-        await replacement.wait_healthy()
+    assert first.stop() == 0
+    # Changed while the follower is cut off: only Last-Event-ID brings it back.
+    await ok(other.url, "workspaces", "resume", workspace_id)
+    replacement = on_the_same_port()
+    await replacement.wait_healthy()
 
-        event = await next_event_for(follower, workspace_id)
-        assert (event["from"], event["to"]) == ("paused", "offline")
-        assert "reconnecting" in await read_line(follower.stderr)
-    finally:
-        if follower is not None:
-            await stop_follower(follower)
-        for process in (first, other, replacement):
-            if process is not None:
-                process.stop()
+    event = await next_event_for(follower, workspace_id)
+    assert (event["from"], event["to"]) == ("paused", "offline")
+    assert "reconnecting" in await read_line(follower.stderr)
+    await stop_follower(follower)
 
 
 async def test_api_errors_are_one_line_with_the_code_and_exit_1(url: str) -> None:

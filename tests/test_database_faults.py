@@ -36,7 +36,7 @@ from tests.fault_support import (
     poll,
 )
 from tests.pg_cluster import StoppableCluster
-from tests.processes import start_registry
+from tests.processes import Processes
 from tests.support import Workspace, read_tree, write_tree
 
 pytestmark = pytest.mark.timeout(150)
@@ -58,7 +58,7 @@ class Beat:
 
 
 async def test_heartbeats_and_reconciles_survive_a_database_outage(
-    own_cluster: StoppableCluster, tmp_path: Path, plugin_sources: Path
+    own_cluster: StoppableCluster, tmp_path: Path, plugin_sources: Path, processes: Processes
 ) -> None:
     plugin = write_tree(plugin_sources / "outage", PLUGIN_FILES)
     sha = tree_digest(plugin)
@@ -81,7 +81,7 @@ async def test_heartbeats_and_reconciles_survive_a_database_outage(
         plugin_runtime(delay_s=(1.5, 2.5)) as runtime,
         aiohttp.ClientSession() as session,
     ):
-        process = start_registry(own_cluster.dsn, tmp_path, env)
+        process = processes.registry(own_cluster.dsn, tmp_path, env)
         load: list[asyncio.Task[None]] = []
         try:
             await process.wait_healthy()
@@ -162,7 +162,7 @@ async def test_heartbeats_and_reconciles_survive_a_database_outage(
                 ids = [uuid.UUID(w.id) for w in watched]
 
                 async def settled() -> bool:
-                    active = await conn.fetchval(
+                    active: int = await conn.fetchval(
                         "SELECT count(*) FROM reconciles WHERE workspace_id = ANY($1::uuid[])"
                         " AND status IN ('queued', 'running')",
                         ids,

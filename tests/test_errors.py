@@ -16,6 +16,7 @@ async def snapshot(registry: Registry, workspace: Workspace) -> dict[str, Any]:
         "WHERE id = $1",
         uuid.UUID(workspace.id),
     )
+    assert row is not None
     events = await registry.db.fetchval("SELECT count(*) FROM workspace_events")
     runs = await registry.db.fetchval("SELECT count(*) FROM reconciles")
     return {**dict(row), "events": events, "reconciles": runs}

@@ -154,7 +154,7 @@ def body_strategy(op: dict[str, Any]) -> st.SearchStrategy[Any] | None:
 
 BODIES = {name: body_strategy(op) for name, _, _, op in OPERATIONS}
 PATH_TEXT = st.text(
-    st.characters(blacklist_categories=("Cs",), blacklist_characters="/?#%\\"),
+    st.characters(exclude_categories=["Cs"], exclude_characters="/?#%\\"),
     min_size=1,
     max_size=40,
 ).filter(lambda s: s.strip(".") != "")

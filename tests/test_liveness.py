@@ -63,6 +63,7 @@ async def test_silent_workspace_goes_offline_at_its_deadline_and_not_before(
         "WHERE workspace_id = $1 AND to_status = 'offline'",
         uuid.UUID(workspace.id),
     )
+    assert row is not None
     assert (row["from_status"], row["cause"], row["actor"]) == (
         "online",
         "heartbeat_timeout",

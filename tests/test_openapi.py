@@ -102,7 +102,7 @@ class Conformance:
             f"{operation_id} answered {status}, which the document does not list: {text}"
         )
         documented = operation["responses"][status]
-        base = ("paths", path, method.lower(), "responses", status)
+        base: tuple[str, ...] = ("paths", path, method.lower(), "responses", status)
         if "$ref" in documented:
             name = documented["$ref"].rsplit("/", 1)[-1]
             base = ("components", "responses", name)

@@ -10,13 +10,12 @@ import time
 from pathlib import Path
 
 import pytest
-from aiohttp.test_utils import TestClient
 from prometheus_client.parser import text_string_to_metric_families
 
 from registry.logs import JsonFormatter, request_id_var
 from tests.conftest import MakeRegistry
 from tests.pg_cluster import StoppableCluster
-from tests.support import ADMIN, Registry
+from tests.support import ADMIN, AppClient, Registry
 
 
 def sample(text: str, name: str, **labels: str) -> float:
@@ -28,7 +27,7 @@ def sample(text: str, name: str, **labels: str) -> float:
     return 0.0
 
 
-async def scrape(client: TestClient) -> str:
+async def scrape(client: AppClient) -> str:
     response = await client.get("/metrics")
     assert response.status == 200
     assert response.headers["Content-Type"].startswith("text/plain")

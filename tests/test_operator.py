@@ -20,6 +20,7 @@ async def last_event(registry: Registry, workspace: Workspace) -> tuple[str, str
         "WHERE workspace_id = $1 AND kind = 'status' ORDER BY id DESC LIMIT 1",
         uuid.UUID(workspace.id),
     )
+    assert row is not None
     return row["from_status"], row["to_status"], row["cause"], row["actor"]
 
 

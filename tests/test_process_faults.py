@@ -51,7 +51,7 @@ from tests.fault_support import (
     set_offline,
     status_events,
 )
-from tests.processes import RegistryProcess, start_registry
+from tests.processes import Processes, RegistryProcess
 from tests.support import Workspace, write_tree
 
 pytestmark = pytest.mark.timeout(150)
@@ -80,7 +80,8 @@ class Manual:
 class Fleet:
     """Two process slots; a slot being killed or restarted takes no requests."""
 
-    def __init__(self, dsn: str, work_dir: Path, env: dict[str, str]) -> None:
+    def __init__(self, dsn: str, work_dir: Path, env: dict[str, str], processes: Processes) -> None:
+        self._processes = processes
         self._dsn = dsn
         self._work_dir = work_dir
         self._env = env
@@ -91,7 +92,7 @@ class Fleet:
     async def start(self, slot: int) -> None:
         own = self._work_dir / f"registry-{slot}-{next(self._generation)}"
         own.mkdir(parents=True)
-        process = start_registry(self._dsn, own, self._env)
+        process = self._processes.registry(self._dsn, own, self._env)
         self.started.append(process)
         await process.wait_healthy()
         self.slots[slot] = process
@@ -114,7 +115,7 @@ class Fleet:
 
 
 async def test_sigkilled_processes_lose_and_double_no_transition_and_no_reconcile(
-    dsn: str, db: asyncpg.Connection, tmp_path: Path, plugin_sources: Path
+    dsn: str, db: asyncpg.Connection, tmp_path: Path, plugin_sources: Path, processes: Processes
 ) -> None:
     plugin = write_tree(plugin_sources / "crash", PLUGIN_FILES)
     sha = tree_digest(plugin)
@@ -128,7 +129,7 @@ async def test_sigkilled_processes_lose_and_double_no_transition_and_no_reconcil
         heartbeat_interval_s=5,
     )
     rng = random.Random(0x5EED)
-    fleet = Fleet(dsn, tmp_path, env)
+    fleet = Fleet(dsn, tmp_path, env, processes)
     flips: dict[str, list[Flip]] = {}
     manuals: dict[str, list[Manual]] = {}
     unexpected: list[str] = []

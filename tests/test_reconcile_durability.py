@@ -34,7 +34,7 @@ from tests.durability_support import (
     stop_all,
     wait_until,
 )
-from tests.processes import start_registry
+from tests.processes import Processes
 from tests.support import ADMIN, Registry, Workspace, write_tree
 
 pytestmark = pytest.mark.timeout(90)
@@ -54,7 +54,12 @@ async def api() -> AsyncIterator[Api]:
 
 
 async def test_sigkill_mid_reconcile_then_restart_completes_the_run(
-    dsn: str, db: asyncpg.Connection, tmp_path: Path, plugin_dir: Path, api: Api
+    dsn: str,
+    db: asyncpg.Connection,
+    tmp_path: Path,
+    plugin_dir: Path,
+    api: Api,
+    processes: Processes,
 ) -> None:
     env = registry_env(
         plugin_dir.parent,
@@ -65,7 +70,7 @@ async def test_sigkill_mid_reconcile_then_restart_completes_the_run(
     )
     async with plugin_runtime(hold_first=1) as runtime:
         (tmp_path / "a").mkdir()
-        a = start_registry(dsn, tmp_path / "a", env)
+        a = processes.registry(dsn, tmp_path / "a", env)
         b = None
         try:
             await a.wait_healthy()
@@ -97,7 +102,7 @@ async def test_sigkill_mid_reconcile_then_restart_completes_the_run(
             assert recorded == 0
 
             (tmp_path / "b").mkdir()
-            b = start_registry(dsn, tmp_path / "b", env)
+            b = processes.registry(dsn, tmp_path / "b", env)
             await b.wait_healthy()
 
             async def finished() -> bool:

@@ -127,7 +127,7 @@ async def test_first_boot_goes_online_installs_plugins_and_acks_the_restart(
     config = ClientConfig(
         registry_url(registry),
         workspace.id,
-        plugins_dir=registry.settings.plugins_dir / workspace.id,
+        plugins_dir=registry.settings.resolved_plugins_dir / workspace.id,
     )
     client = RuntimeClient(
         config,
@@ -140,7 +140,9 @@ async def test_first_boot_goes_online_installs_plugins_and_acks_the_restart(
     with caplog.at_level(logging.INFO, logger="registry.runtime_client"):
         async with client:
             await booted(registry, workspace, stepper)
-            assert (registry.settings.plugins_dir / workspace.id / "seo" / "plugin.py").exists()
+            assert (
+                registry.settings.resolved_plugins_dir / workspace.id / "seo" / "plugin.py"
+            ).exists()
 
             # First beat: reports the plugin it sees, is asked to restart, runs the hook.
             delay = await stepper.step()
@@ -445,7 +447,7 @@ async def test_a_git_plugin_reported_from_its_directory_is_converged(
     source = f"git+file://{plugin_sources / 'gitplug'}#main"
     workspace = await registry.create_workspace([{"source": source}])
     stepper = Stepper()
-    plugins_dir = registry.settings.plugins_dir / workspace.id
+    plugins_dir = registry.settings.resolved_plugins_dir / workspace.id
     config = ClientConfig(registry_url(registry), workspace.id, plugins_dir=plugins_dir)
     client = RuntimeClient(config, lambda: workspace.token, sleep=stepper.sleep)
     async with client:

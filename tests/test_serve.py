@@ -9,15 +9,17 @@ import aiohttp
 import asyncpg
 
 from tests.conftest import with_database
-from tests.processes import start_registry
+from tests.processes import Processes
 from tests.support import ADMIN, bearer
 
 
-async def test_serve_migrates_a_fresh_database_then_serves(server_dsn: str, tmp_path: Path) -> None:
+async def test_serve_migrates_a_fresh_database_then_serves(
+    server_dsn: str, tmp_path: Path, processes: Processes
+) -> None:
     name = f"registry_serve_{uuid.uuid4().hex[:10]}"
     admin = await asyncpg.connect(server_dsn)
     await admin.execute(f'CREATE DATABASE "{name}"')
-    registry = start_registry(with_database(server_dsn, name), tmp_path)
+    registry = processes.registry(with_database(server_dsn, name), tmp_path)
     try:
         await registry.wait_healthy()
         async with aiohttp.ClientSession() as session:
@@ -41,8 +43,8 @@ async def test_serve_migrates_a_fresh_database_then_serves(server_dsn: str, tmp_
         await admin.close()
 
 
-async def test_serve_refuses_a_bad_setting(tmp_path: Path, dsn: str) -> None:
-    registry = start_registry(dsn, tmp_path, env={"REGISTRY_PORT": "99999"})
+async def test_serve_refuses_a_bad_setting(tmp_path: Path, dsn: str, processes: Processes) -> None:
+    registry = processes.registry(dsn, tmp_path, env={"REGISTRY_PORT": "99999"})
 
     code = registry.process.wait(30)
 

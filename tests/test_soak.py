@@ -43,7 +43,7 @@ from tests.fault_support import (
     server_connections,
     set_offline,
 )
-from tests.processes import start_registry
+from tests.processes import Processes
 from tests.support import Workspace, write_tree
 
 SOAK_S = float(os.environ.get("REGISTRY_SOAK_S") or 20)
@@ -94,7 +94,7 @@ class Seen:
 
 
 async def test_a_converged_fleet_stays_converged_with_flat_memory_and_connections(
-    dsn: str, db: asyncpg.Connection, tmp_path: Path, plugin_sources: Path
+    dsn: str, db: asyncpg.Connection, tmp_path: Path, plugin_sources: Path, processes: Processes
 ) -> None:
     plugin = write_tree(plugin_sources / PLUGIN, PLUGIN_FILES)
     sha = tree_digest(plugin)
@@ -117,7 +117,7 @@ async def test_a_converged_fleet_stays_converged_with_flat_memory_and_connection
     samples: list[tuple[float, int, int]] = []  # (seconds since warm-up, RSS KiB, connections)
 
     since = await db.fetchval("SELECT clock_timestamp()")
-    process = start_registry(dsn, tmp_path, env)
+    process = processes.registry(dsn, tmp_path, env)
     try:
         async with (
             aiohttp.ClientSession() as session,

@@ -34,7 +34,7 @@ from registry.errors import STARTING_RETRY_AFTER_S
 from registry.settings import Settings
 from registry.startup import RETRY_BASE_S, RETRY_CAP_S, stand_in, start_up
 from tests.conftest import with_database
-from tests.processes import RegistryProcess, free_port, start_registry
+from tests.processes import Processes, RegistryProcess, free_port
 from tests.support import ADMIN, bearer
 
 # Generous bounds: they only have to end a test that would otherwise hang.
@@ -145,11 +145,8 @@ async def waiting_for_lock(dsn: str) -> bool:
 
 @contextlib.asynccontextmanager
 async def running(dsn: str, tmp_path: Path) -> AsyncIterator[RegistryProcess]:
-    process = start_registry(dsn, tmp_path, {"REGISTRY_LOG_FORMAT": "text"})
-    try:
-        yield process
-    finally:
-        await asyncio.to_thread(process.stop)
+    async with Processes() as owned:
+        yield owned.registry(dsn, tmp_path, {"REGISTRY_LOG_FORMAT": "text"})
 
 
 async def test_answers_503_starting_until_migrations_are_done_then_serves(

@@ -14,8 +14,7 @@ from tests.support import ADMIN, Registry
 
 
 def ignored_count(registry: Registry, kind: str, field: str) -> float:
-    app = registry.client.server.app
-    assert app is not None
+    app = registry.client.app
     value = app[METRICS].registry.get_sample_value(
         "registry_runtime_ignored_fields_total", {"kind": kind, "field": field}
     )

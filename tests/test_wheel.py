@@ -17,6 +17,8 @@ from pathlib import Path
 import asyncpg
 import pytest
 
+from tests.processes import Processes
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -64,33 +66,37 @@ def test_the_wheel_carries_every_module_and_every_migration(wheel: Path) -> None
 
 
 async def test_migrate_from_an_installed_wheel_applies_every_migration(
-    venv_python: Path, empty_dsn: str, tmp_path: Path
+    venv_python: Path, empty_dsn: str, tmp_path: Path, processes: Processes
 ) -> None:
     # Outside the source tree and without the test run's import path, so only the venv's
     # copy of the package can be found.
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PYTHON", "REGISTRY_"))}
-    process = await asyncio.create_subprocess_exec(
-        venv_python,
-        "-c",
-        "import registry.db.migrate as m; print(m.__file__)",
-        cwd=tmp_path,
-        env=env,
-        stdout=asyncio.subprocess.PIPE,
+    process = processes.adopt(
+        await asyncio.create_subprocess_exec(
+            venv_python,
+            "-c",
+            "import registry.db.migrate as m; print(m.__file__)",
+            cwd=tmp_path,
+            env=env,
+            stdout=asyncio.subprocess.PIPE,
+        )
     )
     where, _ = await process.communicate()
     assert Path(where.decode().strip()).is_relative_to(venv_python.parents[1])
 
-    process = await asyncio.create_subprocess_exec(
-        venv_python,
-        "-m",
-        "registry",
-        "migrate",
-        "--dsn",
-        empty_dsn,
-        cwd=tmp_path,
-        env=env,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.STDOUT,
+    process = processes.adopt(
+        await asyncio.create_subprocess_exec(
+            venv_python,
+            "-m",
+            "registry",
+            "migrate",
+            "--dsn",
+            empty_dsn,
+            cwd=tmp_path,
+            env=env,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+        )
     )
     output, _ = await process.communicate()
     assert process.returncode == 0, output.decode()

@@ -102,8 +102,11 @@ class Repo:
         return dest
 
 
+MakeRepo = Callable[[str], Repo]
+
+
 @pytest.fixture
-def make_repo(tmp_path: Path) -> Callable[[str], Repo]:
+def make_repo(tmp_path: Path) -> MakeRepo:
     def factory(name: str) -> Repo:
         return Repo(tmp_path / "repos" / name)
 

@@ -16,12 +16,14 @@ from registry.plugins import (
     FetchLimits,
     SourceDenied,
     SourceSettings,
+    StagedPlugin,
     default_plugin_name,
     parse_source,
     resolve_version,
     stage,
     tree_digest,
 )
+from tests.plugins.conftest import MakeRepo, Repo
 
 ALLOW_ALL = SourceSettings(allowlist=("*",))
 LIMITS = FetchLimits(timeout_s=30.0)
@@ -42,7 +44,7 @@ def is_executable(path: Path) -> bool:
 
 
 @pytest.fixture
-def repo(make_repo):
+def repo(make_repo: MakeRepo) -> Repo:
     r = make_repo("tool")
     r.write("plugin.json", '{"name": "tool"}')
     r.write("bin/run", "#!/bin/sh\necho hi\n", executable=True)
@@ -60,11 +62,23 @@ def silent_server() -> Iterator[int]:
         yield srv.getsockname()[1]
 
 
-async def _stage(raw: str, work_dir: Path, *, settings=ALLOW_ALL, limits=LIMITS):
+async def _stage(
+    raw: str,
+    work_dir: Path,
+    *,
+    settings: SourceSettings = ALLOW_ALL,
+    limits: FetchLimits = LIMITS,
+) -> StagedPlugin:
     return await stage(parse_source(raw, settings), settings, limits, work_dir)
 
 
-async def _stage_error(raw: str, work_dir: Path, *, settings=ALLOW_ALL, limits=LIMITS):
+async def _stage_error(
+    raw: str,
+    work_dir: Path,
+    *,
+    settings: SourceSettings = ALLOW_ALL,
+    limits: FetchLimits = LIMITS,
+) -> FetchFailed:
     with pytest.raises(FetchFailed) as exc_info:
         await _stage(raw, work_dir, settings=settings, limits=limits)
     return exc_info.value
@@ -73,7 +87,7 @@ async def _stage_error(raw: str, work_dir: Path, *, settings=ALLOW_ALL, limits=L
 # --------------------------------------------------------------------------- git: happy paths
 
 
-async def test_stage_branch_returns_head_sha_and_exact_content(repo, work_dir: Path) -> None:
+async def test_stage_branch_returns_head_sha_and_exact_content(repo: Repo, work_dir: Path) -> None:
     staged = await _stage(f"{repo.source}#main", work_dir)
     assert staged.sha == repo.head()
     assert files_under(staged.path) == {
@@ -86,17 +100,17 @@ async def test_stage_branch_returns_head_sha_and_exact_content(repo, work_dir: P
     assert staged.path.parent == work_dir
 
 
-async def test_stage_leaves_only_the_staged_tree_in_work_dir(repo, work_dir: Path) -> None:
+async def test_stage_leaves_only_the_staged_tree_in_work_dir(repo: Repo, work_dir: Path) -> None:
     staged = await _stage(f"{repo.source}#main", work_dir)
     assert entries(work_dir) == [staged.path]
 
 
-async def test_stage_without_ref_uses_remote_head(repo, work_dir: Path) -> None:
+async def test_stage_without_ref_uses_remote_head(repo: Repo, work_dir: Path) -> None:
     staged = await _stage(repo.source, work_dir)
     assert staged.sha == repo.head()
 
 
-async def test_stage_lightweight_tag(repo, work_dir: Path) -> None:
+async def test_stage_lightweight_tag(repo: Repo, work_dir: Path) -> None:
     tagged = repo.head()
     repo.git("tag", "v1")
     repo.write("plugin.json", "changed")
@@ -106,7 +120,7 @@ async def test_stage_lightweight_tag(repo, work_dir: Path) -> None:
     assert (staged.path / "plugin.json").read_bytes() == b'{"name": "tool"}'
 
 
-async def test_stage_annotated_tag_returns_peeled_commit(repo, work_dir: Path) -> None:
+async def test_stage_annotated_tag_returns_peeled_commit(repo: Repo, work_dir: Path) -> None:
     tagged = repo.head()
     repo.git("tag", "-a", "v2", "-m", "release")
     repo.write("plugin.json", "changed")
@@ -116,7 +130,7 @@ async def test_stage_annotated_tag_returns_peeled_commit(repo, work_dir: Path) -
     assert (staged.path / "plugin.json").read_bytes() == b'{"name": "tool"}'
 
 
-async def test_stage_other_branch(repo, work_dir: Path) -> None:
+async def test_stage_other_branch(repo: Repo, work_dir: Path) -> None:
     repo.git("checkout", "-q", "-b", "feature")
     repo.write("feature.txt", "f")
     feature = repo.commit("feature")
@@ -128,7 +142,7 @@ async def test_stage_other_branch(repo, work_dir: Path) -> None:
     assert not (main.path / "feature.txt").exists()
 
 
-async def test_stage_full_sha_of_older_commit(repo, work_dir: Path) -> None:
+async def test_stage_full_sha_of_older_commit(repo: Repo, work_dir: Path) -> None:
     old = repo.head()
     repo.write("plugin.json", "v2")
     repo.commit("second")
@@ -137,7 +151,9 @@ async def test_stage_full_sha_of_older_commit(repo, work_dir: Path) -> None:
     assert (staged.path / "plugin.json").read_bytes() == b'{"name": "tool"}'
 
 
-async def test_stage_explicit_sha_after_branch_moved_gets_old_content(repo, work_dir: Path) -> None:
+async def test_stage_explicit_sha_after_branch_moved_gets_old_content(
+    repo: Repo, work_dir: Path
+) -> None:
     src = parse_source(f"{repo.source}#main", ALLOW_ALL)
     resolved = await resolve_version(src, ALLOW_ALL, LIMITS)
     assert resolved == repo.head()
@@ -154,7 +170,7 @@ async def test_stage_explicit_sha_after_branch_moved_gets_old_content(repo, work
     assert (latest.path / "plugin.json").read_bytes() == b"moved on"
 
 
-async def test_resolve_version_of_git_branch_and_tag(repo) -> None:
+async def test_resolve_version_of_git_branch_and_tag(repo: Repo) -> None:
     first = repo.head()
     repo.git("tag", "-a", "v1", "-m", "release")
     repo.write("x", "x")
@@ -171,7 +187,7 @@ async def test_resolve_version_takes_full_sha_as_is(tmp_path: Path) -> None:
     assert await resolve_version(src, ALLOW_ALL, LIMITS) == sha
 
 
-async def test_stage_skips_generated_files_in_git_tree(repo, work_dir: Path) -> None:
+async def test_stage_skips_generated_files_in_git_tree(repo: Repo, work_dir: Path) -> None:
     repo.write("__pycache__/mod.cpython-311.pyc", b"\x00bytecode")
     repo.write("pkg/__pycache__/x.pyc", b"\x00")
     repo.write("pkg/mod.py", "x = 1\n")
@@ -184,7 +200,9 @@ async def test_stage_skips_generated_files_in_git_tree(repo, work_dir: Path) -> 
     assert set(files_under(staged.path)) == {"bin/run", "plugin.json", "pkg/mod.py"}
 
 
-async def test_stage_github_shorthand_subdir_from_local_base(make_repo, tmp_path: Path) -> None:
+async def test_stage_github_shorthand_subdir_from_local_base(
+    make_repo: MakeRepo, tmp_path: Path
+) -> None:
     mono = make_repo("mono")
     mono.write("README.md", "monorepo")
     mono.write("plugins/fmt/plugin.json", "fmt")
@@ -203,7 +221,7 @@ async def test_stage_github_shorthand_subdir_from_local_base(make_repo, tmp_path
     assert files_under(staged.path) == {"plugin.json": b"fmt", "lib/util.py": b"pass\n"}
 
 
-async def test_stage_missing_subdir_is_permanent(make_repo, tmp_path: Path) -> None:
+async def test_stage_missing_subdir_is_permanent(make_repo: MakeRepo, tmp_path: Path) -> None:
     mono = make_repo("mono")
     mono.write("plugins/fmt/plugin.json", "fmt")
     mono.commit("mono")
@@ -221,20 +239,20 @@ async def test_stage_missing_subdir_is_permanent(make_repo, tmp_path: Path) -> N
 # --------------------------------------------------------------------------- git: failures
 
 
-async def test_stage_missing_ref_is_ref_not_found_and_permanent(repo, work_dir: Path) -> None:
+async def test_stage_missing_ref_is_ref_not_found_and_permanent(repo: Repo, work_dir: Path) -> None:
     error = await _stage_error(f"{repo.source}#no-such-branch", work_dir)
     assert error.code == "ref_not_found"
     assert error.transient is False
     assert entries(work_dir) == []
 
 
-async def test_stage_unknown_sha_is_ref_not_found_and_permanent(repo, work_dir: Path) -> None:
+async def test_stage_unknown_sha_is_ref_not_found_and_permanent(repo: Repo, work_dir: Path) -> None:
     error = await _stage_error(f"{repo.source}#{'de' * 20}", work_dir)
     assert error.code == "ref_not_found"
     assert error.transient is False
 
 
-async def test_resolve_missing_ref_is_ref_not_found(repo) -> None:
+async def test_resolve_missing_ref_is_ref_not_found(repo: Repo) -> None:
     src = parse_source(f"{repo.source}#nope", ALLOW_ALL)
     with pytest.raises(FetchFailed) as exc_info:
         await resolve_version(src, ALLOW_ALL, LIMITS)
@@ -257,7 +275,7 @@ async def test_stage_refused_port_is_transient(work_dir: Path) -> None:
     assert error.transient is True
 
 
-async def test_stage_git_symlink_is_refused_and_nothing_staged(repo, work_dir: Path) -> None:
+async def test_stage_git_symlink_is_refused_and_nothing_staged(repo: Repo, work_dir: Path) -> None:
     repo.symlink("passwd", "/etc/passwd")
     repo.commit("sneaky link")
     error = await _stage_error(f"{repo.source}#main", work_dir)
@@ -266,7 +284,7 @@ async def test_stage_git_symlink_is_refused_and_nothing_staged(repo, work_dir: P
     assert entries(work_dir) == []
 
 
-async def test_stage_git_submodule_is_refused(repo, work_dir: Path) -> None:
+async def test_stage_git_submodule_is_refused(repo: Repo, work_dir: Path) -> None:
     repo.git("update-index", "--add", "--cacheinfo", f"160000,{repo.head()},vendored")
     repo.git("commit", "-q", "-m", "gitlink")
     error = await _stage_error(f"{repo.source}#main", work_dir)
@@ -274,7 +292,7 @@ async def test_stage_git_submodule_is_refused(repo, work_dir: Path) -> None:
     assert entries(work_dir) == []
 
 
-async def test_stage_git_tree_over_byte_limit_is_too_large(repo, work_dir: Path) -> None:
+async def test_stage_git_tree_over_byte_limit_is_too_large(repo: Repo, work_dir: Path) -> None:
     repo.write("big.bin", b"x" * 10_000)
     repo.commit("big")
     error = await _stage_error(f"{repo.source}#main", work_dir, limits=FetchLimits(max_bytes=5_000))
@@ -283,7 +301,7 @@ async def test_stage_git_tree_over_byte_limit_is_too_large(repo, work_dir: Path)
     assert entries(work_dir) == []
 
 
-async def test_stage_git_tree_over_file_limit_is_too_large(repo, work_dir: Path) -> None:
+async def test_stage_git_tree_over_file_limit_is_too_large(repo: Repo, work_dir: Path) -> None:
     for i in range(5):
         repo.write(f"f{i}.txt", str(i))
     repo.commit("many")
@@ -314,7 +332,7 @@ async def test_resolve_unresponsive_server_times_out_transiently(silent_server: 
     assert exc_info.value.transient is True
 
 
-async def test_stage_checks_allowlist_before_touching_anything(repo, work_dir: Path) -> None:
+async def test_stage_checks_allowlist_before_touching_anything(repo: Repo, work_dir: Path) -> None:
     settings = SourceSettings(allowlist=("git+file:///somewhere/else/",))
     src = parse_source(f"{repo.source}#main", settings)
     with pytest.raises(SourceDenied):
@@ -324,7 +342,7 @@ async def test_stage_checks_allowlist_before_touching_anything(repo, work_dir: P
     assert entries(work_dir) == []
 
 
-async def test_stage_allowed_by_git_file_prefix(repo, tmp_path: Path, work_dir: Path) -> None:
+async def test_stage_allowed_by_git_file_prefix(repo: Repo, tmp_path: Path, work_dir: Path) -> None:
     settings = SourceSettings(allowlist=(f"git+file://{tmp_path}/repos/",))
     staged = await _stage(f"{repo.source}#main", work_dir, settings=settings)
     assert staged.sha == repo.head()
@@ -399,7 +417,7 @@ async def test_stage_file_source_fifo_is_refused(plugin_dir: Path, work_dir: Pat
 
 
 async def test_stage_falls_back_to_ref_when_server_refuses_sha(
-    repo, work_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    repo: Repo, work_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Protocol v0 upload-pack refuses wants for unadvertised objects such as the commit
     # under an annotated tag, which forces the fetch-the-ref-and-verify path.
@@ -431,7 +449,7 @@ async def test_cancelled_stage_kills_git_and_cleans_up(silent_server: int, work_
 
 
 async def test_stage_ignores_insteadof_in_the_service_users_gitconfig(
-    repo, make_repo, tmp_path: Path, work_dir: Path, monkeypatch: pytest.MonkeyPatch
+    repo: Repo, make_repo: MakeRepo, tmp_path: Path, work_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # The service user's ~/.gitconfig would redirect the allowlisted source to another repo.
     elsewhere = make_repo("elsewhere")
