@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from typing import Any
 
 import asyncpg
 
@@ -47,7 +48,7 @@ async def insert_workspace(
 
 
 async def blocked_or_done(
-    observer: asyncpg.Connection, conn: asyncpg.Connection, task: asyncio.Future[object]
+    observer: asyncpg.Connection, conn: asyncpg.Connection, task: asyncio.Future[Any]
 ) -> bool:
     """True once `conn` waits for a lock; False if `task` (running on it) finished first."""
     pid = conn.get_server_pid()

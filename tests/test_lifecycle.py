@@ -21,6 +21,8 @@ import pytest
 
 import registry.app
 from registry.keys import POOL
+from registry.liveness import LivenessSweeper
+from registry.retention import Pruner
 from registry.settings import Settings
 from registry.startup import _started
 
@@ -189,7 +191,7 @@ async def test_a_loop_that_crashed_does_not_cut_the_teardown_short(
         crashed.set()
         raise Injected("the sweeper crashed")
 
-    monkeypatch.setattr(registry.app.LivenessSweeper, "run_forever", crash)
+    monkeypatch.setattr(LivenessSweeper, "run_forever", crash)
     runner = await _started(settings, dsn)
     await crashed.wait()
 
@@ -233,7 +235,7 @@ async def test_a_loop_that_does_not_stop_is_cancelled_and_the_teardown_goes_on(
         running.set()
         await asyncio.Event().wait()  # ignores its stop; only cancellation ends it
 
-    monkeypatch.setattr(registry.app.Pruner, "run_forever", deaf)
+    monkeypatch.setattr(Pruner, "run_forever", deaf)
     runner = await _started(settings, dsn)
     await running.wait()
 

@@ -228,6 +228,7 @@ async def test_heartbeats_stopping_gradually_trip_the_guard_before_the_share_is_
     assert offline_when_holding <= GRADUAL.mass_expiry_share * FLEET + 1
     assert result.holding
     guard = await db.fetchrow("SELECT holding, live, stale, expired FROM fleet_guard")
+    assert guard is not None
     assert guard["holding"] is True
     assert guard["live"] + offline == FLEET
     assert guard["stale"] == guard["live"]  # the whole remaining fleet is silent

@@ -54,6 +54,7 @@ async def test_a_stalled_owner_cannot_overwrite_the_new_owners_outcome(
     )
     retried = await reconciles.retry_later(conn, run_id, "one", "stalled", 1.0)
     running = await db.fetchrow("SELECT status, lease_owner FROM reconciles WHERE id = $1", run_id)
+    assert running is not None
     # ... and after the new owner wrote its outcome, too.
     won = await reconciles.finish(conn, run_id, "two", Outcome("succeeded", None), budget=BUDGET)
     late = await reconciles.finish(conn, run_id, "one", Outcome("failed", "stalled"), budget=BUDGET)
@@ -64,6 +65,7 @@ async def test_a_stalled_owner_cannot_overwrite_the_new_owners_outcome(
     row = await db.fetchrow(
         "SELECT status, error, finished_at FROM reconciles WHERE id = $1", run_id
     )
+    assert row is not None
     assert (row["status"], row["error"]) == ("succeeded", None)
     causes = await db.fetch(
         "SELECT cause FROM workspace_events WHERE kind = 'reconcile' ORDER BY id"

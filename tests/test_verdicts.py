@@ -125,9 +125,10 @@ def states(draw: st.DrawFn) -> Recorded:
         stale=20 if guard_holding else 0,
         updated_at=ago(1),
     )
+    refuse = draw(st.booleans())
     refused_sources = (
         {"a": "source 'file:///srv/plugins/a' is not in the plugin allowlist"}
-        if declared and draw(st.booleans())
+        if declared and refuse
         else {}
     )
     return Recorded(
@@ -147,7 +148,7 @@ def states(draw: st.DrawFn) -> Recorded:
 
 def _replace(workspace: Workspace, **changes: object) -> Workspace:
     values = {name: getattr(workspace, name) for name in Workspace.__slots__}
-    return Workspace(**{**values, **changes})  # type: ignore[arg-type]
+    return Workspace(**{**values, **changes})
 
 
 def silent_past_window(state: Recorded) -> bool:
@@ -216,7 +217,7 @@ def test_a_settling_workspace_is_usable_and_not_ready() -> None:
         {"last": run("succeeded"), "pending": (restart(True),)},
         {"last": run("succeeded", withheld=True)},
     ):
-        verdict = judge(_recorded(workspace, **settling))  # type: ignore[arg-type]
+        verdict = judge(_recorded(workspace, **settling))
         assert (verdict.ready, verdict.usable) == (False, True), settling
     converged = judge(_recorded(workspace, last=run("succeeded")))
     assert (converged.plugins_sync, converged.ready, converged.usable) == (Sync.SYNCED, True, True)
