@@ -35,6 +35,7 @@ from registry.errors import Starting, error_middleware
 from registry.handlers.openapi import get_openapi
 from registry.handlers.operations import get_buildinfo, get_healthz
 from registry.logs import echo_request_id, request_id_middleware
+from registry.protocol import EnvelopeAppRunner
 from registry.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -102,7 +103,7 @@ async def until_reachable(step: str, attempt: Callable[[], Awaitable[T]]) -> T:
 async def _started(settings: Settings, dsn: str) -> web.AppRunner:
     """The app, started: pools open, background work running. A fresh app per attempt, since
     an aiohttp application starts only once; what a failed attempt opened is closed again."""
-    runner = web.AppRunner(
+    runner = EnvelopeAppRunner(
         create_app(settings, dsn),
         # Per-request access logs would cost the heartbeat path; /metrics counts requests.
         access_log=None,
@@ -147,7 +148,7 @@ def _bind(host: str, port: int) -> list[socket.socket]:
 
 async def _serve(settings: Settings, dsn: str) -> None:
     listeners = _bind(settings.host, settings.port)
-    waiting = web.AppRunner(stand_in(), access_log=None, shutdown_timeout=HANDOVER_GRACE_S)
+    waiting = EnvelopeAppRunner(stand_in(), access_log=None, shutdown_timeout=HANDOVER_GRACE_S)
     try:
         await waiting.setup()
         # The stand-in serves duplicates of the sockets: closing its copies at the handover

@@ -30,9 +30,21 @@ class Received:
     plugin_sha: str | None
 
 
+@dataclass(frozen=True)
+class RawRequest:
+    """One request in full: what tests/test_http_delivery_contract.py compares with the
+    document's `webhooks`."""
+
+    method: str
+    path: str
+    headers: tuple[tuple[str, str], ...]
+    body: bytes
+
+
 @dataclass
 class FakeRuntime:
-    """Serves exactly the runtime side of the http delivery contract (docs/runtime-contract.md):
+    """Serves exactly the runtime side of the http delivery contract (`webhooks` in
+    registry/openapi.json):
     `PUT /plugins/{name}` installs a gzip tarball, `DELETE /plugins/{name}` removes it (404 when
     it is not there). Anything else is 404 and recorded. Can be told to fail the next N
     requests with a status."""
@@ -40,6 +52,7 @@ class FakeRuntime:
     deliveries: list[Delivery] = field(default_factory=list)
     removals: list[str] = field(default_factory=list)
     received: list[Received] = field(default_factory=list)
+    requests: list[RawRequest] = field(default_factory=list)
     fail_next: int = 0
     fail_status: int = 503
     server: TestServer | None = None
@@ -52,6 +65,11 @@ class FakeRuntime:
 
     @web.middleware
     async def record(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        # aiohttp keeps the body it read, so the handler can read it again.
+        body = await request.read()
+        self.requests.append(
+            RawRequest(request.method, request.path, tuple(request.headers.items()), body)
+        )
         self.received.append(
             Received(
                 request.method,

@@ -48,15 +48,20 @@ CREDENTIALS = st.sampled_from(["admin", "admin", "admin", "own", "own", "other",
 GARBAGE_TOKENS = st.text(st.characters(min_codepoint=0x21, max_codepoint=0x7E), max_size=30)
 
 
-def inline(schema: Any) -> Any:
-    """The schema with every #/components reference replaced by what it points to."""
+def inline(schema: Any, within: tuple[str, ...] = ()) -> Any:
+    """The schema with every #/components reference replaced by what it points to; a reference
+    back into itself (a recursive schema such as NulFreeJson) becomes `{}`, any value."""
     if isinstance(schema, dict):
         if "$ref" in schema:
             *_, kind, name = schema["$ref"].split("/")
-            return inline(SPEC["components"][kind][name])
-        return {k: inline(v) for k, v in schema.items() if k not in ("description", "default")}
+            if name in within:
+                return {}
+            return inline(SPEC["components"][kind][name], (*within, name))
+        return {
+            k: inline(v, within) for k, v in schema.items() if k not in ("description", "default")
+        }
     if isinstance(schema, list):
-        return [inline(v) for v in schema]
+        return [inline(v, within) for v in schema]
     return schema
 
 
@@ -82,6 +87,10 @@ def from_schema(schema: dict[str, Any]) -> st.SearchStrategy[Any]:
     examples = [st.sampled_from(schema["examples"])] if schema.get("examples") else []
     if "oneOf" in schema:
         return st.one_of([from_schema(s) for s in schema["oneOf"]])
+    if "anyOf" in schema and "properties" not in schema:
+        return st.one_of([from_schema(s) for s in schema["anyOf"]])
+    if "const" in schema:
+        return st.just(schema["const"])
     if "enum" in schema:
         return st.sampled_from(schema["enum"])
     types = schema.get("type", "object")

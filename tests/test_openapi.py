@@ -22,6 +22,8 @@ import asyncpg
 import pytest
 from aiohttp import ClientResponse
 from aiohttp.test_utils import TestClient, TestServer
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from jsonschema import Draft202012Validator
 from openapi_spec_validator import validate as validate_openapi
 from referencing import Registry as SchemaRegistry
@@ -31,6 +33,8 @@ from referencing.jsonschema import DRAFT202012
 import registry as registry_package
 from registry.auth import PUBLIC_ROUTES, WORKSPACE_TOKEN_ROUTES
 from registry.handlers import operations as operations_handlers
+from registry.plugins import SourceSettings, parse_source
+from registry.plugins.sources import default_plugin_name, validate_plugin_name
 from registry.startup import stand_in
 from tests.support import ADMIN, Registry, Workspace, bearer, write_tree
 
@@ -208,6 +212,56 @@ def test_plugin_source_schemes_are_documented() -> None:
     description = load_spec()["components"]["schemas"]["PluginSource"]["description"]
     for scheme in ("file://", "git+", "github://owner/repo[/subdir]#", "gitea://host/owner/"):
         assert scheme in description
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_every_source_the_pattern_admits_is_one_the_server_accepts(data: st.DataObject) -> None:
+    """The PluginSource pattern is a promise: a source matching it parses and names a plugin
+    (registry/plugins/sources.py), so a client generating from the document is not refused."""
+    pattern = load_spec()["components"]["schemas"]["PluginSource"]["pattern"]
+    raw = data.draw(st.from_regex(pattern, fullmatch=True).filter(lambda x: len(x) <= 2048))
+
+    source = parse_source(raw, SourceSettings())
+    validate_plugin_name(default_plugin_name(source))
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"source": "github://a/b#main", "name": "b"},
+        {"source": "github://a/b#main", "name": ""},
+        {"source": "", "name": "b"},
+        {"source": None, "name": None},
+        {"name": "b"},
+        {},
+    ],
+)
+def test_plugins_reconcile_request_branches_exclude_each_other(body: dict[str, Any]) -> None:
+    """`oneOf` only says "exactly one" when no instance can match two branches."""
+    spec = load_spec()
+    conformance = Conformance(spec)
+    branches = spec["components"]["schemas"]["PluginsReconcileRequest"]["oneOf"]
+    matching = [
+        index
+        for index in range(len(branches))
+        if not conformance.errors(
+            pointer("components", "schemas", "PluginsReconcileRequest", "oneOf", str(index)), body
+        )
+    ]
+    assert len(matching) <= 1
+
+
+async def test_fleet_counts_only_statuses_that_have_workspaces(
+    registry: Registry, conformance: Conformance
+) -> None:
+    """With no tombstone, `removed` is absent like every other empty status (it was 0, which
+    the document's `minimum: 1` refuses)."""
+    await registry.create_workspace()
+
+    fleet = await conformance.check(await registry.client.get("/fleet", headers=ADMIN), "get_fleet")
+
+    assert fleet["statuses"] == {"provisioning": 1}
 
 
 # --- conformance: every documented response, produced for real ----------------------------
@@ -585,13 +639,16 @@ async def test_every_documented_response_is_produced_and_conforms(
     await check(response, "get_events")
     frames = await read_frames(response, count=2)
     response.close()
-    event_schema = pointer(
-        "paths", "/events", "get", "responses", "200", "content", "text/event-stream",
-        "x-event-data",
-    )  # fmt: skip
+    # Each frame is the documented event object, and its `data` is JSON matching the schema
+    # its `contentSchema` names (a keyword validators treat as an annotation only).
+    frame_schema = conformance.spec["components"]["schemas"]["EventStreamFrame"]
+    data_schema = frame_schema["properties"]["data"]
+    assert data_schema["contentMediaType"] == "application/json"
     for frame in frames:
+        assert not conformance.errors(pointer("components", "schemas", "EventStreamFrame"), frame)
         data = json.loads(frame["data"])
-        assert not conformance.errors(event_schema, data), data
+        fragment = data_schema["contentSchema"]["$ref"].removeprefix("#")
+        assert not conformance.errors(fragment, data), data
         assert (frame["id"], frame["event"]) == (str(data["id"]), data["kind"])
     for path, headers, status in [
         ("/events?workspace_id=nope", ADMIN, 400),
@@ -717,6 +774,10 @@ REQUEST_CASES = [
     case("post_heartbeat", {"workspace_id": None}, False, "null-workspace-id"),
     case("post_heartbeat", {"workspace_id": "nope"}, False, "bad-workspace-id"),
     case("post_heartbeat", {"colour": "red"}, True, "unknown-field-ignored"),
+    case("post_heartbeat", {"sample_error": "a\x00b"}, False, "nul-sample-error"),
+    case("post_heartbeat", {"runtime_state": "ok\x00"}, False, "nul-state"),
+    case("post_heartbeat", {"plugins": [{"name": "a\x00"}]}, False, "nul-plugin-name"),
+    case("post_heartbeat", {"plugins": [{"name": "a", "sha": "\x00"}]}, False, "nul-plugin-sha"),
     case("post_heartbeat", {"active_tasks": 3.0}, True, "tasks-integral-float"),
     # Register; `workspace_id` is filled in.
     case("post_register", {}, True, "minimal"),
@@ -728,6 +789,10 @@ REQUEST_CASES = [
     case("post_register", {"agent_card": "card"}, False, "card-string"),
     case("post_register", {"agent_card": []}, False, "card-array"),
     case("post_register", {"colour": "red"}, True, "unknown-field-ignored"),
+    case("post_register", {"id": None}, True, "null-alias"),
+    case("post_register", {"url": "http://h/\x00"}, False, "nul-url"),
+    case("post_register", {"agent_card": {"skills": ["a\x00"]}}, False, "nul-in-card"),
+    case("post_register", {"agent_card": {"k\x00": 1}}, False, "nul-card-key"),
     # Create.
     case("post_workspaces", {"name": "a"}, True, "minimal"),
     case("post_workspaces", {"name": " a ", "delivery": None, "plugins": None}, True, "nulls"),
@@ -769,6 +834,22 @@ REQUEST_CASES = [
         "plugin-unknown-field",
     ),
     case("post_workspaces", {"name": "a", "token": "mine"}, False, "unknown-field"),
+    case("post_workspaces", {"name": "a\x00"}, False, "nul-name"),
+    case("post_workspaces", {"name": "\x85"}, False, "blank-unicode-name"),
+    case("post_workspaces", {"name": "a", "plugins": [{"source": "file://"}]}, False, "bare-file"),
+    case("post_workspaces", {"name": "a", "plugins": [{"source": "file:///"}]}, False, "root-file"),
+    case(
+        "post_workspaces",
+        {"name": "a", "plugins": [{"source": ALLOWED + " "}]},
+        False,
+        "source-trailing-space",
+    ),
+    case(
+        "post_workspaces",
+        {"name": "a", "plugins": [{"source": "git+https://h/x#-ref"}]},
+        False,
+        "option-like-ref",
+    ),
     # Replace the declared set.
     case("put_workspace_plugins", {"plugins": []}, True, "empty"),
     case("put_workspace_plugins", {"plugins": [{"source": ALLOWED}]}, True, "one"),
@@ -794,6 +875,15 @@ REQUEST_CASES = [
     case("post_plugins_reconcile", {"name": 5}, False, "name-type"),
     case("post_plugins_reconcile", {"name": "x" * 65}, False, "name-long"),
     case("post_plugins_reconcile", {"plugin": "x"}, False, "unknown-field"),
+    case("post_plugins_reconcile", {"source": "file://"}, False, "bare-file"),
+    case("post_plugins_reconcile", {"source": "git+\x01x"}, False, "control-character"),
+    case("post_plugins_reconcile", {"name": "a\x00"}, False, "nul-name"),
+    case("post_plugins_reconcile", {"source": "", "name": "a"}, True, "empty-source-name"),
+    # Rotation.
+    case("post_token", {}, True, "empty"),
+    case("post_token", {"grace_s": None}, True, "grace-null"),
+    case("post_token", {"grace_s": 0}, True, "grace-zero"),
+    case("post_token", {"grace_s": "1"}, False, "grace-string"),
 ]
 
 

@@ -96,4 +96,6 @@ SELECT 'removed', count(*) FROM workspaces WHERE status = 'removed'
 
 
 async def status_counts(conn: Connection) -> dict[str, int]:
-    return {row["status"]: row["n"] for row in await conn.fetch(STATUS_COUNTS)}
+    """Workspaces per status; a status with none is absent, as the document says (the
+    tombstone count is a row even when zero)."""
+    return {row["status"]: row["n"] for row in await conn.fetch(STATUS_COUNTS) if row["n"]}
