@@ -209,3 +209,53 @@ async def test_closing_the_scheduler_while_a_run_writes_its_outcome_hands_the_ru
     [after] = await registry.reconciles(workspace)
     assert after["status"] in ("queued", "succeeded", "failed"), dict(after)
     assert after["lease_owner"] is None
+
+
+async def test_renewal_tells_a_run_that_just_ended_from_one_taken_over(
+    db: asyncpg.Connection, conn: asyncpg.Connection
+) -> None:
+    """A single process used to log "its lease was taken over" for runs that had just
+    succeeded: renewal saw them no longer held and took that for a takeover."""
+    ended_workspace, _ = await insert_workspace(db, "online")
+    taken_workspace, _ = await insert_workspace(db, "online")
+    ended = await reconciles.queue_reconcile(conn, ended_workspace, "manual")
+    taken = await reconciles.queue_reconcile(conn, taken_workspace, "manual")
+    claims = await reconciles.claim_due(conn, "one", 60.0, 2, [], 5)
+    assert {c.id for c in claims} == {ended, taken}
+    await reconciles.finish(conn, ended, "one", Outcome("succeeded", None), budget=BUDGET)
+    await lapse(db, taken)
+    [retaken] = await reconciles.claim_due(conn, "two", 60.0, 1, [], 5)
+    assert retaken.id == taken
+
+    leases = await reconciles.renew_leases(conn, "one", 60.0, [ended, taken])
+
+    assert (leases.held, leases.taken) == (set(), {taken})
+
+
+async def test_a_run_that_just_ended_is_neither_stopped_nor_reported_lost(
+    make_registry: MakeRegistry, caplog: pytest.LogCaptureFixture
+) -> None:
+    registry = await make_registry()
+    worker = registry.client.app[RECONCILER]
+    workspace_id, _ = await insert_workspace(registry.db, "online")
+    run_id = await reconciles.queue_reconcile(registry.db, workspace_id, "manual")
+    # Claimed by this process, then its outcome written, while its job has not returned yet.
+    await registry.db.execute(
+        "UPDATE reconciles SET status = 'succeeded', finished_at = now() WHERE id = $1", run_id
+    )
+    finishing = asyncio.Event()
+
+    async def still_returning() -> None:
+        await finishing.wait()
+
+    job = await worker._scheduler.spawn(still_returning())
+    worker._jobs[run_id] = job
+    caplog.set_level("WARNING", logger="registry.reconcile.worker")
+
+    await worker._renew()
+
+    assert not job.closed
+    assert [r.getMessage() for r in caplog.records if "taken over" in r.getMessage()] == []
+    finishing.set()
+    await job.wait()
+    worker._jobs.pop(run_id, None)

@@ -213,18 +213,38 @@ async def claim_due(
     ]
 
 
+# A run this owner no longer holds was either taken over (another owner holds it now) or
+# ended by its own terminal write an instant ago (every such write clears the owner), which
+# is not a loss: the run's job just has not returned yet. The SELECT sees the owners as they
+# were before this statement's UPDATE, which changes only lease times.
 RENEW_LEASES = """
-UPDATE reconciles SET lease_expires_at = now() + make_interval(secs => $2)
-WHERE lease_owner = $1 AND status = 'running' AND id = ANY($3::uuid[])
-RETURNING id
+WITH renewed AS (
+    UPDATE reconciles SET lease_expires_at = now() + make_interval(secs => $2)
+    WHERE lease_owner = $1 AND status = 'running' AND id = ANY($3::uuid[])
+    RETURNING id
+)
+SELECT r.id, r.id IN (SELECT id FROM renewed) AS held,
+       r.lease_owner IS NOT NULL AND r.lease_owner <> $1 AS taken
+FROM reconciles r
+WHERE r.id = ANY($3::uuid[])
 """
+
+
+@dataclass(frozen=True, slots=True)
+class Leases:
+    held: set[uuid.UUID]  # renewed
+    taken: set[uuid.UUID]  # another owner holds them now: stop them here
 
 
 async def renew_leases(
     conn: Connection, owner: str, lease_s: float, ids: list[uuid.UUID]
-) -> set[uuid.UUID]:
-    """Extend this owner's leases; returns the runs it still holds (the others were taken)."""
-    return {row["id"] for row in await conn.fetch(RENEW_LEASES, owner, lease_s, ids)}
+) -> Leases:
+    """Extend this owner's leases, and say which of its runs another owner took over."""
+    rows = await conn.fetch(RENEW_LEASES, owner, lease_s, ids)
+    return Leases(
+        held={row["id"] for row in rows if row["held"]},
+        taken={row["id"] for row in rows if row["taken"]},
+    )
 
 
 # Give a run back (this process is shutting down): it becomes the queued intent again, due at

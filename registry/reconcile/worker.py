@@ -129,7 +129,7 @@ class ReconcileWorker:
         try:
             async with asyncio.timeout(max(left, 0.0)):
                 async with self._pool.acquire() as conn:
-                    held = await reconciles.renew_leases(
+                    leases = await reconciles.renew_leases(
                         conn, self.owner, self._lease_s, list(self._jobs)
                     )
         except TimeoutError:
@@ -138,7 +138,8 @@ class ReconcileWorker:
             await self._stop_runs(set(self._jobs), "its lease could not be renewed in time")
             return
         self._leases_renewed_at = started
-        await self._stop_runs(set(self._jobs) - held, "its lease was taken over")
+        # A run neither renewed nor taken has just written its own outcome: not a loss.
+        await self._stop_runs(leases.taken & set(self._jobs), "its lease was taken over")
 
     async def _fence_if_leases_lapsed(self) -> None:
         """Unable to renew for a whole lease, this process must assume others took its runs
