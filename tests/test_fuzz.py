@@ -275,4 +275,14 @@ class TestFuzz:
             assert not errors, f"{status} is not the error envelope: {errors}: {text}"
         elif name not in NOT_JSON_ON_SUCCESS and status != 204:
             assert response.content_type == "application/json"
-            json.loads(text)
+            body = json.loads(text)
+            errors = [e.message for e in success_validator(op, status).iter_errors(body)]
+            assert not errors, f"{method} {url} -> {status} does not match its schema: {errors}"
+
+
+def success_validator(op: dict[str, Any], status: int) -> Draft202012Validator:
+    """The documented JSON schema of this operation's answer with this status."""
+    answer = op["responses"][str(status)]
+    if "$ref" in answer:
+        answer = SPEC["components"]["responses"][answer["$ref"].rsplit("/", 1)[-1]]
+    return Draft202012Validator(inline(answer["content"]["application/json"]["schema"]))
