@@ -156,7 +156,11 @@ def registry_children() -> list[int]:
     """Running `python -m registry` children of this process (Linux; elsewhere none are seen)."""
     found = []
     for listing in Path("/proc/self/task").glob("*/children"):
-        for pid in listing.read_text().split():
+        try:
+            pids = listing.read_text().split()
+        except OSError:
+            continue  # that thread ended between the listing and the read
+        for pid in pids:
             try:
                 argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
                 state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
