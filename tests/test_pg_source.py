@@ -31,7 +31,9 @@ def test_postgres_container_import_raises_no_deprecation_warning() -> None:
         assert postgres_container_class().__name__ == "PostgresContainer"
 
 
-def test_the_summary_names_the_container_without_its_password() -> None:
+def test_the_summary_names_the_container_without_its_password(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     from tests import pg_source
 
     lines: list[str] = []
@@ -40,13 +42,10 @@ def test_the_summary_names_the_container_without_its_password() -> None:
         def write_line(self, line: str) -> None:
             lines.append(line)
 
-    pg_source.started.append(
-        ("abc123", "img:1", pg_source._without_password("postgresql://u:secret@127.0.0.1:5/db"))
-    )
-    try:
-        pg_source.pytest_terminal_summary(Reporter())
-    finally:
-        pg_source.started.pop()
+    # Its own list: on the testcontainers path this run's real container is already in there.
+    dsn = pg_source._without_password("postgresql://u:secret@127.0.0.1:5/db")
+    monkeypatch.setattr(pg_source, "started", [("abc123", "img:1", dsn)])
+    pg_source.pytest_terminal_summary(Reporter())
     assert lines == [
         "registry database: testcontainers container=abc123 image=img:1 "
         "dsn=postgresql://u@127.0.0.1:5/db"
