@@ -16,6 +16,9 @@ from collections.abc import Iterator
 from typing import Any
 from urllib.parse import urlsplit
 
+# The container this process started, for the summary below: (short id, image, dsn sans password).
+started: list[tuple[str, str, str]] = []
+
 IMAGE_ENV = "REGISTRY_TEST_PG_IMAGE"
 DEFAULT_IMAGE = "postgres:16-alpine"
 SWITCH_ENV = "REGISTRY_TEST_DOCKER"
@@ -68,9 +71,32 @@ def postgres_container_class() -> Any:
 def container_dsn() -> Iterator[tuple[str, str]]:
     """Start a PostgreSQL container; yields (dsn, short container id)."""
     postgres_container = postgres_container_class()
-    container = postgres_container(os.environ.get(IMAGE_ENV, DEFAULT_IMAGE), driver=None)
+    image = os.environ.get(IMAGE_ENV, DEFAULT_IMAGE)
+    container = postgres_container(image, driver=None)
     container.start()
     try:
-        yield container.get_connection_url(), container.get_wrapped_container().short_id
+        dsn, short_id = container.get_connection_url(), container.get_wrapped_container().short_id
+        started.append((short_id, image, _without_password(dsn)))
+        yield dsn, short_id
     finally:
         container.stop()
+
+
+def _without_password(dsn: str) -> str:
+    parts = urlsplit(dsn)
+    netloc = f"{parts.username}@{parts.hostname}:{parts.port}" if parts.username else parts.netloc
+    return parts._replace(netloc=netloc).geturl()
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    """With `-p tests.pg_source`: say which container served the run, after the results.
+
+    The session fixture's own line is written while pytest captures the test's output, so a
+    passing run never shows it; this summary is what proves a run took the testcontainers path.
+    """
+    if not started:
+        terminalreporter.write_line("registry database: no testcontainers container was started")
+    for short_id, image, dsn in started:
+        terminalreporter.write_line(
+            f"registry database: testcontainers container={short_id} image={image} dsn={dsn}"
+        )

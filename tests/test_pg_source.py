@@ -29,3 +29,24 @@ def test_postgres_container_import_raises_no_deprecation_warning() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         assert postgres_container_class().__name__ == "PostgresContainer"
+
+
+def test_the_summary_names_the_container_without_its_password(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from tests import pg_source
+
+    lines: list[str] = []
+
+    class Reporter:
+        def write_line(self, line: str) -> None:
+            lines.append(line)
+
+    # Its own list: on the testcontainers path this run's real container is already in there.
+    dsn = pg_source._without_password("postgresql://u:secret@127.0.0.1:5/db")
+    monkeypatch.setattr(pg_source, "started", [("abc123", "img:1", dsn)])
+    pg_source.pytest_terminal_summary(Reporter())
+    assert lines == [
+        "registry database: testcontainers container=abc123 image=img:1 "
+        "dsn=postgresql://u@127.0.0.1:5/db"
+    ]
