@@ -177,10 +177,7 @@ class HeartbeatIngest:
             # Not the database's doing (a bug): each beat gets its 500, the pool stays.
             _fail(batch, exc)
             return
-        except BaseException as exc:
-            # The leader was cancelled mid-statement; the beats it carried may retry.
-            _fail(batch, DatabaseUnavailable("heartbeat batch interrupted"))
-            raise exc
+        # Cancelled mid-statement: `_lead` answers every beat of its batch (this one's too).
         for pending, result in zip(batch, results, strict=True):
             if not pending.future.done():
                 pending.future.set_result(result)

@@ -28,6 +28,11 @@ async def read_json_object(request: web.Request) -> Body:
     return value
 
 
+async def read_optional_json_object(request: web.Request) -> Body:
+    """A body that may be left out entirely (an empty object then); if sent, as above."""
+    return await read_json_object(request) if request.can_read_body else {}
+
+
 def reject_unknown_fields(body: Body, allowed: Iterable[str]) -> None:
     unknown = sorted(set(body) - set(allowed))
     if unknown:

@@ -14,8 +14,9 @@ import asyncpg
 from aiohttp import web
 from aiohttp.test_utils import TestClient
 
+from registry.db.heartbeats import Beat
 from registry.settings import Settings
-from registry.statuses import LEGAL_TRANSITIONS, Status
+from registry.statuses import LEGAL_TRANSITIONS, Health, Status
 
 ADMIN_TOKEN = "test-admin-token-0123456789"
 ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
@@ -23,6 +24,29 @@ ADMIN = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 
 # What `aiohttp_client(create_app(...))` returns: a client whose `.app` is the application.
 AppClient = TestClient[web.Request, web.Application]
+
+
+def beat(
+    workspace_id: uuid.UUID,
+    token_hash: bytes,
+    sample_error: str = "",
+    acks: list[uuid.UUID] | None = None,
+) -> Beat:
+    """A healthy runtime's steady beat, for tests that drive the heartbeat statement directly."""
+    return Beat(
+        workspace_id=workspace_id,
+        token_hash=token_hash,
+        health=Health.HEALTHY,
+        error_rate=0.0,
+        sample_error=sample_error,
+        active_tasks=0,
+        uptime_seconds=1.0,
+        current_task="",
+        monthly_spend=0.0,
+        runtime_state="ok",
+        observed_plugins=None,
+        acks=acks or [],
+    )
 
 
 def bearer(token: str) -> dict[str, str]:

@@ -8,31 +8,14 @@ mutant named in its docstring.
 from __future__ import annotations
 
 import asyncio
-import uuid
 
 import asyncpg
 
-from registry.db.heartbeats import Beat, BeatResult, apply_beat, apply_beats
+from registry.db.heartbeats import BeatResult, apply_beat, apply_beats
 from registry.db.pool import init_connection
-from registry.statuses import Health, Status
+from registry.statuses import Status
 from tests.lock_support import connect, insert_workspace, wait_blocked
-
-
-def beat(workspace_id: uuid.UUID, token_hash: bytes, acks: list[uuid.UUID] | None = None) -> Beat:
-    return Beat(
-        workspace_id=workspace_id,
-        token_hash=token_hash,
-        health=Health.HEALTHY,
-        error_rate=0.0,
-        sample_error=None,
-        active_tasks=None,
-        uptime_seconds=None,
-        current_task=None,
-        monthly_spend=None,
-        runtime_state=None,
-        observed_plugins=None,
-        acks=acks or [],
-    )
+from tests.support import beat
 
 
 async def test_a_beat_racing_an_uncommitted_flip_sees_online(
@@ -121,9 +104,9 @@ async def test_a_beat_acks_only_actions_of_the_beating_workspace(db: asyncpg.Con
     }
 
     # Alone, and then in one batch with the workspace whose action it names.
-    alone = await apply_beat(db, beat(mine, my_token, [actions[theirs]]))
+    alone = await apply_beat(db, beat(mine, my_token, acks=[actions[theirs]]))
     together = await apply_beats(
-        db, [beat(mine, my_token, [actions[theirs]]), beat(theirs, their_token)]
+        db, [beat(mine, my_token, acks=[actions[theirs]]), beat(theirs, their_token)]
     )
 
     assert [a["id"] for a in alone.actions] == [str(actions[mine])]
@@ -137,7 +120,7 @@ async def test_a_beat_acks_only_actions_of_the_beating_workspace(db: asyncpg.Con
     assert {r["id"] for r in pending} == set(actions.values())
 
     # Its own action it may ack.
-    acked = await apply_beat(db, beat(mine, my_token, [actions[mine]]))
+    acked = await apply_beat(db, beat(mine, my_token, acks=[actions[mine]]))
     assert acked.actions == []
     still = await db.fetchval(
         "SELECT acked_at IS NULL FROM workspace_actions WHERE id = $1", actions[theirs]

@@ -4,20 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import random
-import uuid
 from collections.abc import AsyncIterator
 from typing import Any
 
 import asyncpg
 import pytest
 
-from registry.db.heartbeats import Beat
 from registry.db.pool import init_connection
 from registry.ingest import HeartbeatIngest
 from registry.metrics import Metrics
-from registry.statuses import Health
 from tests.conftest import MakeRegistry
-from tests.support import Registry, Workspace
+from tests.support import Registry, Workspace, beat
 
 
 async def storm(registry: Registry, fleet: list[Workspace], beats_each: int) -> list[Any]:
@@ -109,23 +106,6 @@ def _sample(text: str, name: str) -> float:
 async def pool(dsn: str, db: asyncpg.Connection) -> AsyncIterator[asyncpg.Pool]:
     async with asyncpg.create_pool(dsn, min_size=1, max_size=4, init=init_connection) as pool:
         yield pool
-
-
-def beat(workspace_id: uuid.UUID, token_hash: bytes, sample_error: str = "") -> Beat:
-    return Beat(
-        workspace_id=workspace_id,
-        token_hash=token_hash,
-        health=Health.HEALTHY,
-        error_rate=0.0,
-        sample_error=sample_error,
-        active_tasks=0,
-        uptime_seconds=1.0,
-        current_task="",
-        monthly_spend=0.0,
-        runtime_state="ok",
-        observed_plugins=None,
-        acks=[],
-    )
 
 
 async def test_a_bad_beat_does_not_fail_the_rest_of_its_batch(

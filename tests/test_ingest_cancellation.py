@@ -25,7 +25,7 @@ from registry.ingest import LEAD, HeartbeatIngest
 from registry.keys import INGEST
 from registry.metrics import Metrics
 from tests.conftest import MakeRegistry
-from tests.test_ingest import beat
+from tests.support import beat
 
 # Only a guard against a hang: every wait below ends by an event, not by time.
 HANG_S = 10.0

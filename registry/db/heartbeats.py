@@ -51,7 +51,6 @@ class BeatResult:
     reconcile_id: uuid.UUID | None  # a reconcile intent this beat committed or folded into
     actions: list[dict[str, Any]]
     old_token: bool = False  # authenticated by the previous token, in its grace period
-    restarted: bool = False  # the reported uptime went down: the box restarted
 
     @property
     def reconcile_queued(self) -> bool:
@@ -211,7 +210,6 @@ SELECT
     b.status,
     i.id AS reconcile_id,
     b.old_token,
-    b.restarted_at IS NOT NULL AS restarted,
     CASE WHEN b.id IS NULL THEN NULL ELSE (
         SELECT COALESCE(jsonb_agg(jsonb_build_object(
                    'id', a.id, 'type', a.type, 'reason', a.reason) ORDER BY a.created_at), '[]')
@@ -279,7 +277,6 @@ async def apply_beats(
             row["reconcile_id"],
             row["actions"] or [],
             bool(row["old_token"]),
-            bool(row["restarted"]),
         )
         for row in rows
     }

@@ -97,7 +97,7 @@ async def post_token(request: web.Request) -> web.Response:
     """Issue a new workspace token; the old one keeps working for the grace period
     (`grace_s` in the body, else REGISTRY_TOKEN_ROTATION_GRACE_S; 0 for a leaked token)."""
     workspace_id = v.path_uuid(request)
-    body = await v.read_json_object(request) if request.can_read_body else {}
+    body = await v.read_optional_json_object(request)
     v.reject_unknown_fields(body, ("grace_s",))
     grace_s = v.number(
         body,

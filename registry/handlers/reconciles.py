@@ -20,7 +20,7 @@ MAX_LIST_LIMIT = 100
 
 async def post_workspace_reconcile(request: web.Request) -> web.Response:
     workspace_id = v.path_uuid(request)
-    body = await v.read_json_object(request) if request.can_read_body else {}
+    body = await v.read_optional_json_object(request)
     v.reject_unknown_fields(body, ("refresh",))
     refresh = body.get("refresh")
     refresh = False if refresh is None else refresh
