@@ -2,7 +2,8 @@
 
 Client commands (`workspaces`, `reconcile`, `events`) talk to a running registry at --url
 (or REGISTRY_URL, default http://127.0.0.1:8080) with the admin token from --token (or
-REGISTRY_ADMIN_TOKEN). They exit 0 on success, 1 when the API or the network says no (or a
+REGISTRY_ADMIN_TOKEN, or the development token a local `registry serve` keeps in
+$REGISTRY_DATA_DIR/admin-token). They exit 0 on success, 1 when the API or the network says no (or a
 reconcile failed), 2 on bad usage or a missing token.
 """
 
@@ -15,11 +16,11 @@ import gc
 import json
 import logging
 import os
-import secrets
 import sys
 import time
 import uuid
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 from registry import __version__
@@ -27,9 +28,10 @@ from registry import cli_format as fmt
 from registry.buildinfo import build_info
 from registry.cli_client import JSON, Client, ClientError
 from registry.db.migrate import MigrationError, migrate
+from registry.dev_token import development_token, read_development_token, token_path
 from registry.embedded_pg import EmbeddedPostgresError, start_embedded_postgres
 from registry.logs import configure_logging
-from registry.settings import Settings, SettingsError
+from registry.settings import Settings, SettingsError, default_data_dir
 from registry.startup import StartupError, serve
 
 log = logging.getLogger("registry")
@@ -219,9 +221,15 @@ def _database(settings: Settings) -> tuple[str, Any]:
 
 def _serve(settings: Settings, dsn: str) -> None:
     if settings.admin_token is None:
-        token = "radm_" + secrets.token_urlsafe(24)
-        # Development convenience only: a fresh token per start, shown once, never stored.
-        print(f"REGISTRY_ADMIN_TOKEN not set; admin token for this run: {token}", flush=True)
+        # Development convenience only: made once, kept (mode 0600) in the data dir, so a
+        # restart does not log out a running `events --follow`; the CLI reads it from there.
+        token, made = development_token(settings.data_dir)
+        where = token_path(settings.data_dir)
+        if made:
+            print(f"REGISTRY_ADMIN_TOKEN not set; development admin token: {token}", flush=True)
+            print(f"(kept in {where}; the CLI on this machine uses it)", flush=True)
+        else:
+            print(f"REGISTRY_ADMIN_TOKEN not set; development admin token kept in {where}")
         settings = dataclasses.replace(settings, admin_token=token)
     settings.resolved_plugins_dir.mkdir(parents=True, exist_ok=True)
     info = build_info()
@@ -272,9 +280,16 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _client_main(args: argparse.Namespace) -> int:
-    token = args.token or os.environ.get("REGISTRY_ADMIN_TOKEN")
+    token = (
+        args.token
+        or os.environ.get("REGISTRY_ADMIN_TOKEN")
+        or read_development_token(_data_dir_from_env())
+    )
     if not token:
-        _error("no admin token: pass --token or set REGISTRY_ADMIN_TOKEN")
+        _error(
+            "no admin token: pass --token or set REGISTRY_ADMIN_TOKEN"
+            " (a development registry on this machine keeps one in its data dir)"
+        )
         return EXIT_USAGE
     if args.command == "events" and not args.follow and args.workspace is None:
         _error("events: --workspace ID is required without --follow")
@@ -292,6 +307,12 @@ def _client_main(args: argparse.Namespace) -> int:
         # The reader went away (`| head`): say nothing more, not even at exit.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return EXIT_OK
+
+
+def _data_dir_from_env() -> Path:
+    """Where `serve` keeps its development token, by the same settings it reads."""
+    configured = os.environ.get("REGISTRY_DATA_DIR")
+    return Path(configured) if configured else default_data_dir()
 
 
 async def _run(run: Command, url: str, token: str, args: argparse.Namespace) -> int:
