@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import uuid
+from pathlib import Path
 
 import pytest
 
-from tests.support import ADMIN, Registry, Workspace
+from tests.support import ADMIN, Registry, Workspace, write_tree
 
 
 async def act(registry: Registry, workspace: Workspace, action: str) -> int:
@@ -190,3 +191,50 @@ def test_uuid7_ids_are_valid_version_7_and_ordered() -> None:
 
     assert all(i.version == 7 and i.variant == uuid.RFC_4122 for i in ids)
     assert [i.bytes[:6] for i in ids] == sorted(i.bytes[:6] for i in ids)
+
+
+async def test_delete_removes_the_workspaces_plugins_directory_once_the_tombstone_committed(
+    registry: Registry, plugin_sources: Path
+) -> None:
+    source = write_tree(plugin_sources / "hello", {"main.py": "print('hello')\n"})
+    workspace = await registry.create_workspace(plugins=[{"source": f"file://{source}"}])
+    await registry.heartbeat(workspace)
+    await registry.settled(workspace)
+    installed = registry.settings.resolved_plugins_dir / workspace.id
+    assert (installed / "hello" / "main.py").is_file()
+
+    response = await registry.client.delete(f"/workspaces/{workspace.id}", headers=ADMIN)
+
+    assert response.status == 204
+    assert not installed.exists()
+    assert list(registry.settings.resolved_plugins_dir.iterdir()) == []
+    assert source.is_dir(), "the source is not the install"
+
+
+async def test_delete_of_a_workspace_whose_plugins_directory_is_a_symlink_removes_only_the_link(
+    registry: Registry, tmp_path: Path
+) -> None:
+    workspace = await registry.create_workspace()
+    elsewhere = write_tree(tmp_path / "elsewhere", {"keep.txt": "not the registry's\n"})
+    plugins_dir = registry.settings.resolved_plugins_dir
+    plugins_dir.mkdir(parents=True, exist_ok=True)
+    (plugins_dir / workspace.id).symlink_to(elsewhere)
+
+    response = await registry.client.delete(f"/workspaces/{workspace.id}", headers=ADMIN)
+
+    assert response.status == 204
+    assert not (plugins_dir / workspace.id).is_symlink()
+    assert (elsewhere / "keep.txt").read_text() == "not the registry's\n"
+
+
+async def test_a_delete_that_is_refused_leaves_the_plugins_directory_alone(
+    registry: Registry, tmp_path: Path
+) -> None:
+    plugins_dir = registry.settings.resolved_plugins_dir
+    unknown = uuid.uuid4()
+    write_tree(plugins_dir / str(unknown), {"kept/main.py": "x\n"})
+
+    response = await registry.client.delete(f"/workspaces/{unknown}", headers=ADMIN)
+
+    assert response.status == 404
+    assert (plugins_dir / str(unknown) / "kept" / "main.py").is_file()

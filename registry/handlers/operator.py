@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import uuid
 from collections.abc import Awaitable, Callable
 
@@ -15,7 +16,11 @@ from registry.errors import Conflict, workspace_not_found, workspace_removed
 from registry.handlers.workspaces import workspace_response
 from registry.jsonio import json_response
 from registry.keys import METRICS, POOL, SETTINGS
+from registry.plugins.delivery import remove_workspace_from_filesystem
+from registry.plugins.errors import FetchFailed
 from registry.statuses import Status
+
+log = logging.getLogger(__name__)
 
 
 async def _operator_transition(
@@ -84,9 +89,28 @@ async def _end_queued_reconciles(conn: Connection, workspace_id: uuid.UUID) -> N
 
 
 async def delete_workspace(request: web.Request) -> web.Response:
-    """Tombstone the workspace: its runtime gets 410 from now on; queued reconciles end."""
-    await _operator_transition(request, Status.REMOVED, "removed", also=_end_queued_reconciles)
+    """Tombstone the workspace: its runtime gets 410 from now on; queued reconciles end;
+    then, once the tombstone committed, its filesystem plugins directory goes."""
+    workspace_id = await _operator_transition(
+        request, Status.REMOVED, "removed", also=_end_queued_reconciles
+    )
+    await _remove_plugins_dir(request, workspace_id)
     return web.Response(status=204)
+
+
+async def _remove_plugins_dir(request: web.Request, workspace_id: uuid.UUID) -> None:
+    """Only after the commit: a delete that failed must leave the plugins where they were.
+    A directory that cannot be removed does not undo the delete; it is logged to be swept."""
+    try:
+        await remove_workspace_from_filesystem(
+            request.app[SETTINGS].resolved_plugins_dir, str(workspace_id)
+        )
+    except FetchFailed as exc:
+        log.warning(
+            "workspace removed, but its plugins directory was not: %s",
+            exc.message,
+            extra={"workspace_id": str(workspace_id)},
+        )
 
 
 # A grace period longer than this is a token that never really rotates.

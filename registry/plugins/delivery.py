@@ -204,3 +204,30 @@ async def remove_from_filesystem(plugins_dir: Path, workspace_id: str, name: str
             raise FetchFailed(
                 f"removing plugin {name!r} failed: {exc}", code="delivery_failed", transient=True
             ) from None
+
+
+def _remove_workspace_sync(ws_dir: Path, _stop: threading.Event) -> None:
+    if ws_dir.is_symlink():
+        # Never follow it: what it points at is not ours. The link itself goes.
+        ws_dir.unlink(missing_ok=True)
+        return
+    # Rename first, so a half-deleted tree is never seen at the workspace's path.
+    trash = ws_dir.with_name(f".removing-{ws_dir.name}-{uuid.uuid4().hex[:8]}")
+    try:
+        _rename(ws_dir, trash)
+    except FileNotFoundError:
+        return
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+async def remove_workspace_from_filesystem(plugins_dir: Path, workspace_id: str) -> None:
+    """Remove a removed workspace's whole plugins directory; a no-op if it has none."""
+    ws_dir = Path(plugins_dir) / _validate_workspace_id(workspace_id)
+    try:
+        await run_blocking(lambda stop: _remove_workspace_sync(ws_dir, stop))
+    except OSError as exc:
+        raise FetchFailed(
+            f"removing the plugins of workspace {workspace_id} failed: {exc}",
+            code="delivery_failed",
+            transient=True,
+        ) from None
