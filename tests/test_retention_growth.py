@@ -74,9 +74,7 @@ async def churn_round(
         await registry.settled(workspace)
         await beat_and_ack(registry, workspace, uptime=200)
     gone = fleet.pop(0)
-    assert (
-        await registry.client.delete(f"/workspaces/{gone.id}", headers=ADMIN)
-    ).status == 204
+    assert (await registry.client.delete(f"/workspaces/{gone.id}", headers=ADMIN)).status == 204
     newcomer = await registry.create_workspace(plugins=plugins[:1])
     await beat_and_ack(registry, newcomer, uptime=5)
     await registry.settled(newcomer)
@@ -126,5 +124,6 @@ async def test_every_history_table_stops_growing_once_retention_is_reached(
     assert await registry.db.fetchval(acknowledged) == 0
     live = {uuid.UUID(w.id) for w in fleet}
     assert {
-        row["workspace_id"] for row in await registry.db.fetch("SELECT workspace_id FROM reconciles")
+        row["workspace_id"]
+        for row in await registry.db.fetch("SELECT workspace_id FROM reconciles")
     } <= live
