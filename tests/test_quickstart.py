@@ -8,14 +8,11 @@ import os
 import stat
 import subprocess
 import sys
-import uuid
 from pathlib import Path
 
 import aiohttp
-import asyncpg
 
 from registry.dev_token import development_token, read_development_token, token_path
-from tests.conftest import with_database
 from tests.processes import Processes, RegistryProcess
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -71,45 +68,37 @@ async def _list_workspaces(registry: RegistryProcess, token: str) -> int:
 
 
 async def test_a_restarted_development_registry_keeps_its_admin_token_and_the_cli_finds_it(
-    server_dsn: str, tmp_path: Path, processes: Processes
+    empty_dsn: str, tmp_path: Path, processes: Processes
 ) -> None:
-    name = f"registry_quickstart_{uuid.uuid4().hex[:10]}"
-    admin = await asyncpg.connect(server_dsn)
-    await admin.execute(f'CREATE DATABASE "{name}"')
     unset = {"REGISTRY_ADMIN_TOKEN": ""}
-    try:
-        first = processes.registry(with_database(server_dsn, name), tmp_path, env=unset)
-        await first.wait_healthy()
-        token = read_development_token(tmp_path / "data")
-        assert token is not None and token in first.log()
-        assert await _list_workspaces(first, token) == 200
-        assert first.stop() == 0
+    first = processes.registry(empty_dsn, tmp_path, env=unset)
+    await first.wait_healthy()
+    token = read_development_token(tmp_path / "data")
+    assert token is not None and token in first.log()
+    assert await _list_workspaces(first, token) == 200
+    assert first.stop() == 0
 
-        second = processes.registry(with_database(server_dsn, name), tmp_path, env=unset)
-        await second.wait_healthy()
-        assert await _list_workspaces(second, token) == 200
-        assert token not in second.log(), "printed once, when it was made"
-        assert str(token_path(tmp_path / "data")) in second.log()
+    second = processes.registry(empty_dsn, tmp_path, env=unset)
+    await second.wait_healthy()
+    assert await _list_workspaces(second, token) == 200
+    assert token not in second.log(), "printed once, when it was made"
+    assert str(token_path(tmp_path / "data")) in second.log()
 
-        environment = {**os.environ, "REGISTRY_DATA_DIR": str(tmp_path / "data"), **unset}
-        cli = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "registry",
-            "workspaces",
-            "list",
-            "--url",
-            second.url,
-            env=environment,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-        )
-        _, errors = await cli.communicate()
-        assert cli.returncode == 0, errors.decode()
-    finally:
-        await processes.stop_all()
-        await admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
-        await admin.close()
+    environment = {**os.environ, "REGISTRY_DATA_DIR": str(tmp_path / "data"), **unset}
+    cli = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "registry",
+        "workspaces",
+        "list",
+        "--url",
+        second.url,
+        env=environment,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
+    _, errors = await cli.communicate()
+    assert cli.returncode == 0, errors.decode()
 
 
 def _fake_venv(root: Path) -> tuple[Path, Path]:

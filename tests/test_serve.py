@@ -2,45 +2,34 @@
 
 from __future__ import annotations
 
-import uuid
 from pathlib import Path
 
 import aiohttp
-import asyncpg
 
-from tests.conftest import with_database
 from tests.processes import Processes
 from tests.support import ADMIN, bearer
 
 
 async def test_serve_migrates_a_fresh_database_then_serves(
-    server_dsn: str, tmp_path: Path, processes: Processes
+    empty_dsn: str, tmp_path: Path, processes: Processes
 ) -> None:
-    name = f"registry_serve_{uuid.uuid4().hex[:10]}"
-    admin = await asyncpg.connect(server_dsn)
-    await admin.execute(f'CREATE DATABASE "{name}"')
-    registry = processes.registry(with_database(server_dsn, name), tmp_path)
-    try:
-        await registry.wait_healthy()
-        async with aiohttp.ClientSession() as session:
-            async with session.get(f"{registry.url}/readyz") as ready:
-                assert ready.status == 200
-            async with session.post(
-                f"{registry.url}/workspaces", json={"name": "w"}, headers=ADMIN
-            ) as created:
-                assert created.status == 201
-                body = await created.json()
-            async with session.post(
-                f"{registry.url}/registry/heartbeat",
-                json={"workspace_id": body["workspace"]["id"]},
-                headers=bearer(body["token"]),
-            ) as beat:
-                assert (await beat.json())["previous_status"] == "provisioning"
-        assert registry.stop() == 0
-    finally:
-        registry.stop()
-        await admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
-        await admin.close()
+    registry = processes.registry(empty_dsn, tmp_path)
+    await registry.wait_healthy()
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"{registry.url}/readyz") as ready:
+            assert ready.status == 200
+        async with session.post(
+            f"{registry.url}/workspaces", json={"name": "w"}, headers=ADMIN
+        ) as created:
+            assert created.status == 201
+            body = await created.json()
+        async with session.post(
+            f"{registry.url}/registry/heartbeat",
+            json={"workspace_id": body["workspace"]["id"]},
+            headers=bearer(body["token"]),
+        ) as beat:
+            assert (await beat.json())["previous_status"] == "provisioning"
+    assert registry.stop() == 0
 
 
 async def test_serve_refuses_a_bad_setting(tmp_path: Path, dsn: str, processes: Processes) -> None:

@@ -17,7 +17,6 @@ from registry.handlers.workspaces import workspace_response
 from registry.jsonio import json_response
 from registry.keys import METRICS, POOL, SETTINGS
 from registry.plugins.delivery import remove_workspace_from_filesystem
-from registry.plugins.errors import FetchFailed
 from registry.statuses import Status
 
 log = logging.getLogger(__name__)
@@ -105,10 +104,10 @@ async def _remove_plugins_dir(request: web.Request, workspace_id: uuid.UUID) -> 
         await remove_workspace_from_filesystem(
             request.app[SETTINGS].resolved_plugins_dir, str(workspace_id)
         )
-    except FetchFailed as exc:
+    except OSError as exc:
         log.warning(
             "workspace removed, but its plugins directory was not: %s",
-            exc.message,
+            exc,
             extra={"workspace_id": str(workspace_id)},
         )
 

@@ -223,11 +223,4 @@ def _remove_workspace_sync(ws_dir: Path, _stop: threading.Event) -> None:
 async def remove_workspace_from_filesystem(plugins_dir: Path, workspace_id: str) -> None:
     """Remove a removed workspace's whole plugins directory; a no-op if it has none."""
     ws_dir = Path(plugins_dir) / _validate_workspace_id(workspace_id)
-    try:
-        await run_blocking(lambda stop: _remove_workspace_sync(ws_dir, stop))
-    except OSError as exc:
-        raise FetchFailed(
-            f"removing the plugins of workspace {workspace_id} failed: {exc}",
-            code="delivery_failed",
-            transient=True,
-        ) from None
+    await run_blocking(lambda stop: _remove_workspace_sync(ws_dir, stop))
