@@ -29,6 +29,8 @@ class Settings:
     admin_token: str | None = None
     data_dir: Path = field(default_factory=default_data_dir)
     plugins_dir: Path | None = None  # None: data_dir/plugins
+    # Where plugins are fetched before delivery (never TMPDIR); None: data_dir/staging.
+    staging_dir: Path | None = None
     # Source prefixes that may be installed; empty denies every plugin source.
     plugin_allowlist: tuple[str, ...] = ()
     github_base: str = "https://github.com"
@@ -110,6 +112,10 @@ class Settings:
     @property
     def resolved_plugins_dir(self) -> Path:
         return self.plugins_dir if self.plugins_dir is not None else self.data_dir / "plugins"
+
+    @property
+    def resolved_staging_dir(self) -> Path:
+        return self.staging_dir if self.staging_dir is not None else self.data_dir / "staging"
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -304,6 +310,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "admin_token": _text,
     "data_dir": Path,
     "plugins_dir": Path,
+    "staging_dir": Path,
     "plugin_allowlist": _prefix_list,
     "github_base": _text,
     "gitea_scheme": _text,
