@@ -1,0 +1,118 @@
+"""A source too large for the fetch caps, end to end: stopped mid-transfer, failed once for
+good, staged only under the configured staging directory, nothing left behind."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import uuid
+from pathlib import Path
+
+import pytest
+
+from registry.plugins.staging import RUN_PREFIX
+from registry.plugins.transfer import TransferCaps
+from registry.settings import Settings
+from tests.conftest import MakeRegistry
+from tests.disk_support import peak_bytes_under
+from tests.support import git
+
+MIB = 1024 * 1024
+CAP = MIB
+FILES = 100
+
+
+def huge_repo(path: Path) -> str:
+    """A repository whose one commit holds 6 MiB of incompressible data."""
+    path.mkdir(parents=True)
+    git(path, "init", "-q", "-b", "main")
+    (path / "plugin.py").write_text("print('huge')\n")
+    (path / "blob.bin").write_bytes(os.urandom(6 * MIB))
+    git(path, "add", "-A")
+    git(path, "commit", "-q", "-m", "huge")
+    return f"git+file://{path}#main"
+
+
+def run_dirs(root: Path) -> list[Path]:
+    return sorted(p for p in root.iterdir() if p.name.startswith(RUN_PREFIX))
+
+
+def everything_under(root: Path) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
+
+
+@pytest.fixture
+def tmpdir_watched(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """TMPDIR, for this process and the git it starts, pointed at an empty directory."""
+    path = tmp_path / "system-tmp"
+    path.mkdir()
+    monkeypatch.setenv("TMPDIR", str(path))
+    monkeypatch.setattr(tempfile, "tempdir", None)  # recomputed from TMPDIR on next use
+    return path
+
+
+async def test_a_source_over_the_fetch_cap_fails_once_for_good_and_leaves_nothing(
+    make_registry: MakeRegistry, plugin_sources: Path, tmp_path: Path, tmpdir_watched: Path
+) -> None:
+    staging = tmp_path / "staging"
+    registry = await make_registry(
+        fetch_max_bytes=CAP,
+        fetch_max_files=FILES,
+        reconcile_max_attempts=5,
+        staging_dir=staging,
+    )
+    source = huge_repo(plugin_sources / "huge")
+    [ours] = run_dirs(staging)
+
+    with peak_bytes_under(staging) as peak:
+        workspace = await registry.create_workspace([{"source": source, "name": "huge"}])
+        await registry.heartbeat(workspace)
+        runs = await registry.settled(workspace)
+
+    # Permanent at the first attempt, though four more were allowed for transient failures.
+    assert [(r["status"], r["attempt"]) for r in runs] == [("failed", 1)]
+    assert "fetch_too_large" in runs[0]["error"]
+    assert "gave up" not in runs[0]["error"]
+    steps = await registry.db.fetch(
+        "SELECT attempt, action, status, error FROM reconcile_steps WHERE reconcile_id = $1",
+        runs[0]["id"],
+    )
+    assert [(s["attempt"], s["action"], s["status"]) for s in steps] == [(1, "install", "failed")]
+    assert steps[0]["error"].startswith("fetch_too_large: ")
+    installed = await registry.db.fetchval(
+        "SELECT count(*) FROM installed_plugins WHERE workspace_id = $1", uuid.UUID(workspace.id)
+    )
+    assert installed == 0
+    # The transfer was stopped at its cap: the staging directory never held the 6 MiB.
+    assert peak.samples > 0
+    assert 0 < peak.bytes <= TransferCaps.for_tree(CAP, FILES).store_bytes < 2 * MIB
+    # Staged under the configured directory, never under TMPDIR, and all of it cleaned up.
+    assert everything_under(ours) == [".lock"]
+    assert everything_under(tmpdir_watched) == []
+
+
+async def test_start_sweeps_what_a_crashed_process_left_in_the_staging_directory(
+    make_registry: MakeRegistry, tmp_path: Path
+) -> None:
+    staging = tmp_path / "staging"
+    # What a process SIGKILLed mid-fetch leaves: its directory, a lock file nobody holds, a
+    # partial pack.
+    crashed = staging / f"{RUN_PREFIX}999999-0badc0de"
+    (crashed / "reconcile-1" / ".fetch-1" / "objects" / "pack").mkdir(parents=True)
+    (crashed / ".lock").touch()
+    (crashed / "reconcile-1" / ".fetch-1" / "objects" / "pack" / "tmp_pack_1").write_bytes(
+        b"PACK" + b"\0" * 4096
+    )
+
+    await make_registry(staging_dir=staging)
+
+    assert not crashed.exists()
+    [ours] = run_dirs(staging)
+    assert ours.name.startswith(f"{RUN_PREFIX}{os.getpid()}-")
+    assert os.stat(staging).st_mode & 0o777 == 0o700
+
+
+def test_staging_defaults_to_the_data_directory(tmp_path: Path) -> None:
+    assert Settings(data_dir=tmp_path).resolved_staging_dir == tmp_path / "staging"
+    env = {"REGISTRY_STAGING_DIR": str(tmp_path / "fast-disk")}
+    assert Settings.from_env(env).resolved_staging_dir == tmp_path / "fast-disk"
