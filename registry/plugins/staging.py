@@ -5,7 +5,9 @@ next to the plugins directory by default, so a delivery is a rename, and its siz
 operator's to plan. Each process stages in a private ``run-*`` directory of its own, which it
 holds an flock on for as long as it lives. At start, every ``run-*`` directory whose lock is
 no longer held belongs to a process that died mid-fetch and is removed; the directories of
-live processes sharing the root (a rolling restart on one host) are left alone. Sweeping and
+live processes sharing the root are left alone: replicas on one data volume (docker-compose.yml
+scales that way), a rolling restart on one host. Their pids may be equal (each container has
+its own pid 1), hence the random part of each directory's name. Sweeping and
 creating happen under a lock on the root, so a sweep never sees a directory whose owner has
 not locked it yet.
 """
