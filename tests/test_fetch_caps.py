@@ -8,6 +8,7 @@ import tempfile
 import uuid
 from pathlib import Path
 
+import aiohttp
 import pytest
 
 from registry.plugins.staging import RUN_PREFIX
@@ -15,6 +16,8 @@ from registry.plugins.transfer import TransferCaps
 from registry.settings import Settings
 from tests.conftest import MakeRegistry
 from tests.disk_support import peak_bytes_under
+from tests.durability_support import Api, registry_env, wait_until
+from tests.processes import Processes
 from tests.support import git
 
 MIB = 1024 * 1024
@@ -110,6 +113,51 @@ async def test_start_sweeps_what_a_crashed_process_left_in_the_staging_directory
     [ours] = run_dirs(staging)
     assert ours.name.startswith(f"{RUN_PREFIX}{os.getpid()}-")
     assert os.stat(staging).st_mode & 0o777 == 0o700
+
+
+def fetch_dirs(staging: Path) -> list[Path]:
+    return sorted(staging.glob(f"{RUN_PREFIX}*/reconcile-*/.fetch-*"))
+
+
+@pytest.mark.timeout(90)
+async def test_a_registry_killed_mid_fetch_leaves_staging_the_next_start_removes(
+    dsn: str, tmp_path: Path, plugin_sources: Path, silent_git_server: int, processes: Processes
+) -> None:
+    staging = tmp_path / "staging"
+    env = registry_env(plugin_sources, tmp_path, staging_dir=staging, reconcile_poll_s=0.2)
+    hung = f"git+git://127.0.0.1:{silent_git_server}/"
+    env["REGISTRY_PLUGIN_ALLOWLIST"] = hung
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+    async with aiohttp.ClientSession() as session:
+        api = Api(session)
+        a = processes.registry(dsn, tmp_path / "a", env)
+        await a.wait_healthy()
+        workspace = await api.create_workspace(a.url, [{"source": f"{hung}hung.git#main"}])
+        await api.heartbeat(a.url, workspace)
+
+        async def fetching() -> bool:
+            return bool(fetch_dirs(staging))
+
+        async def state() -> str:
+            return f"staging: {everything_under(staging)}\nA log:\n{a.log()}"
+
+        # A is fetching (the source never answers), its staging directories made: kill it.
+        await wait_until(fetching, 20.0, state)
+        [crashed] = run_dirs(staging)
+        a.process.kill()
+        a.process.wait()
+        assert fetch_dirs(staging) != []
+
+        b = processes.registry(dsn, tmp_path / "b", env)
+        await b.wait_healthy()
+
+    # B's start removed A's leftovers (the git A left hanging, in a session of its own, does
+    # not hold A's lock) and staged nothing outside its own directory.
+    assert not crashed.exists()
+    [ours] = run_dirs(staging)
+    assert ours != crashed
+    assert "removed 1 directories left by stopped processes" in b.log()
 
 
 def test_staging_defaults_to_the_data_directory(tmp_path: Path) -> None:
