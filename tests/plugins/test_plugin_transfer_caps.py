@@ -14,6 +14,7 @@ from registry.plugins import FetchFailed, FetchLimits, SourceSettings, parse_sou
 from registry.plugins.transfer import TransferCaps, TransferWatch, limit_writes
 from tests.disk_support import peak_bytes_under
 from tests.plugins.conftest import MakeRepo, Repo
+from tests.plugins.git_http import git_http_server
 
 ALLOW_ALL = SourceSettings(allowlist=("*",))
 MIB = 1024 * 1024
@@ -174,3 +175,28 @@ def test_the_file_size_limit_stops_a_child_at_the_cap(tmp_path: Path) -> None:
 
     assert result.returncode == -25  # SIGXFSZ: the writer is stopped at the cap
     assert target.stat().st_size == 4096
+
+
+async def test_over_http_the_transfer_is_stopped_at_the_cap_too(
+    make_repo: MakeRepo, tmp_path: Path, work_dir: Path
+) -> None:
+    # Smart HTTP: git-remote-http and the index-pack it starts run under the same limit.
+    repo = random_repo(make_repo, "huge", {"blob.bin": 6 * MIB})
+    served = tmp_path / "served"
+    repo.bare_clone(served / "huge.git")
+
+    async with git_http_server(served) as base:
+        fits = random_repo(make_repo, "small", {"blob.bin": 4096})
+        fits.bare_clone(served / "small.git")
+        staged = await stage(
+            parse_source(f"git+{base}/small.git#main", ALLOW_ALL), ALLOW_ALL, SMALL, work_dir
+        )
+        with peak_bytes_under(work_dir) as peak, pytest.raises(FetchFailed) as raised:
+            await stage(
+                parse_source(f"git+{base}/huge.git#main", ALLOW_ALL), ALLOW_ALL, SMALL, work_dir
+            )
+
+    assert staged.sha == fits.head()
+    assert (raised.value.code, raised.value.transient) == ("fetch_too_large", False)
+    assert peak.bytes <= SMALL_CAPS.store_bytes + 4096 * 2
+    assert left_in(work_dir) == [staged.path]
