@@ -11,11 +11,11 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from bench.disk import peak_bytes_under
 from registry.plugins.staging import RUN_PREFIX
 from registry.plugins.transfer import TransferCaps
 from registry.settings import Settings
 from tests.conftest import MakeRegistry
-from tests.disk_support import peak_bytes_under
 from tests.durability_support import Api, registry_env, wait_until
 from tests.processes import Processes
 from tests.support import git

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
+from bench.disk import peak_bytes_under
 from registry.plugins import FetchFailed, FetchLimits, SourceSettings, parse_source, stage
 from registry.plugins.transfer import TransferCaps, TransferWatch, limit_writes
-from tests.disk_support import peak_bytes_under
 from tests.plugins.conftest import MakeRepo, Repo
 from tests.plugins.git_http import git_http_server
 
