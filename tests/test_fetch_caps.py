@@ -3,7 +3,10 @@ good, staged only under the configured staging directory, nothing left behind.""
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
+import sys
 import tempfile
 import uuid
 from pathlib import Path
@@ -22,6 +25,7 @@ from tests.support import git
 
 MIB = 1024 * 1024
 CAP = MIB
+REPO_ROOT = Path(__file__).resolve().parents[1]
 FILES = 100
 
 
@@ -164,3 +168,20 @@ def test_staging_defaults_to_the_data_directory(tmp_path: Path) -> None:
     assert Settings(data_dir=tmp_path).resolved_staging_dir == tmp_path / "staging"
     env = {"REGISTRY_STAGING_DIR": str(tmp_path / "fast-disk")}
     assert Settings.from_env(env).resolved_staging_dir == tmp_path / "fast-disk"
+
+
+async def test_the_bench_probe_runs_and_reports_the_transfer_stopped() -> None:
+    bench = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "bench.fetch_cap",
+        "--size-mib", "4", "--cap-mib", "1", "--max-files", "100",
+        cwd=REPO_ROOT,
+        stdout=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    stdout, _ = await asyncio.wait_for(bench.communicate(), 60)
+
+    assert bench.returncode == 0
+    report = json.loads(stdout)
+    assert report["code"] == "fetch_too_large"
+    assert 0 < report["peak_staging_bytes"] <= report["transfer_cap_bytes"] < 2 * MIB
