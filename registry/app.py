@@ -37,7 +37,7 @@ from registry.liveness import LivenessSweeper
 from registry.logs import echo_request_id, request_id_middleware
 from registry.metrics import Metrics
 from registry.plugins import FetchLimits, SourceSettings
-from registry.reconcile.runner import ReconcileConfig, Reconciler
+from registry.reconcile.runner import ReconcileConfig, Reconciler, TreeCacheConfig
 from registry.reconcile.worker import ReconcileWorker, new_owner_id
 from registry.refusals import RefusalLog
 from registry.retention import Pruner
@@ -146,6 +146,11 @@ def reconcile_config(settings: Settings, sources: SourceSettings) -> ReconcileCo
         retry_base_s=settings.reconcile_retry_base_s,
         retry_cap_s=settings.reconcile_retry_cap_s,
         restart_budget=RestartBudget(settings.restart_budget, settings.restart_budget_window_s),
+        tree_cache=TreeCacheConfig(
+            settings.resolved_tree_cache_dir,
+            settings.tree_cache_idle_s,
+            settings.tree_cache_max_bytes,
+        ),
     )
 
 

@@ -86,6 +86,12 @@ class Settings:
     fetch_timeout_s: float = 60.0
     fetch_max_bytes: int = 50 * 1024 * 1024
     fetch_max_files: int = 10_000
+    # Fetched git trees are kept per (source, commit), so a fan-out fetches each tree once
+    # (issue 13): evicted once unused this long, and least recently used past the byte cap
+    # (0: no cache, every run fetches). None: data_dir/tree-cache.
+    tree_cache_dir: Path | None = None
+    tree_cache_idle_s: float = 3600.0
+    tree_cache_max_bytes: int = 1024 * 1024 * 1024
     # Retention: events older than this go, but each workspace keeps its last N whatever their
     # age; finished runs (with their steps) likewise; acknowledged actions after an age;
     # removed workspaces (their token answered 410 until then, 401 after) after an age.
@@ -110,6 +116,12 @@ class Settings:
     @property
     def resolved_plugins_dir(self) -> Path:
         return self.plugins_dir if self.plugins_dir is not None else self.data_dir / "plugins"
+
+    @property
+    def resolved_tree_cache_dir(self) -> Path:
+        if self.tree_cache_dir is not None:
+            return self.tree_cache_dir
+        return self.data_dir / "tree-cache"
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -166,6 +178,7 @@ class Settings:
             "action_retention_s",
             "tombstone_retention_s",
             "prune_interval_s",
+            "tree_cache_idle_s",
         ):
             value = getattr(self, name)
             need(math.isfinite(value) and value > 0, f"{name} must be a positive number")
@@ -240,6 +253,13 @@ class Settings:
                 f"{_var('fetch_timeout_s')}={self.fetch_timeout_s:g} must be below "
                 f"{_var('reconcile_timeout_s')}={self.reconcile_timeout_s:g}, or a hung plugin "
                 "source fails the run without a retry",
+            ),
+            (
+                # Every tree a fetch accepts fits: a cache that cannot hold one fetches twice.
+                self.tree_cache_max_bytes == 0 or self.tree_cache_max_bytes >= self.fetch_max_bytes,
+                f"{_var('tree_cache_max_bytes')}={self.tree_cache_max_bytes} must be 0 (no "
+                f"cache) or at least {_var('fetch_max_bytes')}={self.fetch_max_bytes}, or the "
+                "largest plugins cannot be cached",
             ),
             (
                 # The restart budget counts the restart actions of its window.
@@ -340,6 +360,9 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "fetch_timeout_s": _float,
     "fetch_max_bytes": _positive_int,
     "fetch_max_files": _positive_int,
+    "tree_cache_dir": Path,
+    "tree_cache_idle_s": _float,
+    "tree_cache_max_bytes": _non_negative_int,
     "event_retention_s": _float,
     "event_keep_per_workspace": _positive_int,
     "reconcile_retention_s": _float,
