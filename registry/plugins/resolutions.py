@@ -69,6 +69,10 @@ class Resolutions:
             joins=lambda flight_started: _fresh_enough(flight_started, requested_at),
         )
 
+    def waiting(self, key: str) -> int:
+        """How many runs wait for the resolution of ``key`` in progress."""
+        return self._flights.followers(key)
+
     def forget(self, key: str, pinned: Pinned) -> None:
         """Drop a resolution found wrong (the ref moved before its commit was fetched)."""
         done = self._done.get(key)

@@ -20,6 +20,7 @@ class _LeaderCancelled(Exception):
 class _Flight(Generic[V, T]):
     future: asyncio.Future[V]
     tag: T
+    followers: int = 0
 
 
 class SingleFlight(Generic[K, V, T]):
@@ -38,8 +39,10 @@ class SingleFlight(Generic[K, V, T]):
     def __init__(self) -> None:
         self._flights: dict[K, _Flight[V, T]] = {}
 
-    def in_flight(self, key: K) -> bool:
-        return key in self._flights
+    def followers(self, key: K) -> int:
+        """How many callers wait for the flight of ``key`` in progress (0: none in progress)."""
+        flight = self._flights.get(key)
+        return 0 if flight is None else flight.followers
 
     async def run(
         self,
@@ -50,11 +53,14 @@ class SingleFlight(Generic[K, V, T]):
         joins: Callable[[T], bool] = lambda _tag: True,
     ) -> V:
         while (flight := self._flights.get(key)) is not None and joins(flight.tag):
+            flight.followers += 1
             try:
                 # The shield keeps a follower's cancellation from cancelling the shared future.
                 return await asyncio.shield(flight.future)
             except _LeaderCancelled:
                 continue
+            finally:
+                flight.followers -= 1
         mine: _Flight[V, T] = _Flight(asyncio.get_running_loop().create_future(), tag)
         self._flights[key] = mine
         try:

@@ -140,6 +140,10 @@ class TreeCache:
         # Not cacheable (larger than the whole cache) or gone again already: fetch for us.
         return await fetch(work_dir)
 
+    def waiting(self, key: TreeKey) -> int:
+        """How many checkouts wait for the fill of ``key`` in progress."""
+        return self._fills.followers(key.name)
+
     async def sweep(self) -> None:
         """Evict by idle time and total size now (also done after every fill)."""
         pinned = frozenset(self._pins)
