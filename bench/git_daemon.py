@@ -52,7 +52,7 @@ class CountingGitDaemon:
         self._hook.chmod(0o755)
         for _ in range(5):  # the port is free when probed, but could be taken before git binds
             self.port = _free_port()
-            self._proc = subprocess.Popen(  # noqa: S603 - fixed argv
+            self._proc = subprocess.Popen(
                 [
                     "git",
                     "daemon",
