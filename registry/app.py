@@ -151,6 +151,7 @@ def reconcile_config(settings: Settings, sources: SourceSettings) -> ReconcileCo
             settings.tree_cache_idle_s,
             settings.tree_cache_max_bytes,
         ),
+        fetch_shared=settings.fetch_shared,
     )
 
 

@@ -92,6 +92,9 @@ class Settings:
     tree_cache_dir: Path | None = None
     tree_cache_idle_s: float = 3600.0
     tree_cache_max_bytes: int = 1024 * 1024 * 1024
+    # Off: every run resolves and fetches for itself, no cache (kept to measure what sharing
+    # buys, like heartbeat_coalesce).
+    fetch_shared: bool = True
     # Retention: events older than this go, but each workspace keeps its last N whatever their
     # age; finished runs (with their steps) likewise; acknowledged actions after an age;
     # removed workspaces (their token answered 410 until then, 401 after) after an age.
@@ -363,6 +366,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "tree_cache_dir": Path,
     "tree_cache_idle_s": _float,
     "tree_cache_max_bytes": _non_negative_int,
+    "fetch_shared": _bool,
     "event_retention_s": _float,
     "event_keep_per_workspace": _positive_int,
     "reconcile_retention_s": _float,

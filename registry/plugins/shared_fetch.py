@@ -38,7 +38,8 @@ class SharedFetcher:
 
     Git sources go through the shared resolutions (see Resolutions) and the tree cache (see
     TreeCache; None: every run fetches). File sources are local copies that cost no
-    connection and are read afresh each time, as before.
+    connection and are read afresh each time, as before. ``share=False`` is every run
+    resolving and fetching for itself, kept to measure what sharing buys (bench.fanout).
     """
 
     def __init__(
@@ -47,21 +48,24 @@ class SharedFetcher:
         limits: FetchLimits,
         cache: TreeCache | None,
         resolutions: Resolutions | None = None,
+        *,
+        share: bool = True,
     ) -> None:
         self._sources = sources
         self._limits = limits
         self._cache = cache
         self._resolutions = resolutions or Resolutions()
+        self._share = share
 
     async def version(self, source: PluginSource, asked: Asked) -> str:
         """The version ``stage`` would install for this run."""
-        if source.kind == "file":
+        if source.kind == "file" or not self._share:
             return await resolve_version(source, self._sources, self._limits)
         return (await self._pin(source, asked)).sha
 
     async def stage(self, source: PluginSource, work_dir: Path, asked: Asked) -> StagedPlugin:
         """A staged tree of ``source`` under ``work_dir``, the caller's to consume."""
-        if source.kind == "file":
+        if source.kind == "file" or not self._share:
             return await stage(source, self._sources, self._limits, work_dir)
         pinned = await self._pin(source, asked)
 

@@ -59,6 +59,7 @@ class ReconcileConfig:
     restart_budget: RestartBudget
     # Where fetched git trees are cached, for how long and up to how much (None: no cache).
     tree_cache: TreeCacheConfig | None = None
+    fetch_shared: bool = True
 
     def retry_delay(self, attempt: int) -> float:
         """Capped exponential backoff with jitter, so a fleet's retries do not align."""
@@ -107,8 +108,9 @@ class Reconciler:
             config.sources,
             config.limits,
             None
-            if cache is None or cache.max_bytes == 0
+            if cache is None or cache.max_bytes == 0 or not config.fetch_shared
             else TreeCache(cache.root, idle_s=cache.idle_s, max_bytes=cache.max_bytes),
+            share=config.fetch_shared,
         )
 
     @property

@@ -85,6 +85,24 @@ async def test_without_the_tree_cache_each_workspace_fetches_but_the_resolution_
     assert not registry.settings.resolved_tree_cache_dir.exists()
 
 
+async def test_unshared_each_workspace_resolves_twice_and_fetches(
+    make_registry: MakeRegistry, git_daemon: CountingGitDaemon
+) -> None:
+    # The behaviour before sharing (issue 13), kept behind fetch_shared=false to measure it:
+    # per workspace a refresh ls-remote, then the install's own ls-remote and fetch.
+    repo = served_repo(git_daemon)
+    source = f"git+{git_daemon.url('tool')}#main"
+    registry = await make_registry(plugin_allowlist=(git_daemon.allow_prefix,), fetch_shared=False)
+    workspaces = await declarers(registry, source, N)
+    repo.write("main.py", "print('v2')\n")
+    repo.commit("v2")
+    before = git_daemon.connections()
+
+    await fan_out(registry, source, workspaces)
+
+    assert git_daemon.connections() - before == 3 * N
+
+
 async def test_a_second_plugin_update_is_resolved_and_fetched_again(
     make_registry: MakeRegistry, git_daemon: CountingGitDaemon
 ) -> None:
