@@ -10,6 +10,30 @@ from pathlib import Path
 from types import TracebackType
 
 _READY_WITHIN_S = 10.0
+_IDENTITY = (
+    "-c",
+    "user.email=bench@example.com",
+    "-c",
+    "user.name=bench",
+    "-c",
+    "commit.gpgsign=false",
+)
+
+
+def commit_files(repo: Path, files: dict[str, str], message: str) -> str:
+    """Write ``files`` into the work tree of ``repo`` (made if new) and commit; the sha."""
+    if not (repo / ".git").exists():
+        repo.mkdir(parents=True, exist_ok=True)
+        subprocess.run(["git", "init", "-q", "-b", "main"], cwd=repo, check=True)
+    for rel, content in files.items():
+        (repo / rel).parent.mkdir(parents=True, exist_ok=True)
+        (repo / rel).write_text(content)
+    for args in (["add", "-A"], ["commit", "-q", "-m", message]):
+        subprocess.run(["git", *_IDENTITY, *args], cwd=repo, check=True)
+    head = subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=repo, check=True, capture_output=True, text=True
+    )
+    return head.stdout.strip()
 
 
 def _free_port() -> int:
