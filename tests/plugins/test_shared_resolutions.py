@@ -5,16 +5,17 @@ from __future__ import annotations
 import asyncio
 import time
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 
 from bench.git_daemon import CountingGitDaemon
-from registry.plugins import FetchLimits, PluginSource, parse_source
+from registry.plugins import FetchFailed, FetchLimits, PluginSource, parse_source
 from registry.plugins.fetch import Pinned, resolve_pinned
 from registry.plugins.resolutions import Resolutions
 from registry.plugins.shared_fetch import Asked, SharedFetcher
 from registry.plugins.sources import SourceSettings
-from tests.plugins.conftest import Repo
+from tests.plugins.conftest import MakeRepo, Repo
 
 LIMITS = FetchLimits(timeout_s=20.0)
 REQUESTED = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
@@ -147,3 +148,31 @@ async def test_a_run_asked_after_a_resolution_in_flight_started_does_not_join_it
     await asyncio.gather(early, late)
 
     assert calls == 2
+
+
+async def test_a_retry_after_the_ref_moved_resolves_again_instead_of_reusing_the_answer(
+    make_repo: MakeRepo, work_dir: Path
+) -> None:
+    repo = make_repo("moving")
+    repo.write("plugin.json", '{"v": 1}')
+    repo.commit("first")
+    allow_all = SourceSettings(allowlist=("*",))
+    source = parse_source(f"{repo.source}#main", allow_all)
+    fetcher = SharedFetcher(allow_all, LIMITS, cache=None)
+    asked = Asked(requested_at=REQUESTED, claimed_at=at(1))
+    await fetcher.version(source, asked)  # the refresh step resolves
+    # Force-pushed before the install fetched: the resolved commit is gone from the source.
+    repo.write("plugin.json", '{"v": 2}')
+    repo.git("add", "-A")
+    repo.git("commit", "-q", "--amend", "-m", "rewritten")
+    repo.git("reflog", "expire", "--expire=now", "--all")
+    repo.git("gc", "-q", "--prune=now")
+
+    with pytest.raises(FetchFailed) as moved:
+        await fetcher.stage(source, work_dir, asked)
+    # The run's retry: the same request, a later claim.
+    retried = await fetcher.stage(source, work_dir, Asked(requested_at=REQUESTED, claimed_at=at(5)))
+
+    assert (moved.value.code, moved.value.transient) == ("ref_moved", True)
+    assert retried.sha == repo.head()
+    assert (retried.path / "plugin.json").read_text() == '{"v": 2}'
