@@ -203,9 +203,12 @@ async def test_a_cancelled_fill_is_taken_over_by_a_waiting_checkout(
 ) -> None:
     gate = asyncio.Event()
     fetch = CountedFetch(plugin, gate)
-    leader = asyncio.ensure_future(cache.checkout(fetch.key, fetch, work_dir, LIMITS))
-    follower = asyncio.ensure_future(cache.checkout(fetch.key, fetch, work_dir, LIMITS))
     deadline = time.monotonic() + WITHIN_S
+    leader = asyncio.ensure_future(cache.checkout(fetch.key, fetch, work_dir, LIMITS))
+    while fetch.calls < 1:  # the leader is fetching, held at the gate
+        assert time.monotonic() < deadline
+        await asyncio.sleep(0.005)
+    follower = asyncio.ensure_future(cache.checkout(fetch.key, fetch, work_dir, LIMITS))
     while cache.waiting(fetch.key) < 1:
         assert time.monotonic() < deadline
         await asyncio.sleep(0.005)
