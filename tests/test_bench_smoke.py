@@ -1,4 +1,4 @@
-"""The heartbeat benchmark runs end to end with a tiny fleet (figures printed, not judged)."""
+"""The benchmarks run end to end with tiny inputs (figures printed, not judged)."""
 
 from __future__ import annotations
 
@@ -14,10 +14,8 @@ ROOT = Path(__file__).resolve().parents[1]
 WITHIN_S = 120.0
 
 
-async def test_heartbeat_bench_completes_and_prints_its_figures(
-    server_dsn: str, tmp_path: Path, processes: Processes
-) -> None:
-    database = f"bench_smoke_{uuid.uuid4().hex[:8]}"
+async def run_bench(processes: Processes, tmp_path: Path, module: str, *args: str) -> str:
+    """Run `python -m <module> <args>` to completion; what it printed (fails on a bad exit)."""
     out, err = tmp_path / "stdout", tmp_path / "stderr"
     # A child process, as an operator runs it: its subprocesses and sockets stay out of
     # this interpreter (and out of filterwarnings=error). The Python generator always exists.
@@ -28,15 +26,8 @@ async def test_heartbeat_bench_completes_and_prints_its_figures(
             await asyncio.create_subprocess_exec(
                 sys.executable,
                 "-m",
-                "bench.heartbeat",
-                f"--dsn={server_dsn}",
-                f"--database={database}",
-                "--workspaces=200",
-                "--connections=8",
-                "--duration=2",
-                "--warmup=0.5",
-                "--generator=python",
-                f"--pgbench={find_pgbench()}",
+                module,
+                *args,
                 cwd=ROOT,
                 stdout=stdout,
                 stderr=stderr,
@@ -47,11 +38,53 @@ async def test_heartbeat_bench_completes_and_prints_its_figures(
     await asyncio.wait_for(bench.wait(), WITHIN_S)
     printed = out.read_text()
     assert bench.returncode == 0, printed + err.read_text()
+    return printed
+
+
+async def test_heartbeat_bench_completes_and_prints_its_figures(
+    server_dsn: str, tmp_path: Path, processes: Processes
+) -> None:
+    database = f"bench_smoke_{uuid.uuid4().hex[:8]}"
+    printed = await run_bench(
+        processes,
+        tmp_path,
+        "bench.heartbeat",
+        f"--dsn={server_dsn}",
+        f"--database={database}",
+        "--workspaces=200",
+        "--connections=8",
+        "--duration=2",
+        "--warmup=0.5",
+        "--generator=python",
+        f"--pgbench={find_pgbench()}",
+    )
     for figure in (
         "pgbench single statement",
         "registry coalesced",
         "registry per-request",
         "registry (coalesced) / pgbench =",
         "coalesced / per-request",
+    ):
+        assert figure in printed, printed
+
+
+async def test_fanout_bench_completes_and_prints_every_mode(
+    server_dsn: str, tmp_path: Path, processes: Processes
+) -> None:
+    database = f"bench_fanout_smoke_{uuid.uuid4().hex[:8]}"
+    printed = await run_bench(
+        processes,
+        tmp_path,
+        "bench.fanout",
+        f"--dsn={server_dsn}",
+        f"--database={database}",
+        "--workspaces=3",
+        "--files=3",
+    )
+    for figure in (
+        "| mode | workspaces | git connections |",
+        "| unshared (before) | 3 |",
+        "| shared resolution, no tree cache | 3 |",
+        "| shared resolution + tree cache | 3 |",
     ):
         assert figure in printed, printed
