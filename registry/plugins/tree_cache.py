@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import hashlib
+import logging
 import os
 import re
 import shutil
@@ -25,6 +26,8 @@ from registry.plugins.fetch import FetchLimits, StagedPlugin, copy_tree
 from registry.plugins.single_flight import SingleFlight
 
 __all__ = ["TreeCache", "TreeKey"]
+
+log = logging.getLogger(__name__)
 
 _META = "entry.json"
 _TREE = "tree"
@@ -133,7 +136,13 @@ class TreeCache:
         copied = await self._copy_out(key, work_dir, limits)
         if copied is not None:
             return copied
-        await self._fills.run(key.name, lambda: self._fill(key, fetch, limits), tag=None)
+        try:
+            await self._fills.run(key.name, lambda: self._fill(key, fetch, limits), tag=None)
+        except OSError as exc:
+            # The cache is a saving, not a step: one that cannot be written (unwritable, full)
+            # must not stop installs. A full disk fails the fetch below with its own code.
+            log.warning("plugin tree cache %s cannot be filled: %s", self.root, exc)
+            return await fetch(work_dir)
         copied = await self._copy_out(key, work_dir, limits)
         if copied is not None:
             return copied

@@ -297,3 +297,17 @@ async def test_the_sweep_leaves_what_is_not_its_own_in_a_shared_directory(
     await cache.sweep()
 
     assert entries(cache) == {"registry-stage-abc"}
+
+
+async def test_a_cache_that_cannot_be_written_still_delivers_the_tree(
+    tmp_path: Path, clock: Clock, plugin: Repo, work_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    blocked = tmp_path / "not-a-directory"
+    blocked.write_text("")
+    cache = TreeCache(blocked, idle_s=IDLE_S, max_bytes=10_000, clock=clock)
+    fetch = CountedFetch(plugin)
+
+    staged = await cache.checkout(fetch.key, fetch, work_dir, LIMITS)
+
+    assert files_under(staged.path) == EXPECTED
+    assert "cannot be filled" in caplog.text
