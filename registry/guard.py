@@ -74,7 +74,8 @@ def judge(
     if fleet == 0 or fleet < rules.min_fleet:
         return Judgement(False, silent, changed_at, None)
     share = (silent + expired) / fleet
-    holding = share > rules.release_share or not steady if before.holding else share > rules.share
+    # Holding, it lets go only below the lower share and once the count is steady.
+    holding = (share > rules.release_share or not steady) if before.holding else share > rules.share
     if holding:
         return Judgement(True, rate if steady else 0, changed_at, None)
     if before.holding:

@@ -4,9 +4,9 @@ A fleet of runtimes heartbeats through the real heartbeat statement, and the rea
 (LivenessSweeper.sweep_once, its start-up grace on the simulated clock) sweeps every second
 with an offline window of 5 s, never stretched by observed intervals. For 20 s nothing gets
 through: the database is down (the registry process stays up, its sweeps fail), or the
-registry is (no sweeps at all; then a new process starts, or the frozen one resumes). Runtimes retry every
-second, or back off between 1 s and 16 s as real ones do, and beat every second again once
-they get through.
+registry is (no sweeps at all; then a new process starts, or the frozen one resumes).
+Runtimes retry every second, or back off between 1 s and 16 s as real ones do, and beat every
+second again once they get through.
 
 What must hold: no healthy workspace is taken offline, and so no beat finds its workspace
 offline and queues a reconcile. Before the fix, the 1 s fleet lost 4 of 200 at the first sweep
@@ -31,6 +31,7 @@ from registry.db.pool import init_connection
 from registry.liveness import LivenessSweeper
 from registry.metrics import Metrics
 from registry.settings import Settings
+from registry.statuses import Status
 from tests.sim_clock import SimClock
 from tests.support import beat
 
@@ -92,10 +93,12 @@ async def _fleet(db: asyncpg.Connection, n: int, rng: random.Random) -> list[Run
     return [Runtime(i, by_id[i], rng.uniform(0.0, 1.0)) for i in ids]
 
 
-def _sweeper(settings: Settings, clock: SimClock) -> LivenessSweeper:
+def _sweeper(
+    settings: Settings, clock: SimClock, refused: Callable[[], int] = lambda: 0
+) -> LivenessSweeper:
     # sweep_once is handed its connection: the pool is never used.
     pool: asyncpg.Pool = None  # type: ignore[assignment]
-    return LivenessSweeper(pool, settings, Metrics(), clock=clock.monotonic)
+    return LivenessSweeper(pool, settings, Metrics(), clock=clock.monotonic, refused=refused)
 
 
 async def run_outage(
@@ -199,3 +202,35 @@ async def test_a_fleet_too_small_for_the_guard_gets_a_window_after_an_outage(
 
     assert (outcome.offline_events, outcome.reconciles) == (0, 0), outcome
     assert not outcome.guard_held
+
+
+@pytest.mark.parametrize("seen_by", ["heartbeat", "sweep"])
+async def test_an_outage_seen_by_this_process_gives_every_workspace_a_window(
+    db: asyncpg.Connection, settings: Settings, seen_by: str
+) -> None:
+    """An outage too short for "nobody swept for two intervals" (a 60 s interval here): what
+    the process saw, a heartbeat batch refused or a sweep that could not connect, is what
+    makes the next sweep count silence afresh."""
+    await init_connection(db)
+    settings = dataclasses.replace(
+        settings,
+        offline_after_s=OFFLINE_AFTER_S,
+        offline_after_max_s=OFFLINE_AFTER_S,
+        sweep_interval_s=60.0,
+    )
+    runtimes = await _fleet(db, 3, random.Random(1))
+    clock = SimClock(db)
+    refused = [0]
+    sweeper = _sweeper(settings, clock, refused=lambda: refused[0])
+    await clock.advance(OFFLINE_AFTER_S + 2.0)  # silent past the window, grace over
+    if seen_by == "heartbeat":
+        refused[0] += 1  # the ingest's count of batches refused for an unreachable database
+    else:
+        sweeper.unreachable()
+
+    first = await sweeper.sweep_once(db)
+    await clock.advance(OFFLINE_AFTER_S + 0.1)  # a whole window, and nobody called in
+    second = await sweeper.sweep_once(db)
+
+    assert first.count(Status.OFFLINE) == 0
+    assert second.count(Status.OFFLINE) == len(runtimes)
