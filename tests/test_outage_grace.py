@@ -22,18 +22,20 @@ import random
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import asyncpg
 import pytest
 
 from registry.db.heartbeats import BeatPolicy, apply_beats
 from registry.db.pool import init_connection
+from registry.keys import INGEST
 from registry.liveness import LivenessSweeper
 from registry.metrics import Metrics
 from registry.settings import Settings
 from registry.statuses import Status
 from tests.sim_clock import SimClock
-from tests.support import beat
+from tests.support import Registry, beat
 
 OFFLINE_AFTER_S = 5.0
 SWEEP_EVERY_S = 1.0
@@ -234,3 +236,28 @@ async def test_an_outage_seen_by_this_process_gives_every_workspace_a_window(
 
     assert first.count(Status.OFFLINE) == 0
     assert second.count(Status.OFFLINE) == len(runtimes)
+
+
+async def test_heartbeats_refused_for_an_unreachable_database_are_counted_for_the_sweeper(
+    registry: Registry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What the app's sweeper reads (app.py wires it): each heartbeat batch refused because
+    the database could not be reached."""
+    workspace = await registry.create_workspace()
+    ingest = registry.client.app[INGEST]
+    before = ingest.unreachable_batches
+
+    async def refuse(self: object) -> Any:
+        # Raised from a real connect attempt, as a stopped PostgreSQL makes it.
+        return await asyncpg.connect("postgresql://postgres@127.0.0.1:1/none", timeout=2)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(asyncpg.pool.PoolAcquireContext, "__aenter__", refuse)
+        response = await registry.client.post(
+            "/registry/heartbeat", json={"workspace_id": workspace.id}, headers=workspace.auth
+        )
+    after_outage = ingest.unreachable_batches
+    await registry.heartbeat(workspace)  # a beat that gets through counts nothing
+
+    assert response.status == 503
+    assert (before, after_outage, ingest.unreachable_batches) == (0, 1, 1)
