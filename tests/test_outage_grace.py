@@ -16,6 +16,7 @@ its share and expired the rest in one sweep.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import hashlib
 import random
@@ -34,8 +35,9 @@ from registry.liveness import LivenessSweeper
 from registry.metrics import Metrics
 from registry.settings import Settings
 from registry.statuses import Status
+from tests.conftest import MakeRegistry
 from tests.sim_clock import SimClock
-from tests.support import Registry, beat
+from tests.support import ADMIN, Registry, beat
 
 OFFLINE_AFTER_S = 5.0
 SWEEP_EVERY_S = 1.0
@@ -261,3 +263,27 @@ async def test_heartbeats_refused_for_an_unreachable_database_are_counted_for_th
 
     assert response.status == 503
     assert (before, after_outage, ingest.unreachable_batches) == (0, 1, 1)
+
+
+async def test_fleet_shows_since_when_silence_is_counted_after_nobody_swept(
+    make_registry: MakeRegistry, db: asyncpg.Connection
+) -> None:
+    # No process swept for an hour (all were down): the first sweep of the next one to start
+    # counts silence afresh, and /fleet says from when.
+    await db.execute("UPDATE fleet_guard SET updated_at = now() - interval '1 hour'")
+    registry = await make_registry()
+
+    async def heard_again() -> bool:
+        return bool(await db.fetchval("SELECT silence_counted_from IS NOT NULL FROM fleet_guard"))
+
+    deadline = asyncio.get_running_loop().time() + 10.0
+    while not await heard_again():
+        assert asyncio.get_running_loop().time() < deadline, "the first sweep never ran"
+        await asyncio.sleep(0.05)
+    response = await registry.client.get("/fleet", headers=ADMIN)
+    guard = (await response.json())["mass_expiry_guard"]
+    stored = await db.fetchval("SELECT silence_counted_from FROM fleet_guard")
+
+    assert response.status == 200
+    assert guard["silence_counted_from"] == stored.isoformat().replace("+00:00", "Z")
+    assert guard["released_at"] is None
