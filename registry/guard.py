@@ -8,10 +8,13 @@ Why these rules (issue 13): after an outage the fleet calls back in over a sprea
 share dipped under its threshold and then expire every remaining silent workspace in one
 sweep, the healthy ones still backing off among them. So:
 - it trips as before, when the silent ones plus the window's expirations are more than the
-  share of the fleet;
+  share of the fleet as it was a window ago (the live ones plus those expirations): it judges
+  a sliding window, not one sweep, since an outage spread over several sweeps looks small in
+  each, yet takes the fleet;
 - while it holds and the silent count is still changing (within the last liveness window),
   it expires nobody: a fleet that is calling back in, or still going quiet, is not judged yet;
-  once the count has been steady for a window, it expires slowly (the rate);
+  once the count has been steady for a window, it expires slowly (the rate: a partition or a
+  registry outage looks like a dead fleet, so a mistake costs a few workspaces, not all);
 - it releases only below a lower share (hysteresis) and only once the count is steady;
 - after release it keeps expiring at the rate for one more window (no cliff).
 """
