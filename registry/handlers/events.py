@@ -189,6 +189,8 @@ async def get_fleet(request: web.Request) -> web.Response:
                 "silent": guard.stale,
                 "expired": guard.expired,
                 "updated_at": guard.updated_at,
+                "silence_counted_from": guard.silence_counted_from,
+                "released_at": guard.released_at,
             },
         }
     )
