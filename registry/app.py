@@ -189,7 +189,10 @@ async def _background(app: web.Application) -> AsyncIterator[None]:
             lease_s=settings.reconcile_lease_s,
         )
         built.append(worker)
-        sweeper = LivenessSweeper(pool, settings, app[METRICS])
+        ingest = app[INGEST]
+        sweeper = LivenessSweeper(
+            pool, settings, app[METRICS], refused=lambda: ingest.unreachable_batches
+        )
         hub = EventHub(pool, app[DSN])
         pruner = Pruner(pool, settings, app[METRICS])
         app[RECONCILER] = worker

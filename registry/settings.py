@@ -62,6 +62,9 @@ class Settings:
     mass_expiry_share: float = 0.3
     mass_expiry_min_fleet: int = 10
     mass_expiry_rate: float = 0.01
+    # The guard releases only at or below this share (hysteresis; never above the share), once
+    # the silent count has been steady for a liveness window, and keeps the rate for one more.
+    mass_expiry_release_share: float = 0.1
     # SIGTERM: in-flight requests and running reconciles get this long to finish; a
     # reconcile still running then is handed back as a queued intent for the next process.
     shutdown_grace_s: float = 10.0
@@ -201,6 +204,10 @@ class Settings:
         )
         need(0 < self.mass_expiry_share <= 1, "mass_expiry_share must be in (0, 1]")
         need(0 < self.mass_expiry_rate <= 1, "mass_expiry_rate must be in (0, 1]")
+        need(
+            0 <= self.mass_expiry_release_share <= 1,
+            "mass_expiry_release_share must be in [0, 1]",
+        )
         need(self.fetch_max_bytes > 0 and self.fetch_max_files > 0, "fetch limits must be positive")
         need(
             self.event_keep_per_workspace >= 1 and self.reconcile_keep_per_workspace >= 1,
@@ -342,6 +349,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "mass_expiry_share": _float,
     "mass_expiry_min_fleet": _non_negative_int,
     "mass_expiry_rate": _float,
+    "mass_expiry_release_share": _float,
     "shutdown_grace_s": _float,
     "log_format": str.lower,
     "log_level": str.lower,

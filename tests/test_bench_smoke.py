@@ -1,4 +1,4 @@
-"""The benchmarks run end to end with tiny inputs (figures printed, not judged)."""
+"""The benchmarks run end to end with tiny fleets (figures printed, not judged)."""
 
 from __future__ import annotations
 
@@ -14,19 +14,20 @@ ROOT = Path(__file__).resolve().parents[1]
 WITHIN_S = 120.0
 
 
-async def run_bench(processes: Processes, tmp_path: Path, module: str, *args: str) -> str:
-    """Run `python -m <module> <args>` to completion; what it printed (fails on a bad exit)."""
-    out, err = tmp_path / "stdout", tmp_path / "stderr"
-    # A child process, as an operator runs it: its subprocesses and sockets stay out of
-    # this interpreter (and out of filterwarnings=error). The Python generator always exists.
-    # A session of its own: should it fail or time out, the fixture stops the registries and
-    # generators it started too, not only the bench.
+async def run_bench(
+    processes: Processes, tmp_path: Path, module: str, *args: str
+) -> tuple[int | None, str]:
+    """`python -m bench.<module> ARGS` in a child process, as an operator runs it: its
+    subprocesses and sockets stay out of this interpreter (and out of filterwarnings=error).
+    A session of its own: should it fail or time out, the fixture stops the registries and
+    generators it started too, not only the bench."""
+    out, err = tmp_path / f"{module}.stdout", tmp_path / f"{module}.stderr"
     with out.open("wb") as stdout, err.open("wb") as stderr:
         bench = processes.adopt(
             await asyncio.create_subprocess_exec(
                 sys.executable,
                 "-m",
-                module,
+                f"bench.{module}",
                 *args,
                 cwd=ROOT,
                 stdout=stdout,
@@ -36,19 +37,18 @@ async def run_bench(processes: Processes, tmp_path: Path, module: str, *args: st
             group=True,
         )
     await asyncio.wait_for(bench.wait(), WITHIN_S)
-    printed = out.read_text()
-    assert bench.returncode == 0, printed + err.read_text()
-    return printed
+    return bench.returncode, out.read_text() + err.read_text()
 
 
 async def test_heartbeat_bench_completes_and_prints_its_figures(
     server_dsn: str, tmp_path: Path, processes: Processes
 ) -> None:
     database = f"bench_smoke_{uuid.uuid4().hex[:8]}"
-    printed = await run_bench(
+    # The Python generator always exists.
+    code, printed = await run_bench(
         processes,
         tmp_path,
-        "bench.heartbeat",
+        "heartbeat",
         f"--dsn={server_dsn}",
         f"--database={database}",
         "--workspaces=200",
@@ -58,6 +58,7 @@ async def test_heartbeat_bench_completes_and_prints_its_figures(
         "--generator=python",
         f"--pgbench={find_pgbench()}",
     )
+    assert code == 0, printed
     for figure in (
         "pgbench single statement",
         "registry coalesced",
@@ -68,19 +69,50 @@ async def test_heartbeat_bench_completes_and_prints_its_figures(
         assert figure in printed, printed
 
 
+async def test_history_bench_measures_sizes_and_routes(
+    server_dsn: str, tmp_path: Path, processes: Processes
+) -> None:
+    database = f"bench_smoke_{uuid.uuid4().hex[:8]}"
+    common = (f"--dsn={server_dsn}", f"--database={database}")
+
+    sized, sizes = await run_bench(
+        processes, tmp_path, "history", "sizes", *common, "--workspaces=10", "--flaps=2"
+    )
+    scaled, scale = await run_bench(
+        processes,
+        tmp_path,
+        "history",
+        "scale",
+        *common,
+        "--workspaces=200",
+        "--events=5000",
+        "--runs=1000",
+        "--samples=3",
+    )
+
+    assert sized == 0, sizes
+    assert "| workspace_events | 2.00 |" in sizes, sizes
+    assert "kept for 100k workspaces" in sizes, sizes
+    assert scaled == 0, scale
+    for figure in ("| GET /workspaces/{id} |", "| GET /fleet |", "rows/s", "SSE"):
+        assert figure in scale, scale
+
+
 async def test_fanout_bench_completes_and_prints_every_mode(
     server_dsn: str, tmp_path: Path, processes: Processes
 ) -> None:
-    database = f"bench_fanout_smoke_{uuid.uuid4().hex[:8]}"
-    printed = await run_bench(
+    database = f"bench_smoke_{uuid.uuid4().hex[:8]}"
+    code, printed = await run_bench(
         processes,
         tmp_path,
-        "bench.fanout",
+        "fanout",
         f"--dsn={server_dsn}",
         f"--database={database}",
         "--workspaces=3",
         "--files=3",
     )
+
+    assert code == 0, printed
     for figure in (
         "| mode | workspaces | git connections |",
         "| unshared (before) | 3 |",
