@@ -58,20 +58,36 @@ def tmpdir_watched(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return path
 
 
+@pytest.mark.parametrize(
+    "shared",
+    [
+        # A run's own fetch stages under REGISTRY_STAGING_DIR.
+        pytest.param(False, id="staging-dir"),
+        # A fan-out's shared fetch fills the tree cache, under REGISTRY_TREE_CACHE_DIR.
+        pytest.param(True, id="tree-cache"),
+    ],
+)
 async def test_a_source_over_the_fetch_cap_fails_once_for_good_and_leaves_nothing(
-    make_registry: MakeRegistry, plugin_sources: Path, tmp_path: Path, tmpdir_watched: Path
+    make_registry: MakeRegistry,
+    plugin_sources: Path,
+    tmp_path: Path,
+    tmpdir_watched: Path,
+    shared: bool,
 ) -> None:
-    staging = tmp_path / "staging"
+    staging, tree_cache = tmp_path / "staging", tmp_path / "tree-cache"
     registry = await make_registry(
         fetch_max_bytes=CAP,
         fetch_max_files=FILES,
         reconcile_max_attempts=5,
         staging_dir=staging,
+        tree_cache_dir=tree_cache,
+        fetch_shared=shared,
     )
     source = huge_repo(plugin_sources / "huge")
     [ours] = run_dirs(staging)
+    tree_cache.mkdir(exist_ok=True)  # made on first use; watched from the start
 
-    with peak_bytes_under(staging) as peak:
+    with peak_bytes_under(tree_cache if shared else staging) as peak:
         workspace = await registry.create_workspace([{"source": source, "name": "huge"}])
         await registry.heartbeat(workspace)
         runs = await registry.settled(workspace)
@@ -95,6 +111,7 @@ async def test_a_source_over_the_fetch_cap_fails_once_for_good_and_leaves_nothin
     assert 0 < peak.bytes <= TransferCaps.for_tree(CAP, FILES).store_bytes < 2 * MIB
     # Staged under the configured directory, never under TMPDIR, and all of it cleaned up.
     assert everything_under(ours) == [".lock"]
+    assert everything_under(tree_cache) == []
     assert everything_under(tmpdir_watched) == []
 
 
@@ -128,7 +145,11 @@ async def test_a_registry_killed_mid_fetch_leaves_staging_the_next_start_removes
     dsn: str, tmp_path: Path, plugin_sources: Path, silent_git_server: int, processes: Processes
 ) -> None:
     staging = tmp_path / "staging"
-    env = registry_env(plugin_sources, tmp_path, staging_dir=staging, reconcile_poll_s=0.2)
+    # Unshared: the run fetches under the staging directory (a shared fetch fills the tree
+    # cache, whose own sweep removes a dead process's fill once it is older than its idle time).
+    env = registry_env(
+        plugin_sources, tmp_path, staging_dir=staging, reconcile_poll_s=0.2, fetch_shared="false"
+    )
     hung = f"git+git://127.0.0.1:{silent_git_server}/"
     env["REGISTRY_PLUGIN_ALLOWLIST"] = hung
     for name in ("a", "b"):
