@@ -14,6 +14,7 @@ import aiojobs
 import asyncpg
 from aiohttp import web
 
+from registry.admission import Admission
 from registry.auth import admin_auth_middleware
 from registry.db.heartbeats import BeatPolicy
 from registry.db.pool import create_heartbeat_pool, create_pool
@@ -22,6 +23,7 @@ from registry.errors import error_middleware
 from registry.events import EventHub
 from registry.ingest import HeartbeatIngest
 from registry.keys import (
+    ADMISSION,
     DSN,
     EVENT_HUB,
     IGNORED_FIELDS,
@@ -60,17 +62,22 @@ HTTP_CLOSE_S = 5.0
 
 def create_app(settings: Settings, dsn: str) -> web.Application:
     """Build the application; no I/O happens until it starts."""
+    metrics = Metrics()
+    admission = Admission(settings.max_requests_in_flight, metrics.turned_away)
     app = web.Application(
         middlewares=[
             request_id_middleware,
             error_middleware,
+            # After the error middleware, which renders its 503.
+            admission.middleware(),
             admin_auth_middleware,
         ],
         client_max_size=settings.max_body_bytes,
     )
     app[SETTINGS] = settings
     app[DSN] = dsn
-    app[METRICS] = Metrics()
+    app[METRICS] = metrics
+    app[ADMISSION] = admission
     app[IGNORED_FIELDS] = IgnoredFieldReporter(app[METRICS])
     app[REFUSALS] = RefusalLog(app[METRICS])
     app[SOURCES] = source_settings(settings)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncpg
 from aiohttp import web
 
+from registry.admission import Admission
 from registry.events import EventHub
 from registry.ingest import HeartbeatIngest
 from registry.metrics import Metrics
@@ -25,3 +26,4 @@ METRICS = web.AppKey("metrics", Metrics)
 INGEST = web.AppKey("ingest", HeartbeatIngest)
 IGNORED_FIELDS = web.AppKey("ignored_fields", IgnoredFieldReporter)
 REFUSALS = web.AppKey("refusals", RefusalLog)
+ADMISSION = web.AppKey("admission", Admission)

@@ -125,3 +125,16 @@ class Metrics:
             "How long this process's last pruning pass took, pauses included.",
             registry=r,
         )
+        self.turned_away = Counter(
+            "registry_turned_away",
+            "Requests and connections answered 503 `overloaded` without being served, by what "
+            "was full (requests_in_flight, connections).",
+            ["reason"],
+            registry=r,
+        )
+        self.requests_in_flight = Gauge(
+            "registry_requests_in_flight",
+            "Requests being served by this process at scrape time, the scrape included "
+            "(REGISTRY_MAX_REQUESTS_IN_FLIGHT caps it).",
+            registry=r,
+        )

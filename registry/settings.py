@@ -35,6 +35,16 @@ class Settings:
     gitea_scheme: str = "https"
     # 64 KiB holds a heartbeat with hundreds of observed plugins; anything larger is abuse.
     max_body_bytes: int = 64 * 1024
+    # Slow and greedy clients (registry/protocol.py, body.py, admission.py): a request head
+    # must arrive within head_timeout_s and a body within body_timeout_s (408); a head holds at
+    # most max_headers fields and max_header_bytes (431; a runtime sends under 1 KiB); beyond
+    # max_connections open connections or max_requests_in_flight requests: 503 + Retry-After.
+    head_timeout_s: float = 10.0
+    body_timeout_s: float = 30.0
+    max_header_bytes: int = 16 * 1024
+    max_headers: int = 32
+    max_connections: int = 10_000
+    max_requests_in_flight: int = 1_000
     heartbeat_interval_s: float = 30.0
     # Concurrent heartbeats share one statement per batch; off: one statement per beat
     # (kept to measure what coalescing buys). Batches in flight at once, and their size cap.
@@ -137,6 +147,12 @@ class Settings:
 
         need(0 < self.port < 65536, f"port must be 1..65535, got {self.port}")
         need(self.max_body_bytes >= 1024, "max_body_bytes must be at least 1024")
+        need(self.max_header_bytes >= 1024, "max_header_bytes must be at least 1024")
+        need(self.max_headers >= 8, "max_headers must be at least 8")
+        need(
+            self.max_connections >= 1 and self.max_requests_in_flight >= 1,
+            "max_connections and max_requests_in_flight must be positive",
+        )
         need(
             1 <= self.pool_min_size <= self.pool_max_size,
             "need 1 <= pool_min_size <= pool_max_size",
@@ -160,6 +176,8 @@ class Settings:
             "refusal_flush_interval_s",
             "restart_reconcile_every_s",
             "shutdown_grace_s",
+            "head_timeout_s",
+            "body_timeout_s",
             "fetch_timeout_s",
             "event_retention_s",
             "reconcile_retention_s",
@@ -308,6 +326,12 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "github_base": _text,
     "gitea_scheme": _text,
     "max_body_bytes": _positive_int,
+    "head_timeout_s": _float,
+    "body_timeout_s": _float,
+    "max_header_bytes": _positive_int,
+    "max_headers": _positive_int,
+    "max_connections": _positive_int,
+    "max_requests_in_flight": _positive_int,
     "heartbeat_interval_s": _float,
     "offline_after_s": _float,
     "provision_timeout_s": _float,

@@ -13,7 +13,7 @@ from registry.db.errors import DatabaseUnavailable
 from registry.db.migrate import pending_migrations
 from registry.errors import ServiceUnavailable
 from registry.jsonio import json_response
-from registry.keys import EVENT_HUB, METRICS, POOL
+from registry.keys import ADMISSION, EVENT_HUB, METRICS, POOL
 
 # Probes must answer quickly even when the database does not.
 READINESS_TIMEOUT_S = 2.0
@@ -44,6 +44,7 @@ async def get_metrics(request: web.Request) -> web.Response:
     metrics.pool_connections.labels("in_use").set(pool.get_size() - pool.get_idle_size())
     metrics.pool_connections.labels("idle").set(pool.get_idle_size())
     metrics.event_subscribers.set(request.app[EVENT_HUB].subscribers)
+    metrics.requests_in_flight.set(request.app[ADMISSION].in_flight)
     with contextlib.suppress(DatabaseUnavailable):
         async with pool.acquire(timeout=READINESS_TIMEOUT_S) as conn:
             for status, n in (await fleet.status_counts(conn)).items():
