@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 import resource
 import time
 from collections.abc import AsyncIterator
