@@ -37,7 +37,7 @@ from typing import Any
 from aiohttp import web
 from aiohttp.http_exceptions import BadHttpMessage, HttpProcessingError, LineTooLong
 from aiohttp.http_parser import RawRequestMessage
-from aiohttp.streams import EMPTY_PAYLOAD
+from aiohttp.streams import EMPTY_PAYLOAD, StreamReader
 from aiohttp.web_protocol import RequestHandler, _ErrInfo
 from aiohttp.web_request import BaseRequest
 from aiohttp.web_response import StreamResponse
@@ -113,7 +113,7 @@ def _head_size(message: RawRequestMessage) -> int:
 class EnvelopeRequestHandler(RequestHandler):
     """One connection: parser refusals become the JSON envelope; ConnectionLimits apply."""
 
-    __slots__ = ("_awaiting_head", "_head_bytes", "_head_timer", "_limits")
+    __slots__ = ("_awaiting_head", "_head_bytes", "_head_timer", "_last_body", "_limits")
 
     def __init__(self, manager: web.Server, *, limits: ConnectionLimits, **kwargs: Any) -> None:
         super().__init__(manager, **kwargs)
@@ -122,6 +122,9 @@ class EnvelopeRequestHandler(RequestHandler):
         self._awaiting_head = True
         self._head_bytes = 0
         self._head_timer: asyncio.TimerHandle | None = None
+        # The body of the last request parsed: until it is complete, bytes are its, not a
+        # head's (aiohttp reads the rest of an unread body after the answer, "lingering").
+        self._last_body: StreamReader | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         manager = self._manager
@@ -154,7 +157,12 @@ class EnvelopeRequestHandler(RequestHandler):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
-        if not self._awaiting_head or self._force_close or self._close:
+        if (
+            not self._awaiting_head
+            or self._force_close
+            or self._close
+            or (self._last_body is not None and not self._last_body.is_eof())
+        ):
             super().data_received(data)  # a body, or ignored
             return
         queued = len(self._messages)
@@ -171,6 +179,7 @@ class EnvelopeRequestHandler(RequestHandler):
     def _head_complete(self, queued: int, last_read: int) -> None:
         self._awaiting_head = False
         self._cancel_head_timer()
+        self._last_body = self._messages[-1][1]
         seen, self._head_bytes = self._head_bytes, 0
         if seen + last_read <= self._limits.max_header_bytes:
             return  # the common case: a small request, nothing to measure
@@ -216,8 +225,9 @@ class EnvelopeRequestHandler(RequestHandler):
         self, request: BaseRequest, resp: StreamResponse, start_time: float | None
     ) -> tuple[StreamResponse, bool]:
         answered = await super().finish_response(request, resp, start_time)
-        # The next bytes on this connection begin the next head.
-        self._awaiting_head = True
+        # The next bytes on this connection (after the body, if it is still arriving) begin
+        # the next head, unless a pipelined one is queued already.
+        self._awaiting_head = not self._messages
         self._head_bytes = 0
         return answered
 

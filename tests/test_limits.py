@@ -104,6 +104,21 @@ async def test_a_kept_alive_connection_is_not_timed_out_between_requests(
     connection.close()
 
 
+async def test_a_large_unread_body_arriving_after_the_answer_is_not_taken_for_a_head(
+    dsn: str, tmp_path: Path, processes: Processes
+) -> None:
+    registry = await started(processes, dsn, tmp_path)
+    connection = await Connection.open(port_of(registry))
+    body = b" " * 40_000  # refused (no token) before it is read; 40 KB > the 16 KiB head limit
+    await connection.send(head("POST", "/registry/heartbeat", [], len(body)) + body[:100])
+    assert (await connection.answer()).status == 401
+
+    await connection.send(body[100:])  # aiohttp reads the rest; then the connection goes on
+    await connection.send(head("GET", "/healthz", [], None))
+
+    assert (await connection.answer()).status == 200
+
+
 @pytest.mark.parametrize(
     ("what", "fields"),
     [
