@@ -1,5 +1,6 @@
-"""ThrottledLog and the loop's accept-error handler: a flood is one line per interval, with the
-count of what it left out; other loop errors keep asyncio's default handling. Time is
+"""Process resources (registry/resources.py): the connection cap kept below the open-files
+limit; ThrottledLog and the loop's accept-error handler: a flood is one line per interval, with
+the count of what it left out, while other loop errors keep asyncio's default handling. Time is
 controlled by setting when the last line was logged, never by waiting."""
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import logging
 
 import pytest
 
-from registry.resources import AcceptErrorLog
+from registry.resources import FD_RESERVE, AcceptErrorLog, connection_cap
 from registry.throttled_log import ThrottledLog
 
 log = logging.getLogger("tests.throttled")
@@ -54,3 +55,15 @@ async def test_accept_errors_are_collapsed_and_other_loop_errors_are_not(
     assert any(
         r.name == "asyncio" and "something else broke" in r.getMessage() for r in caplog.records
     )
+
+
+def test_the_connection_cap_is_lowered_below_the_open_files_limit_and_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, logger="registry.resources")
+
+    assert connection_cap(10_000, 1_048_576) == 10_000
+    assert caplog.records == []
+    assert connection_cap(10_000, 1024) == 1024 - FD_RESERVE
+    assert "REGISTRY_MAX_CONNECTIONS=10000 lowered to 896" in caplog.text
+    assert connection_cap(10_000, 64) == 1  # never none at all
