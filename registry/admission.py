@@ -16,9 +16,11 @@ from prometheus_client import Counter
 
 from registry.errors import Handler, Overloaded
 
-# Probes and the scrape that shows what was turned away are never turned away themselves; they
-# are cheap and few.
-EXEMPT = frozenset({"/healthz", "/metrics"})
+# Neither counted nor turned away: probes and the scrape that shows what was turned away (cheap and few), and
+# the event stream, which stays in flight for hours: counted, a few hundred idle subscribers
+# would take the slots of every heartbeat. Streams hold a connection each, under the
+# connection cap.
+EXEMPT = frozenset({"/healthz", "/metrics", "/events"})
 
 
 class Admission:
@@ -32,7 +34,9 @@ class Admission:
         async def admission_middleware(
             request: web.Request, handler: Handler
         ) -> web.StreamResponse:
-            if self.in_flight >= self.limit and request.path not in EXEMPT:
+            if request.path in EXEMPT:
+                return await handler(request)
+            if self.in_flight >= self.limit:
                 self._turned_away.inc()
                 raise Overloaded(f"more than {self.limit} requests in flight; retry later")
             self.in_flight += 1

@@ -134,7 +134,7 @@ class Metrics:
         )
         self.requests_in_flight = Gauge(
             "registry_requests_in_flight",
-            "Requests being served by this process at scrape time, the scrape included "
-            "(REGISTRY_MAX_REQUESTS_IN_FLIGHT caps it).",
+            "Requests being served by this process at scrape time, under "
+            "REGISTRY_MAX_REQUESTS_IN_FLIGHT (probes, scrapes and event streams not counted).",
             registry=r,
         )

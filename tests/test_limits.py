@@ -16,6 +16,7 @@ import aiohttp
 import pytest
 
 from tests.processes import Processes, RegistryProcess
+from tests.support import ADMIN
 from tests.slow_clients import (
     Connection,
     exchange,
@@ -169,7 +170,7 @@ async def test_requests_beyond_the_in_flight_cap_get_503_with_retry_after(
     registry = await started(processes, dsn, tmp_path, REGISTRY_MAX_REQUESTS_IN_FLIGHT="2")
     workspace_id, token = await workspace_token(registry)
     held = [await slow_heartbeat(registry, workspace_id, token, []) for _ in range(2)]
-    await until_metric(registry, IN_FLIGHT, 3)  # the two, and the scrape itself
+    await until_metric(registry, IN_FLIGHT, 2)  # both are reading their bodies
 
     async with (
         aiohttp.ClientSession() as session,
@@ -186,6 +187,23 @@ async def test_requests_beyond_the_in_flight_cap_get_503_with_retry_after(
         connection.close()
     async with aiohttp.ClientSession() as session, session.get(f"{registry.url}/readyz") as ok:
         assert ok.status == 200
+
+
+async def test_event_streams_do_not_take_the_in_flight_slots_of_other_requests(
+    dsn: str, tmp_path: Path, processes: Processes
+) -> None:
+    registry = await started(processes, dsn, tmp_path, REGISTRY_MAX_REQUESTS_IN_FLIGHT="1")
+    async with aiohttp.ClientSession() as session:
+        streams = [await session.get(f"{registry.url}/events", headers=ADMIN) for _ in range(3)]
+        for stream in streams:  # answered: each is being streamed
+            assert stream.status == 200
+            assert stream.content_type == "text/event-stream"
+        assert await metric(registry, IN_FLIGHT) == 0
+
+        async with session.get(f"{registry.url}/readyz") as ready:
+            assert ready.status == 200
+        for stream in streams:
+            stream.close()
 
 
 async def test_connections_beyond_the_cap_get_503_with_retry_after_and_are_counted(
@@ -303,10 +321,10 @@ async def test_memory_stays_flat_over_rounds_of_aborted_slow_requests_with_large
     after_round = []
     for _ in range(6):
         held = [await slow_heartbeat(registry, workspace_id, token, fields) for _ in range(50)]
-        await until_metric(registry, IN_FLIGHT, 51)  # all 50 are reading their bodies
+        await until_metric(registry, IN_FLIGHT, 50)  # all 50 are reading their bodies
         for connection, _rest in held:
             connection.reset()
-        await until_metric_at_most(registry, IN_FLIGHT, 1)  # all 50 are over
+        await until_metric_at_most(registry, IN_FLIGHT, 0)  # all 50 are over
         after_round.append(rss_mib(registry.process.pid))
 
     warm = after_round[0]  # the first round grows the allocator's arenas; later ones reuse them
