@@ -16,10 +16,10 @@ from prometheus_client import Counter
 
 from registry.errors import Handler, Overloaded
 
-# Neither counted nor turned away: probes and the scrape that shows what was turned away (cheap and few), and
-# the event stream, which stays in flight for hours: counted, a few hundred idle subscribers
-# would take the slots of every heartbeat. Streams hold a connection each, under the
-# connection cap.
+# Neither counted nor turned away: probes and the scrape that shows what was turned away
+# (cheap and few), and the event stream, which stays in flight for hours: counted, a few hundred
+# idle subscribers would take the slots of every heartbeat. Streams hold a connection each,
+# under the connection cap.
 EXEMPT = frozenset({"/healthz", "/metrics", "/events"})
 
 

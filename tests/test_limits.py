@@ -16,7 +16,6 @@ import aiohttp
 import pytest
 
 from tests.processes import Processes, RegistryProcess
-from tests.support import ADMIN
 from tests.slow_clients import (
     Connection,
     exchange,
@@ -29,6 +28,7 @@ from tests.slow_clients import (
     until_metric_at_most,
     workspace_token,
 )
+from tests.support import ADMIN
 
 IN_FLIGHT = "registry_requests_in_flight"
 
