@@ -24,6 +24,11 @@ such clients held 2 GB. Here:
   once, without reading its request, and closed.
 These errors are answered by the same handler, through aiohttp's own error path (an `_ErrInfo`
 message queued as the parser does for a malformed request), so the envelope is the same.
+
+No cycles. `serve` runs the full collection rarely (registry/cli.py), so anything a connection
+leaves in a reference cycle stays for a long time under a flood: the handler breaks the three
+it would leave (a queued parser error's traceback, the body it keeps, the closed transport's
+own callback); tests/test_connection_cycles.py checks with the collector off.
 """
 
 from __future__ import annotations
