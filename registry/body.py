@@ -7,9 +7,9 @@ reading frames to its traceback; those frames hold the request, the request hold
 the stream holds the exception: a cycle per aborted request, with the request's headers (up to
 the header limit) inside. Only the cyclic collector frees it, and `serve` tunes that collector
 to run its full pass rarely (registry/cli.py): rounds of 1,000 aborted requests with ~1 MB of
-headers each took the process from 2.1 to 5.6 GB in 6 rounds, for good. Here the stored exception loses its traceback
-and a fresh one (not stored anywhere) is raised: reference counting frees the request as soon
-as the handler returns.
+headers each took the process from 2.1 to 5.6 GB in 6 rounds, for good. Here the stored
+exception loses its traceback and a fresh one (not stored anywhere) is raised: reference
+counting frees the request as soon as the handler returns.
 
 The timeout. aiohttp waits for a body as long as the client keeps the connection open (a body
 at 1 byte/s held a request for minutes). A body that has not arrived in full within the timeout
