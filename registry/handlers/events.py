@@ -68,8 +68,8 @@ async def get_event_history(request: web.Request) -> web.Response:
     after = _after(request) or 0
     limit = query.query_int(request, "limit", 100, minimum=1, maximum=MAX_EVENTS_PAGE)
     async with request.app[POOL].acquire() as conn:
-        if workspace_id is not None and not await workspaces.workspace_exists(conn, workspace_id):
-            raise workspace_not_found(workspace_id)
+        # A filter, as on the stream: an unknown workspace has no events (the per-workspace
+        # route, where the id is the resource, answers 404).
         page = await _history_page(conn, after, workspace_id, limit)
         names = await workspaces.names_of(
             conn, {e.workspace_id for e in page if e.workspace_id is not None}
