@@ -18,6 +18,7 @@ from registry.auth import admin_auth_middleware
 from registry.db.heartbeats import BeatPolicy
 from registry.db.pool import create_heartbeat_pool, create_pool
 from registry.db.reconciles import RestartBudget
+from registry.drift import DriftChecker
 from registry.errors import error_middleware
 from registry.events import EventHub
 from registry.ingest import HeartbeatIngest
@@ -186,6 +187,7 @@ async def _background(app: web.Application) -> AsyncIterator[None]:
         sweeper = LivenessSweeper(pool, settings, app[METRICS])
         hub = EventHub(pool, app[DSN])
         pruner = Pruner(pool, settings, app[METRICS])
+        drift = DriftChecker(pool, settings, worker.wake)
         app[RECONCILER] = worker
         app[EVENT_HUB] = hub
         stop_refusals = asyncio.Event()
@@ -197,6 +199,7 @@ async def _background(app: web.Application) -> AsyncIterator[None]:
             ("event-sequencer", hub.run_sequencer, hub.stop),
             ("event-listener", hub.run_listener, hub.stop),
             ("retention-pruner", pruner.run_forever, pruner.stop),
+            ("drift-checker", drift.run_forever, drift.stop),
             (
                 "refusal-flusher",
                 functools.partial(

@@ -52,6 +52,11 @@ class Settings:
     # A runtime that restarted while online (uptime went down, or it registered again) may be
     # a new box without its plugins: it gets a reconcile, at most once per this per workspace.
     restart_reconcile_every_s: float = 300.0
+    # Drift (registry/drift.py): a live runtime whose report of its plugins has lacked some the
+    # registry recorded as installed for this long (no restart pending) gets a reconcile, at
+    # most once per drift_reconcile_every_s per workspace.
+    drift_settle_s: float = 60.0
+    drift_reconcile_every_s: float = 600.0
     # Token rotation: the previous token keeps working this long (0: at once, for a leaked
     # token; a rotation request can also ask for 0).
     token_rotation_grace_s: float = 3600.0
@@ -159,6 +164,8 @@ class Settings:
             "offline_after_max_s",
             "refusal_flush_interval_s",
             "restart_reconcile_every_s",
+            "drift_settle_s",
+            "drift_reconcile_every_s",
             "shutdown_grace_s",
             "fetch_timeout_s",
             "event_retention_s",
@@ -316,6 +323,8 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "token_rotation_grace_s": _float,
     "refusal_flush_interval_s": _float,
     "restart_reconcile_every_s": _float,
+    "drift_settle_s": _float,
+    "drift_reconcile_every_s": _float,
     "mass_expiry_share": _float,
     "mass_expiry_min_fleet": _non_negative_int,
     "mass_expiry_rate": _float,
