@@ -21,10 +21,13 @@ from registry.db.reconciles import RestartBudget
 from registry.drift import DriftChecker
 from registry.errors import error_middleware
 from registry.events import EventHub
+from registry.fleet_gauges import FleetGauges
+from registry.http_metrics import http_metrics_middleware
 from registry.ingest import HeartbeatIngest
 from registry.keys import (
     DSN,
     EVENT_HUB,
+    FLEET_GAUGES,
     IGNORED_FIELDS,
     INGEST,
     METRICS,
@@ -63,6 +66,7 @@ def create_app(settings: Settings, dsn: str) -> web.Application:
     """Build the application; no I/O happens until it starts."""
     app = web.Application(
         middlewares=[
+            http_metrics_middleware,
             request_id_middleware,
             error_middleware,
             admin_auth_middleware,
@@ -74,6 +78,7 @@ def create_app(settings: Settings, dsn: str) -> web.Application:
     app[METRICS] = Metrics()
     app[IGNORED_FIELDS] = IgnoredFieldReporter(app[METRICS])
     app[REFUSALS] = RefusalLog(app[METRICS])
+    app[FLEET_GAUGES] = FleetGauges(app[METRICS], settings.metrics_cache_s)
     app[SOURCES] = source_settings(settings)
     app.on_response_prepare.append(echo_request_id)
     setup_routes(app)

@@ -6,6 +6,7 @@ import asyncpg
 from aiohttp import web
 
 from registry.events import EventHub
+from registry.fleet_gauges import FleetGauges
 from registry.ingest import HeartbeatIngest
 from registry.metrics import Metrics
 from registry.plugins import SourceSettings
@@ -25,3 +26,4 @@ METRICS = web.AppKey("metrics", Metrics)
 INGEST = web.AppKey("ingest", HeartbeatIngest)
 IGNORED_FIELDS = web.AppKey("ignored_fields", IgnoredFieldReporter)
 REFUSALS = web.AppKey("refusals", RefusalLog)
+FLEET_GAUGES = web.AppKey("fleet_gauges", FleetGauges)

@@ -192,8 +192,12 @@ class LivenessSweeper:
             # In the grace window it still counts (fresh /fleet figures), but expires nothing.
             expire = time.monotonic() >= self._grace_until
             try:
+                started = time.perf_counter()
                 async with self._pool.acquire() as conn:
                     result = await sweep(conn, self._policy, expire=expire)
+                if result.swept:  # not when another process held the sweep
+                    self._metrics.sweep_duration.set(time.perf_counter() - started)
+                    self._metrics.sweep_last_run.set(time.time())
                 self._count(result)
                 if result.moved:
                     log.info(

@@ -57,6 +57,9 @@ class Settings:
     # most once per drift_reconcile_every_s per workspace.
     drift_settle_s: float = 60.0
     drift_reconcile_every_s: float = 600.0
+    # /metrics reads the fleet-wide gauges from the database at most this often (0: every
+    # scrape): at 100k workspaces one read takes the database ~0.75 s (docs/benchmarks.md).
+    metrics_cache_s: float = 30.0
     # Token rotation: the previous token keeps working this long (0: at once, for a leaked
     # token; a rotation request can also ask for 0).
     token_rotation_grace_s: float = 3600.0
@@ -200,6 +203,10 @@ class Settings:
         )
         need(self.prune_batch > 0, "prune_batch must be positive")
         need(
+            math.isfinite(self.metrics_cache_s) and self.metrics_cache_s >= 0,
+            "metrics_cache_s must be zero or positive",
+        )
+        need(
             math.isfinite(self.prune_pause_s) and self.prune_pause_s >= 0,
             "prune_pause_s must be zero or positive",
         )
@@ -325,6 +332,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "restart_reconcile_every_s": _float,
     "drift_settle_s": _float,
     "drift_reconcile_every_s": _float,
+    "metrics_cache_s": _float,
     "mass_expiry_share": _float,
     "mass_expiry_min_fleet": _non_negative_int,
     "mass_expiry_rate": _float,
