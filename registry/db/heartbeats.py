@@ -85,7 +85,6 @@ WITH input AS (
 target AS (
     SELECT w.status AS previous_status, w.uptime_seconds AS previous_uptime,
            w.last_heartbeat_at AS previous_beat_at,
-           w.observed_plugins AS previous_observed,
            -- Registered by another box than the last one that said who it was.
            COALESCE(i.instance_id <> w.instance_id, false) AS box_changed,
            w.token_hash <> i.token_hash AS old_token, i.*
@@ -127,7 +126,8 @@ beat AS (
         -- report has stood still a while (registry/drift.py).
         observed_plugins_at = CASE
             WHEN tr.observed_plugins IS NOT NULL
-                 AND tr.observed_plugins::jsonb IS DISTINCT FROM tr.previous_observed
+                 -- w.* here is the row before this update
+                 AND tr.observed_plugins::jsonb IS DISTINCT FROM w.observed_plugins
             THEN now() ELSE w.observed_plugins_at END,
         instance_id = COALESCE(tr.instance_id, w.instance_id),
         url = COALESCE(tr.url, w.url),
