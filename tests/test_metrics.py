@@ -98,9 +98,10 @@ async def test_workspaces_by_plugins_sync_agree_with_the_views(
 ) -> None:
     good = f"file://{write_tree(plugin_sources / 'good', {'plugin.py': 'print(1)'})}"
     bad = f"file://{plugin_sources}/missing"  # allowed, but nothing there: fails for good
-    # synced: online with nothing declared
-    plain = await registry.create_workspace()
+    # synced: online with nothing declared (two; one of them is changed below)
+    plain, synced = await registry.create_workspace(), await registry.create_workspace()
     await registry.heartbeat(plain)
+    await registry.heartbeat(synced)
     # out_of_sync: installed, the restart not acknowledged
     restarting = await registry.create_workspace([{"source": good}])
     await registry.heartbeat(restarting, uptime_seconds=10.0)
@@ -112,8 +113,27 @@ async def test_workspaces_by_plugins_sync_agree_with_the_views(
     # removed: counted by status only
     removed = await registry.create_workspace()
     assert (await registry.client.delete(f"/workspaces/{removed.id}", headers=ADMIN)).ok
-    for workspace in (plain, restarting, broken):
+    for workspace in (plain, synced, restarting, broken):
         await registry.settled(workspace)
+    # out_of_sync: installed and acknowledged, but its runtime reports without the plugin
+    drifted = await registry.create_workspace([{"source": good}])
+    await registry.heartbeat(drifted, uptime_seconds=10.0)
+    await registry.settled(drifted)
+    [restart] = (await registry.heartbeat(drifted, uptime_seconds=11.0))["actions"]
+    await registry.heartbeat(drifted, uptime_seconds=12.0, acks=[restart["id"]], plugins=[])
+    # out_of_sync: its last run withheld the restart (the budget was used up)
+    await registry.db.execute(
+        "UPDATE reconciles SET restart_withheld = true WHERE workspace_id = $1",
+        uuid.UUID(plain.id),
+    )
+    # out_of_sync: installed, no longer declared
+    undeclared = await registry.create_workspace()
+    await registry.db.execute(
+        "INSERT INTO installed_plugins (workspace_id, name, source, sha) "
+        "VALUES ($1, 'gone', $2, 'x')",
+        uuid.UUID(undeclared.id),
+        good,
+    )
     # reconciling: a run queued, not yet due
     waiting = await registry.create_workspace()
     await registry.db.execute(
@@ -130,7 +150,7 @@ async def test_workspaces_by_plugins_sync_agree_with_the_views(
         sync: sample(text, "registry_workspaces_plugins_sync", plugins_sync=sync)
         for sync in ("synced", "out_of_sync", "reconciling", "failed")
     }
-    assert metric == {"synced": 1, "out_of_sync": 2, "reconciling": 1, "failed": 1}
+    assert metric == {"synced": 1, "out_of_sync": 5, "reconciling": 1, "failed": 1}
     assert metric == {sync: by_view[sync] for sync in metric}
     assert sample(text, "registry_workspaces", status="removed") == 1
     assert sample(text, "registry_workspaces", status="paused") == 0  # zeros are series too
