@@ -5,7 +5,8 @@ The same rule as registry/verdicts.py's `_sync`, written as SQL so a 100k fleet 
 the database instead of being loaded and judged one by one; tests/test_metrics.py checks both
 say the same of one fleet. One difference, on purpose: a source the allowlist refuses now is
 a check of the Python side (it may resolve paths on disk), so such a workspace is counted by
-the rest of its state here while its view says `out_of_sync`.
+the rest of its state here while its view says `out_of_sync`. And a report naming one plugin
+twice counts here as reported if either entry matches; the view reads the last one.
 """
 
 from __future__ import annotations
@@ -16,8 +17,8 @@ from registry.db import Connection
 from registry.statuses import Status, Sync
 
 # Set-based, so a 100k fleet costs a few hash joins rather than a dozen index probes per
-# workspace (measured in docs/benchmarks.md): each workspace's last run (one walk of the
-# reconciles index), the workspaces whose plan is not all skips (a declared plugin not
+# workspace (measured in docs/benchmarks.md): each workspace's last run (one sort of the
+# reconciles), the workspaces whose plan is not all skips (a declared plugin not
 # installed, or from another source, or, when the runtime reports its plugins, not reported
 # with the recorded sha or digest; an installed one no longer declared), and those with a
 # restart still to be acknowledged. A tombstone is counted by status only.
