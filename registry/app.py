@@ -19,13 +19,17 @@ from registry.auth import admin_auth_middleware
 from registry.db.heartbeats import BeatPolicy
 from registry.db.pool import create_heartbeat_pool, create_pool
 from registry.db.reconciles import RestartBudget
+from registry.drift import DriftChecker
 from registry.errors import error_middleware
 from registry.events import EventHub
+from registry.fleet_gauges import FleetGauges
+from registry.http_metrics import http_metrics_middleware
 from registry.ingest import HeartbeatIngest
 from registry.keys import (
     ADMISSION,
     DSN,
     EVENT_HUB,
+    FLEET_GAUGES,
     IGNORED_FIELDS,
     INGEST,
     METRICS,
@@ -66,6 +70,7 @@ def create_app(settings: Settings, dsn: str) -> web.Application:
     admission = Admission(settings.max_requests_in_flight, metrics.turned_away)
     app = web.Application(
         middlewares=[
+            http_metrics_middleware,
             request_id_middleware,
             error_middleware,
             # After the error middleware, which renders its 503.
@@ -80,6 +85,7 @@ def create_app(settings: Settings, dsn: str) -> web.Application:
     app[ADMISSION] = admission
     app[IGNORED_FIELDS] = IgnoredFieldReporter(app[METRICS])
     app[REFUSALS] = RefusalLog(app[METRICS])
+    app[FLEET_GAUGES] = FleetGauges(app[METRICS], settings.metrics_cache_s)
     app[SOURCES] = source_settings(settings)
     app.on_response_prepare.append(echo_request_id)
     setup_routes(app)
@@ -202,6 +208,7 @@ async def _background(app: web.Application) -> AsyncIterator[None]:
         )
         hub = EventHub(pool, app[DSN])
         pruner = Pruner(pool, settings, app[METRICS])
+        drift = DriftChecker(pool, settings, worker.wake)
         app[RECONCILER] = worker
         app[EVENT_HUB] = hub
         stop_refusals = asyncio.Event()
@@ -213,6 +220,7 @@ async def _background(app: web.Application) -> AsyncIterator[None]:
             ("event-sequencer", hub.run_sequencer, hub.stop),
             ("event-listener", hub.run_listener, hub.stop),
             ("retention-pruner", pruner.run_forever, pruner.stop),
+            ("drift-checker", drift.run_forever, drift.stop),
             (
                 "refusal-flusher",
                 functools.partial(

@@ -62,6 +62,14 @@ class Settings:
     # A runtime that restarted while online (uptime went down, or it registered again) may be
     # a new box without its plugins: it gets a reconcile, at most once per this per workspace.
     restart_reconcile_every_s: float = 300.0
+    # Drift (registry/drift.py): a live runtime whose report of its plugins has lacked some the
+    # registry recorded as installed for this long (no restart pending) gets a reconcile, at
+    # most once per drift_reconcile_every_s per workspace.
+    drift_settle_s: float = 60.0
+    drift_reconcile_every_s: float = 600.0
+    # /metrics reads the fleet-wide gauges from the database at most this often (0: every
+    # scrape): at 100k workspaces one read takes the database ~0.75 s (docs/benchmarks.md).
+    metrics_cache_s: float = 30.0
     # Token rotation: the previous token keeps working this long (0: at once, for a leaked
     # token; a rotation request can also ask for 0).
     token_rotation_grace_s: float = 3600.0
@@ -193,6 +201,8 @@ class Settings:
             "offline_after_max_s",
             "refusal_flush_interval_s",
             "restart_reconcile_every_s",
+            "drift_settle_s",
+            "drift_reconcile_every_s",
             "shutdown_grace_s",
             "head_timeout_s",
             "body_timeout_s",
@@ -233,6 +243,10 @@ class Settings:
             "event_keep_per_workspace and reconcile_keep_per_workspace must be at least 1",
         )
         need(self.prune_batch > 0, "prune_batch must be positive")
+        need(
+            math.isfinite(self.metrics_cache_s) and self.metrics_cache_s >= 0,
+            "metrics_cache_s must be zero or positive",
+        )
         need(
             math.isfinite(self.prune_pause_s) and self.prune_pause_s >= 0,
             "prune_pause_s must be zero or positive",
@@ -370,6 +384,9 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "token_rotation_grace_s": _float,
     "refusal_flush_interval_s": _float,
     "restart_reconcile_every_s": _float,
+    "drift_settle_s": _float,
+    "drift_reconcile_every_s": _float,
+    "metrics_cache_s": _float,
     "mass_expiry_share": _float,
     "mass_expiry_min_fleet": _non_negative_int,
     "mass_expiry_rate": _float,
