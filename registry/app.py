@@ -19,6 +19,7 @@ from registry.db.heartbeats import BeatPolicy
 from registry.db.pool import create_heartbeat_pool, create_pool
 from registry.db.reconciles import RestartBudget
 from registry.errors import error_middleware
+from registry.event_feed import EventFeed
 from registry.events import EventHub
 from registry.ingest import HeartbeatIngest
 from registry.keys import (
@@ -184,7 +185,13 @@ async def _background(app: web.Application) -> AsyncIterator[None]:
         )
         built.append(worker)
         sweeper = LivenessSweeper(pool, settings, app[METRICS])
-        hub = EventHub(pool, app[DSN])
+        feed = EventFeed(
+            pool,
+            poll_s=settings.event_poll_s,
+            queue_size=settings.event_subscriber_queue,
+            max_subscribers=settings.event_max_subscribers,
+        )
+        hub = EventHub(pool, app[DSN], feed)
         pruner = Pruner(pool, settings, app[METRICS])
         app[RECONCILER] = worker
         app[EVENT_HUB] = hub
@@ -196,6 +203,7 @@ async def _background(app: web.Application) -> AsyncIterator[None]:
             ("liveness-sweeper", sweeper.run_forever, sweeper.stop),
             ("event-sequencer", hub.run_sequencer, hub.stop),
             ("event-listener", hub.run_listener, hub.stop),
+            ("event-feed", feed.run, feed.stop),
             ("retention-pruner", pruner.run_forever, pruner.stop),
             (
                 "refusal-flusher",
