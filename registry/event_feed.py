@@ -31,7 +31,10 @@ from registry.event_frames import frame
 
 log = logging.getLogger(__name__)
 
-PAGE = 500  # events per read; the feed reads on until a page comes back short
+# Events per read; the feed reads on until a page comes back short. Never more than a
+# subscriber's queue holds: a burst is handed over page by page, and between two pages (while
+# the feed waits for the database) every writer that keeps up empties its queue.
+PAGE = 500
 # A client turned away at the subscriber cap retries after this long (Retry-After).
 RETRY_AFTER_FULL_S = 5
 
@@ -74,17 +77,19 @@ class Subscription:
         self._queue: deque[tuple[int, bytes]] = deque()
         self._ready = asyncio.Event()
 
-    def offer(self, seq: int, encoded: bytes) -> None:
+    def offer(self, seq: int, encoded: bytes) -> bool:
+        """Queue a frame; True when this one found the queue full and dropped the subscriber."""
         if self.dropped or self.closed:
-            return
-        if len(self._queue) >= self._capacity:
-            self.dropped = True
-            self._queue.clear()  # what it would have got next, it reads from the database
-            if self.on_drop is not None:
-                self.on_drop()
-        else:
-            self._queue.append((seq, encoded))
+            return False
         self._ready.set()
+        if len(self._queue) < self._capacity:
+            self._queue.append((seq, encoded))
+            return False
+        self.dropped = True
+        self._queue.clear()  # what it would have got next, it reads from the database
+        if self.on_drop is not None:
+            self.on_drop()
+        return True
 
     def close(self) -> None:
         self.closed = True
@@ -119,6 +124,7 @@ class EventFeed:
         self._pool = pool
         self._poll_s = poll_s
         self._queue_size = queue_size
+        self._page = min(PAGE, queue_size)
         self._max_subscribers = max_subscribers
         # None while nobody subscribes: the feed then reads nothing, and the first subscriber
         # sets it. Bumped generation: a read in flight when it was forgotten is discarded.
@@ -177,8 +183,6 @@ class EventFeed:
         if not found:
             return
         self._count -= 1
-        if sub.dropped:
-            self.dropped_total += 1
         if self._count == 0:
             self._position = None
             self._generation += 1
@@ -213,14 +217,16 @@ class EventFeed:
         while (position := self._position) is not None:
             generation = self._generation
             async with self._pool.acquire() as conn:
-                page = await events.events_after(conn, position, workspace_id=None, limit=PAGE)
+                page = await events.events_after(
+                    conn, position, workspace_id=None, limit=self._page
+                )
             if generation != self._generation:
                 continue  # everyone left meanwhile and the position was forgotten
             for event in page:
                 self._fan_out(event)
             if page:
                 self._position = page[-1].id
-            if len(page) < PAGE:
+            if len(page) < self._page:
                 return
 
     def _fan_out(self, event: Event) -> None:
@@ -231,4 +237,5 @@ class EventFeed:
                 if event.id > sub.floor:
                     if encoded is None:
                         encoded = frame(event)  # once, for every subscriber
-                    sub.offer(event.id, encoded)
+                    if sub.offer(event.id, encoded):
+                        self.dropped_total += 1
