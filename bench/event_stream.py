@@ -52,6 +52,7 @@ BACKENDS = "SELECT pid FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_ba
 class Load:
     measurement: generators.Measurement
     events: int
+    subscribers_cores: float = 0.0  # the subscriber process, which shares the machine
 
 
 @dataclass(frozen=True, slots=True)
@@ -147,7 +148,10 @@ class Subscribers:
 
     def __init__(self, args: argparse.Namespace, url: str, fleet: Fleet) -> None:
         filtered = round(args.subscribers * args.filtered_share)
+        # In production subscribers are other machines; here they share the two cores, and
+        # --subscriber-nice keeps their wake-ups from preempting the registry's sends.
         command = [
+            *(["nice", "-n", str(args.subscriber_nice)] if args.subscriber_nice else []),
             sys.executable,
             "-m",
             "bench.sse_clients",
@@ -173,6 +177,16 @@ class Subscribers:
         return result
 
 
+def _profile(args: argparse.Namespace, pid: int) -> subprocess.Popen[bytes] | None:
+    """py-spy (when asked for, and installed) over the loaded window with subscribers:
+    collapsed stacks, one line per stack with its sample count."""
+    if args.profile is None:
+        return None
+    seconds = str(round(args.warmup + args.duration))
+    command = ["py-spy", "record", "-p", str(pid), "-d", seconds, "-r", "200"]
+    return subprocess.Popen([*command, "--format", "raw", "-o", str(args.profile)])
+
+
 def _row(name: str, load: Load, note: str) -> Row:
     m = load.measurement
     return Row(name, m.rate, m.latencies, m.errors, m.cpu, note)
@@ -194,7 +208,13 @@ def run(args: argparse.Namespace, work_dir: Path) -> bool:
         subscribers = Subscribers(args, proc.url, fleet)
         try:
             idle_with = idle_window(args, proc, dsn)
-            with_subs = heartbeats_with_events(args, proc, fleet, dsn)
+            profiler = _profile(args, proc.pid)
+            used = cpu.process_cpu_s(subscribers.process.pid)
+            loaded = heartbeats_with_events(args, proc, fleet, dsn)
+            used = cpu.process_cpu_s(subscribers.process.pid) - used
+            with_subs = Load(loaded.measurement, loaded.events, used / loaded.measurement.wall_s)
+            if profiler is not None:
+                profiler.wait()
             time.sleep(args.drain)  # what is still on its way to the subscribers
         finally:
             received = subscribers.finish()
@@ -226,6 +246,7 @@ def report(
     p99_with = with_subs.measurement.latencies.p99_s
     ratio = p99_with / p99_without
     print()
+    print(f"the subscriber process used {with_subs.subscribers_cores:.2f} cores meanwhile")
     print(f"heartbeat p99: {p99_without * 1e3:.2f} ms with 0 subscribers, ", end="")
     print(f"{p99_with * 1e3:.2f} ms with {n}; ratio {ratio:.2f} (target <= {TARGET_P99_RATIO})")
     delays = Latencies.of(d / 1e3 for d in received["delays_ms"])  # type: ignore[attr-defined]
@@ -276,6 +297,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--idle", type=float, default=15.0, help="idle window, seconds")
     parser.add_argument("--settle", type=float, default=11.0, help="before idle windows")
     parser.add_argument("--drain", type=float, default=3.0, help="after the loaded window")
+    parser.add_argument("--subscriber-nice", type=int, default=0, help="nice the subscribers")
+    parser.add_argument("--profile", type=Path, default=None, help="py-spy raw output here")
     args = parser.parse_args(argv)
     db.check_name(args.database)
     return args

@@ -35,6 +35,8 @@ log = logging.getLogger(__name__)
 # subscriber's queue holds: a burst is handed over page by page, and between two pages (while
 # the feed waits for the database) every writer that keeps up empties its queue.
 PAGE = 500
+# Writers woken per turn of the event loop after a page (see EventFeed._wake_writers).
+WAKE_SLICE = 25
 # A client turned away at the subscriber cap retries after this long (Retry-After).
 RETRY_AFTER_FULL_S = 5
 
@@ -78,10 +80,10 @@ class Subscription:
         self._ready = asyncio.Event()
 
     def offer(self, seq: int, encoded: bytes) -> bool:
-        """Queue a frame; True when this one found the queue full and dropped the subscriber."""
+        """Queue a frame (the writer is woken by wake()); True when this one found the queue
+        full and dropped the subscriber."""
         if self.dropped or self.closed:
             return False
-        self._ready.set()
         if len(self._queue) < self._capacity:
             self._queue.append((seq, encoded))
             return False
@@ -90,6 +92,9 @@ class Subscription:
         if self.on_drop is not None:
             self.on_drop()
         return True
+
+    def wake(self) -> None:
+        self._ready.set()
 
     def close(self) -> None:
         self.closed = True
@@ -222,14 +227,27 @@ class EventFeed:
                 )
             if generation != self._generation:
                 continue  # everyone left meanwhile and the position was forgotten
+            offered: dict[Subscription, None] = {}  # in order, each once
             for event in page:
-                self._fan_out(event)
+                self._fan_out(event, offered)
+            # Before anything else runs: a subscriber joining now starts after this page.
             if page:
                 self._position = page[-1].id
+            await self._wake_writers(list(offered))
             if len(page) < self._page:
                 return
 
-    def _fan_out(self, event: Event) -> None:
+    @staticmethod
+    async def _wake_writers(subs: list[Subscription]) -> None:
+        """Wake the writers a slice at a time, letting the loop poll its sockets between
+        slices: heartbeats arriving meanwhile wait for one slice of writes, not for all."""
+        for start in range(0, len(subs), WAKE_SLICE):
+            if start:
+                await asyncio.sleep(0)
+            for sub in subs[start : start + WAKE_SLICE]:
+                sub.wake()
+
+    def _fan_out(self, event: Event, offered: dict[Subscription, None]) -> None:
         encoded: bytes | None = None
         watching = self._by_workspace.get(event.workspace_id) if event.workspace_id else None
         for group in (self._everyone, watching or ()):
@@ -239,3 +257,4 @@ class EventFeed:
                         encoded = frame(event)  # once, for every subscriber
                     if sub.offer(event.id, encoded):
                         self.dropped_total += 1
+                    offered[sub] = None
