@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import random
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -30,7 +31,7 @@ from pathlib import Path
 import asyncpg
 import orjson
 
-from bench import cpu, db, generators, registry_proc
+from bench import cpu, db, generators, registry_proc, server_metrics
 from bench.fleet import Fleet, seed
 from bench.report import Row, markdown, verdict
 from bench.stats import Latencies
@@ -52,7 +53,17 @@ BACKENDS = "SELECT pid FROM pg_stat_activity WHERE datname = $1 AND pid <> pg_ba
 class Load:
     measurement: generators.Measurement
     events: int
+    # The registry's own histogram of the window (cumulative (bound s, count)): a tail seen
+    # by the generator but not here was spent before the handler (the loop, the CPU).
+    server_buckets: list[tuple[float, float]]
     subscribers_cores: float = 0.0  # the subscriber process, which shares the machine
+
+    def server_p99_bound_s(self) -> float:
+        total = self.server_buckets[-1][1] if self.server_buckets else 0.0
+        for bound, count in self.server_buckets:
+            if total and count >= 0.99 * total:
+                return bound
+        return float("nan")
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,10 +107,13 @@ def heartbeats_with_events(
         warmup_s=args.warmup,
         rate=args.heartbeat_rate,
     )
+    before = server_metrics.heartbeat_buckets(proc.url)
     # Events from the start of the warm-up to the end of the window.
     inserted = insert_events(dsn, fleet, args.event_rate, args.warmup + args.duration + 0.2)
     m = generators.measure_python([generator], [proc.pid])
-    return Load(m, inserted[0])
+    after = server_metrics.heartbeat_buckets(proc.url)
+    window = [(b, n - dict(before).get(b, 0.0)) for b, n in after]
+    return Load(m, inserted[0], window)
 
 
 async def _xacts(dsn: str, database: str) -> tuple[int, list[int]]:
@@ -212,16 +226,57 @@ def run(args: argparse.Namespace, work_dir: Path) -> bool:
             used = cpu.process_cpu_s(subscribers.process.pid)
             loaded = heartbeats_with_events(args, proc, fleet, dsn)
             used = cpu.process_cpu_s(subscribers.process.pid) - used
-            with_subs = Load(loaded.measurement, loaded.events, used / loaded.measurement.wall_s)
+            with_subs = Load(
+                loaded.measurement,
+                loaded.events,
+                loaded.server_buckets,
+                used / loaded.measurement.wall_s,
+            )
             if profiler is not None:
                 profiler.wait()
             time.sleep(args.drain)  # what is still on its way to the subscribers
         finally:
             received = subscribers.finish()
         without = heartbeats_with_events(args, proc, fleet, dsn)
+        pairs = [(without, with_subs)]
+        for _ in range(args.rounds - 1):
+            pairs.append(_round(args, proc, fleet, dsn))
     finally:
         proc.stop()
-    return report(args, idle_without, idle_with, without, with_subs, received)
+    ok = report(args, idle_without, idle_with, without, with_subs, received)
+    if len(pairs) > 1:
+        ok = report_rounds(args, pairs)
+    return ok
+
+
+def _round(
+    args: argparse.Namespace, proc: registry_proc.RegistryProcess, fleet: Fleet, dsn: str
+) -> tuple[Load, Load]:
+    """One more pair of loaded windows, with the subscribers and then without them: on a
+    shared machine one pair's ratio is mostly noise, the median of several less so."""
+    subscribers = Subscribers(args, proc.url, fleet)
+    try:
+        with_subs = heartbeats_with_events(args, proc, fleet, dsn)
+    finally:
+        subscribers.finish()
+    return heartbeats_with_events(args, proc, fleet, dsn), with_subs
+
+
+def report_rounds(args: argparse.Namespace, pairs: list[tuple[Load, Load]]) -> bool:
+    ratios = []
+    print()
+    for i, (without, with_subs) in enumerate(pairs, 1):
+        p0 = without.measurement.latencies.p99_s
+        p1 = with_subs.measurement.latencies.p99_s
+        ratios.append(p1 / p0)
+        print(
+            f"round {i}: heartbeat p99 {p0 * 1e3:.2f} ms with 0, {p1 * 1e3:.2f} ms with "
+            f"{args.subscribers}; ratio {p1 / p0:.2f}"
+        )
+    median = statistics.median(ratios)
+    ok = median <= TARGET_P99_RATIO
+    print(f"median ratio over {len(pairs)} rounds: {median:.2f}: {verdict(ok)}")
+    return ok
 
 
 def report(
@@ -246,6 +301,11 @@ def report(
     p99_with = with_subs.measurement.latencies.p99_s
     ratio = p99_with / p99_without
     print()
+    print(
+        "server-side heartbeat p99 (registry histogram, bucket bound): "
+        f"{without.server_p99_bound_s() * 1e3:g} ms with 0, "
+        f"{with_subs.server_p99_bound_s() * 1e3:g} ms with {n}"
+    )
     print(f"the subscriber process used {with_subs.subscribers_cores:.2f} cores meanwhile")
     print(f"heartbeat p99: {p99_without * 1e3:.2f} ms with 0 subscribers, ", end="")
     print(f"{p99_with * 1e3:.2f} ms with {n}; ratio {ratio:.2f} (target <= {TARGET_P99_RATIO})")
@@ -298,6 +358,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--settle", type=float, default=11.0, help="before idle windows")
     parser.add_argument("--drain", type=float, default=3.0, help="after the loaded window")
     parser.add_argument("--subscriber-nice", type=int, default=0, help="nice the subscribers")
+    parser.add_argument("--rounds", type=int, default=1, help="pairs of loaded windows")
     parser.add_argument("--profile", type=Path, default=None, help="py-spy raw output here")
     args = parser.parse_args(argv)
     db.check_name(args.database)
