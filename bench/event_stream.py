@@ -3,7 +3,8 @@ GET /events while events are written at a steady rate, their delivery delay, and
 subscribers cost the database.
 
     .venv/bin/python -m bench.event_stream [--workspaces 1000] [--subscribers 500]
-        [--heartbeat-rate 200] [--event-rate 100] [--duration 20] [--idle 15]
+        [--heartbeat-rate 200] [--event-rate 100] [--duration 20] [--idle 15] [--rounds 3]
+        [--profile FILE]   # py-spy (when installed) on the registry, loaded with subscribers
 
 One registry process (`registry serve`). Events are inserted by this driver, one committed
 row each at --event-rate (what status flips and reconcile outcomes write; the stream cannot
