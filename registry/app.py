@@ -21,6 +21,7 @@ from registry.db.pool import create_heartbeat_pool, create_pool
 from registry.db.reconciles import RestartBudget
 from registry.drift import DriftChecker
 from registry.errors import error_middleware
+from registry.event_feed import EventFeed
 from registry.events import EventHub
 from registry.fleet_gauges import FleetGauges
 from registry.http_metrics import http_metrics_middleware
@@ -206,7 +207,13 @@ async def _background(app: web.Application) -> AsyncIterator[None]:
         sweeper = LivenessSweeper(
             pool, settings, app[METRICS], refused=lambda: ingest.unreachable_batches
         )
-        hub = EventHub(pool, app[DSN])
+        feed = EventFeed(
+            pool,
+            poll_s=settings.event_poll_s,
+            queue_size=settings.event_subscriber_queue,
+            max_subscribers=settings.event_max_subscribers,
+        )
+        hub = EventHub(pool, app[DSN], feed)
         pruner = Pruner(pool, settings, app[METRICS])
         drift = DriftChecker(pool, settings, worker.wake)
         app[RECONCILER] = worker
@@ -219,6 +226,7 @@ async def _background(app: web.Application) -> AsyncIterator[None]:
             ("liveness-sweeper", sweeper.run_forever, sweeper.stop),
             ("event-sequencer", hub.run_sequencer, hub.stop),
             ("event-listener", hub.run_listener, hub.stop),
+            ("event-feed", feed.run, feed.stop),
             ("retention-pruner", pruner.run_forever, pruner.stop),
             ("drift-checker", drift.run_forever, drift.stop),
             (

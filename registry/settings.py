@@ -130,6 +130,12 @@ class Settings:
     prune_interval_s: float = 60.0
     prune_batch: int = 1000
     prune_pause_s: float = 0.05
+    # The live event stream (GET /events): subscribers per process (503 beyond), the frames
+    # one subscriber may fall behind before it is dropped (and told), and how often the one
+    # reader of the process looks for new events when no notification woke it.
+    event_max_subscribers: int = 1000
+    event_subscriber_queue: int = 1000
+    event_poll_s: float = 1.0
 
     @property
     def resolved_offline_after_s(self) -> float:
@@ -213,6 +219,7 @@ class Settings:
             "tombstone_retention_s",
             "prune_interval_s",
             "tree_cache_idle_s",
+            "event_poll_s",
         ):
             value = getattr(self, name)
             need(math.isfinite(value) and value > 0, f"{name} must be a positive number")
@@ -246,6 +253,10 @@ class Settings:
         need(
             math.isfinite(self.metrics_cache_s) and self.metrics_cache_s >= 0,
             "metrics_cache_s must be zero or positive",
+        )
+        need(
+            self.event_max_subscribers > 0 and self.event_subscriber_queue > 0,
+            "event_max_subscribers and event_subscriber_queue must be positive",
         )
         need(
             math.isfinite(self.prune_pause_s) and self.prune_pause_s >= 0,
@@ -425,4 +436,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "prune_interval_s": _float,
     "prune_batch": _positive_int,
     "prune_pause_s": _float,
+    "event_max_subscribers": _positive_int,
+    "event_subscriber_queue": _positive_int,
+    "event_poll_s": _float,
 }
