@@ -14,16 +14,23 @@ import aiojobs
 import asyncpg
 from aiohttp import web
 
+from registry.admission import Admission
 from registry.auth import admin_auth_middleware
 from registry.db.heartbeats import BeatPolicy
 from registry.db.pool import create_heartbeat_pool, create_pool
 from registry.db.reconciles import RestartBudget
+from registry.drift import DriftChecker
 from registry.errors import error_middleware
+from registry.event_feed import EventFeed
 from registry.events import EventHub
+from registry.fleet_gauges import FleetGauges
+from registry.http_metrics import http_metrics_middleware
 from registry.ingest import HeartbeatIngest
 from registry.keys import (
+    ADMISSION,
     DSN,
     EVENT_HUB,
+    FLEET_GAUGES,
     IGNORED_FIELDS,
     INGEST,
     METRICS,
@@ -61,19 +68,26 @@ HTTP_CLOSE_S = 5.0
 
 def create_app(settings: Settings, dsn: str) -> web.Application:
     """Build the application; no I/O happens until it starts."""
+    metrics = Metrics()
+    admission = Admission(settings.max_requests_in_flight, metrics.turned_away)
     app = web.Application(
         middlewares=[
+            http_metrics_middleware,
             request_id_middleware,
             error_middleware,
+            # After the error middleware, which renders its 503.
+            admission.middleware(),
             admin_auth_middleware,
         ],
         client_max_size=settings.max_body_bytes,
     )
     app[SETTINGS] = settings
     app[DSN] = dsn
-    app[METRICS] = Metrics()
+    app[METRICS] = metrics
+    app[ADMISSION] = admission
     app[IGNORED_FIELDS] = IgnoredFieldReporter(app[METRICS])
     app[REFUSALS] = RefusalLog(app[METRICS])
+    app[FLEET_GAUGES] = FleetGauges(app[METRICS], settings.metrics_cache_s)
     app[SOURCES] = source_settings(settings)
     app.on_response_prepare.append(echo_request_id)
     setup_routes(app)
@@ -200,8 +214,15 @@ async def _background(app: web.Application) -> AsyncIterator[None]:
         sweeper = LivenessSweeper(
             pool, settings, app[METRICS], refused=lambda: ingest.unreachable_batches
         )
-        hub = EventHub(pool, app[DSN])
+        feed = EventFeed(
+            pool,
+            poll_s=settings.event_poll_s,
+            queue_size=settings.event_subscriber_queue,
+            max_subscribers=settings.event_max_subscribers,
+        )
+        hub = EventHub(pool, app[DSN], feed)
         pruner = Pruner(pool, settings, app[METRICS])
+        drift = DriftChecker(pool, settings, worker.wake)
         app[RECONCILER] = worker
         app[EVENT_HUB] = hub
         stop_refusals = asyncio.Event()
@@ -212,7 +233,9 @@ async def _background(app: web.Application) -> AsyncIterator[None]:
             ("liveness-sweeper", sweeper.run_forever, sweeper.stop),
             ("event-sequencer", hub.run_sequencer, hub.stop),
             ("event-listener", hub.run_listener, hub.stop),
+            ("event-feed", feed.run, feed.stop),
             ("retention-pruner", pruner.run_forever, pruner.stop),
+            ("drift-checker", drift.run_forever, drift.stop),
             (
                 "refusal-flusher",
                 functools.partial(
