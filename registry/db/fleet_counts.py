@@ -17,16 +17,15 @@ from registry.db import Connection
 from registry.statuses import Status, Sync
 
 # Set-based, so a 100k fleet costs a few hash joins rather than a dozen index probes per
-# workspace (measured in docs/benchmarks.md): each workspace's last run (one sort of the
-# reconciles), the workspaces whose plan is not all skips (a declared plugin not
+# workspace (measured in docs/benchmarks.md): each live workspace's last run (one index probe
+# each), the workspaces whose plan is not all skips (a declared plugin not
 # installed, or from another source, or, when the runtime reports its plugins, not reported
 # with the recorded sha or digest; an installed one no longer declared), and those with a
-# restart still to be acknowledged. A tombstone is counted by status only.
+# restart still to be acknowledged. Tombstones are not read: their number is kept as they come
+# and go (migrations/0015_tombstone_count.sql).
 FLEET_COUNTS = """
-WITH last AS (
-    SELECT DISTINCT ON (r.workspace_id) r.workspace_id, r.status, r.restart_withheld
-    FROM reconciles r
-    ORDER BY r.workspace_id, r.created_at DESC, r.id DESC
+WITH live AS (
+    SELECT id, status, observed_plugins FROM workspaces WHERE status <> 'removed'
 ),
 -- A declared plugin not installed or from another source, or installed and no longer declared.
 mismatched AS (
@@ -38,14 +37,14 @@ mismatched AS (
 -- What runtimes report, one row per plugin (expanded once, joined by hash below).
 reported AS (
     SELECT w.id AS workspace_id, o->>'name' AS name, o->>'sha' AS sha
-    FROM workspaces w CROSS JOIN LATERAL jsonb_array_elements(w.observed_plugins) o
+    FROM live w CROSS JOIN LATERAL jsonb_array_elements(w.observed_plugins) o
     WHERE jsonb_typeof(w.observed_plugins) = 'array'
 ),
 -- Installed, and the runtime reports its plugins, but not this one with its sha or digest.
 -- (One no longer declared is mismatched anyway: checking it too changes no verdict.)
 unreported AS (
     SELECT i.workspace_id
-    FROM installed_plugins i JOIN workspaces w ON w.id = i.workspace_id
+    FROM installed_plugins i JOIN live w ON w.id = i.workspace_id
     WHERE w.observed_plugins IS NOT NULL
       AND NOT EXISTS (SELECT 1 FROM reported r
                       WHERE r.workspace_id = i.workspace_id AND r.name = i.name
@@ -59,7 +58,6 @@ restarting AS (
     WHERE type = 'restart' AND acked_at IS NULL
 )
 SELECT w.status, CASE
-        WHEN w.status = 'removed' THEN NULL
         WHEN l.status IN ('queued', 'running') THEN 'reconciling'
         WHEN u.workspace_id IS NOT NULL
         THEN CASE WHEN l.status = 'failed' THEN 'failed' ELSE 'out_of_sync' END
@@ -69,11 +67,20 @@ SELECT w.status, CASE
         ELSE 'synced'
     END AS sync,
     count(*)::int AS n
-FROM workspaces w
-LEFT JOIN last l ON l.workspace_id = w.id
+FROM live w
+-- Each live workspace's last run, one probe of reconciles_workspace_idx each: the history of
+-- runs (millions of rows) and of tombstones is never sorted.
+LEFT JOIN LATERAL (
+    SELECT r.status, r.restart_withheld FROM reconciles r
+    WHERE r.workspace_id = w.id
+    ORDER BY r.created_at DESC, r.id DESC
+    LIMIT 1
+) l ON true
 LEFT JOIN unconverged u ON u.workspace_id = w.id
 LEFT JOIN restarting x ON x.workspace_id = w.id
 GROUP BY 1, 2
+UNION ALL
+SELECT 'removed', NULL, n::int FROM tombstone_count
 """
 
 
