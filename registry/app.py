@@ -37,6 +37,7 @@ from registry.liveness import LivenessSweeper
 from registry.logs import echo_request_id, request_id_middleware
 from registry.metrics import Metrics
 from registry.plugins import FetchLimits, SourceSettings
+from registry.query import strict_query_middleware
 from registry.reconcile.runner import ReconcileConfig, Reconciler
 from registry.reconcile.worker import ReconcileWorker, new_owner_id
 from registry.refusals import RefusalLog
@@ -65,6 +66,7 @@ def create_app(settings: Settings, dsn: str) -> web.Application:
             request_id_middleware,
             error_middleware,
             admin_auth_middleware,
+            strict_query_middleware,
         ],
         client_max_size=settings.max_body_bytes,
     )
