@@ -57,7 +57,9 @@ async def fresh_registry(
 
 
 async def _create(session: aiohttp.ClientSession, url: str, **body: object) -> tuple[str, str]:
-    async with session.post(f"{url}/workspaces", json={"name": "st", **body}, headers=ADMIN) as r:
+    async with session.post(
+        f"{url}/workspaces", json={"name": f"st-{uuid.uuid4().hex[:12]}", **body}, headers=ADMIN
+    ) as r:
         assert r.status == 201, await r.text()
         created = await r.json()
     return created["workspace"]["id"], created["token"]
