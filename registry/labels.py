@@ -27,6 +27,22 @@ MAX_SET_VALUES = 64
 _NAME = re.compile(r"[a-zA-Z0-9]([-_.a-zA-Z0-9]*[a-zA-Z0-9])?", re.ASCII)
 _DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", re.ASCII)
 
+# The same syntax as one regular expression, for registry/openapi.json (in the subset ECMA-262
+# and Python share; tests/test_labels.py checks the document carries these and that they agree
+# with the checks): a schema-driven client then generates exactly what the server accepts.
+# Only the prefix's total length (253) is beyond it.
+_NAME_RE = "[A-Za-z0-9](?:[-_.A-Za-z0-9]{0,61}[A-Za-z0-9])?"
+_DNS_LABEL_RE = "[a-z0-9](?:[-a-z0-9]{0,61}[a-z0-9])?"
+KEY_PATTERN = f"(?:{_DNS_LABEL_RE}(?:[.]{_DNS_LABEL_RE})*/)?{_NAME_RE}"
+VALUE_PATTERN = f"(?:{_NAME_RE})?"
+_TERM_PATTERN = (
+    f"!?{KEY_PATTERN}"
+    f"|{KEY_PATTERN}(?:==?|!=){VALUE_PATTERN}"
+    f"|{KEY_PATTERN} +(?:in|notin) *[(] *{VALUE_PATTERN} *(?:, *{VALUE_PATTERN} *)*[)]"
+)
+SELECTOR_PATTERN = f"^(?:{_TERM_PATTERN})(?:,(?:{_TERM_PATTERN}))*$"
+_SELECTOR = re.compile(SELECTOR_PATTERN, re.ASCII)
+
 
 def _dns_subdomain(text: str) -> bool:
     return len(text) <= MAX_PREFIX and all(
@@ -160,6 +176,14 @@ def parse_selector(text: str) -> Selector:
     selector = Selector()
     for term in _split_terms(text):
         _parse_term(term, selector)
+    # The terms' own checks name what is wrong; this one holds the rest (stray spaces, say)
+    # to exactly the documented syntax.
+    if not _SELECTOR.fullmatch(text):
+        raise InvalidField(
+            "selector must be comma-separated terms: key, !key, key=value, key!=value, "
+            "key in (a,b) or key notin (a,b), without other spaces",
+            field="selector",
+        )
     return selector
 
 
