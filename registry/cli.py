@@ -18,12 +18,11 @@ import logging
 import os
 import sys
 import time
-import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from registry import __version__
+from registry import __version__, cli_labels
 from registry import cli_format as fmt
 from registry.buildinfo import build_info
 from registry.cli_client import JSON, Client, ClientError
@@ -38,7 +37,6 @@ log = logging.getLogger("registry")
 
 DEFAULT_URL = "http://127.0.0.1:8080"
 SERVER_COMMANDS = ("serve", "migrate")
-STATUSES = ("provisioning", "online", "degraded", "offline", "failed", "paused", "removed")
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 Command = Callable[[Client, argparse.Namespace], Awaitable[int]]
@@ -101,11 +99,8 @@ def _client_parser(
     return command
 
 
-def _workspace_id(value: str) -> str:
-    try:
-        return str(uuid.UUID(value))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a workspace id (a UUID): {value!r}") from None
+# A workspace id or name; names are resolved to ids before the command runs.
+_workspace_id = cli_labels.workspace_ref
 
 
 def _plugin(value: str) -> JSON:
@@ -161,15 +156,19 @@ def _add_client_commands(commands: Any) -> None:
     create.add_argument(
         "--url", dest="workspace_url", help="where the workspace is reached (http delivery)"
     )
+    cli_labels.add_create_labels(create)
 
     listing = _client_parser(
         actions, "list", "list workspaces (in id order, a page at a time)", _list
     )
-    listing.add_argument("--status", choices=STATUSES)
+    cli_labels.add_list_filters(listing)
     listing.add_argument("--limit", type=_positive_int, help="page size (API default 100)")
     listing.add_argument("--cursor", help="continue after this next_cursor")
     listing.add_argument("--all", action="store_true", help="follow next_cursor to the end")
 
+    cli_labels.add_labels_command(
+        _client_parser(actions, "labels", "show or change a workspace's labels", _labels)
+    )
     show = _client_parser(actions, "show", "a workspace: status, plugins, last reconcile", _show)
     show.add_argument("id", type=_workspace_id)
     for action, help_text, run in (
@@ -317,6 +316,7 @@ def _data_dir_from_env() -> Path:
 
 async def _run(run: Command, url: str, token: str, args: argparse.Namespace) -> int:
     async with Client(url, token) as api:
+        await cli_labels.resolve_workspace_refs(api, args)
         return await run(api, args)
 
 
@@ -337,7 +337,11 @@ def _emit(args: argparse.Namespace, data: Any, human: str) -> None:
 
 async def _create(api: Client, args: argparse.Namespace) -> int:
     result = await api.create_workspace(
-        args.name, plugins=args.plugins, delivery=args.delivery, url=args.workspace_url
+        args.name,
+        plugins=args.plugins,
+        delivery=args.delivery,
+        url=args.workspace_url,
+        labels=cli_labels.create_labels(args),
     )
     if args.json:
         _note("the token is shown only this once: store it now")
@@ -346,18 +350,27 @@ async def _create(api: Client, args: argparse.Namespace) -> int:
 
 
 async def _list(api: Client, args: argparse.Namespace) -> int:
-    page = await api.list_workspaces(status=args.status, limit=args.limit, cursor=args.cursor)
+    filters = cli_labels.list_params(args)
+    page = await api.list_workspaces(
+        status=None, limit=args.limit, cursor=args.cursor, filters=filters
+    )
     if args.all:
         collected = list(page["workspaces"])
         while page.get("next_cursor"):
             page = await api.list_workspaces(
-                status=args.status, limit=args.limit, cursor=page["next_cursor"]
+                status=None, limit=args.limit, cursor=page["next_cursor"], filters=filters
             )
             collected.extend(page["workspaces"])
         page = {"workspaces": collected, "next_cursor": None}
     _emit(args, page, fmt.workspaces_table(page["workspaces"]))
     if page.get("next_cursor") and not args.json:
         _note(f"more workspaces: --cursor {page['next_cursor']} (or --all)")
+    return EXIT_OK
+
+
+async def _labels(api: Client, args: argparse.Namespace) -> int:
+    view = await cli_labels.run_labels(api, args)
+    _emit(args, view, cli_labels.format_labels(view.get("labels")))
     return EXIT_OK
 
 

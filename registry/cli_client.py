@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
+from urllib.parse import quote
 
 import aiohttp
 
@@ -124,9 +125,17 @@ class Client:
     # Management API.
 
     async def create_workspace(
-        self, name: str, *, plugins: list[JSON], delivery: str | None, url: str | None
+        self,
+        name: str,
+        *,
+        plugins: list[JSON],
+        delivery: str | None,
+        url: str | None,
+        labels: dict[str, str] | None = None,
     ) -> JSON:
         body: JSON = {"name": name, "plugins": plugins}
+        if labels is not None:
+            body["labels"] = labels
         if delivery is not None:
             body["delivery"] = delivery
         if url is not None:
@@ -135,14 +144,34 @@ class Client:
         return result
 
     async def list_workspaces(
-        self, *, status: str | None, limit: int | None, cursor: str | None
+        self,
+        *,
+        status: str | None,
+        limit: int | None,
+        cursor: str | None,
+        filters: dict[str, str] | None = None,
     ) -> JSON:
         params = {
             key: str(value)
             for key, value in (("status", status), ("limit", limit), ("cursor", cursor))
             if value is not None
         }
-        result: JSON = await self._call("GET", "/workspaces", params=params)
+        result: JSON = await self._call("GET", "/workspaces", params={**(filters or {}), **params})
+        return result
+
+    async def workspace_by_name(self, name: str) -> JSON:
+        result: JSON = await self._call("GET", f"/workspaces/by-name/{quote(name, safe='')}")
+        return result
+
+    async def change_labels(
+        self, workspace_id: str, labels: dict[str, str | None], *, replace: bool
+    ) -> JSON:
+        """PUT (the whole set) or PATCH (a merge; None removes); the workspace after it."""
+        result: JSON = await self._call(
+            "PUT" if replace else "PATCH",
+            f"/workspaces/{workspace_id}/labels",
+            json={"labels": labels},
+        )
         return result
 
     async def get_workspace(self, workspace_id: str) -> JSON:

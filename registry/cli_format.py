@@ -134,6 +134,10 @@ def workspace(view: JSON) -> str:
             [
                 ("id", view["id"]),
                 ("name", view["name"]),
+                (
+                    "labels",
+                    ",".join(f"{k}={v}" for k, v in sorted((view.get("labels") or {}).items())),
+                ),
                 ("status", f"{view['status']} since {when(view.get('status_changed_at'))}"),
                 ("delivery", view["delivery"]),
                 ("url", view.get("url")),
