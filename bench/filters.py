@@ -25,6 +25,7 @@ import asyncpg
 from bench import db as bench_db
 from bench.registry_proc import ADMIN_TOKEN, start
 from bench.stats import Latencies
+from registry.db.filters import list_filtered
 from registry.db.pool import init_connection
 from registry.list_filters import parse_filters
 
@@ -143,17 +144,14 @@ class _Query:
 
 
 async def time_sql(dsn: str, query: str, requests: int, limit: int) -> Latencies:
-    from registry.db.filters import build
-
     filters = parse_filters(_Query(query))  # type: ignore[arg-type]
-    sql, args = build(filters, None, limit + 1)
     conn = await asyncpg.connect(dsn)
     await init_connection(conn)
     samples = []
     try:
         for _ in range(requests):
             started = time.perf_counter()
-            await conn.fetch(sql, *args)
+            await list_filtered(conn, filters, after=None, limit=limit + 1)
             samples.append(time.perf_counter() - started)
     finally:
         await conn.close()

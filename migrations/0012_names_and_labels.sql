@@ -35,3 +35,7 @@ CREATE INDEX reconciles_failed_idx ON reconciles (workspace_id) WHERE status = '
 -- 5. "Has a pending restart": restarts not yet acknowledged.
 CREATE INDEX workspace_actions_pending_restart_idx ON workspace_actions (workspace_id)
     WHERE acked_at IS NULL AND type = 'restart';
+
+-- 6. "Has a refusal": the few workspaces a refused request was recorded for, in id order.
+--    Refusals are written by their own flush, never by a heartbeat: beats stay HOT.
+CREATE INDEX workspaces_refused_idx ON workspaces (id) WHERE refused_at IS NOT NULL;

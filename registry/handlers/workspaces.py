@@ -179,7 +179,7 @@ MAX_PAGE = 500
 # Rows a plugins_sync filter judges per request at most: SQL narrows the candidates, the
 # verdict decides. A page may then come back short (even empty) with a next_cursor: the
 # scan goes on from there, so a client pages on while next_cursor is not null.
-SYNC_SCAN_BUDGET = 2000
+SYNC_SCAN_BUDGET = 1000
 
 
 async def get_workspaces(request: web.Request) -> web.Response:
@@ -192,7 +192,7 @@ async def get_workspaces(request: web.Request) -> web.Response:
     scanned = 0
     async with request.app[POOL].acquire() as conn:
         while True:
-            chunk = limit + 1 if not filters.syncs else min(max(limit + 1, 200), SYNC_SCAN_BUDGET)
+            chunk = limit + 1 if not filters.syncs else min(max(limit + 1, 250), SYNC_SCAN_BUDGET)
             page = await list_filtered(conn, filters, after=after, limit=chunk)
             recorded = await _recorded_page(conn, page, settings, sources)
             for state in recorded:
