@@ -30,7 +30,8 @@ def setup_routes(app: web.Application) -> None:
         ("POST", "/registry/register", runtime.post_register),
         ("POST", "/workspaces", workspaces.post_workspaces),
         ("GET", "/workspaces", workspaces.get_workspaces),
-        ("GET", "/workspaces/by-name/{name}", labels.get_workspace_by_name),
+        # Any name, braces and slashes included (percent-encoded by the client).
+        ("GET", "/workspaces/by-name/{name:.+}", labels.get_workspace_by_name),
         ("GET", "/workspaces/{id}", workspaces.get_workspace),
         ("PATCH", "/workspaces/{id}/labels", labels.patch_workspace_labels),
         ("PUT", "/workspaces/{id}/labels", labels.put_workspace_labels),

@@ -262,9 +262,9 @@ async def test_a_removed_workspace_frees_its_name(registry: Registry) -> None:
 
 
 async def test_by_name_finds_the_live_workspace_or_404s(registry: Registry) -> None:
-    made = await registry.create_workspace(name="has space/and slash", labels={"a": "b"})
+    made = await registry.create_workspace(name="has {braces} space/and slash", labels={"a": "b"})
     response = await registry.client.get(
-        "/workspaces/by-name/has%20space%2Fand%20slash", headers=ADMIN
+        "/workspaces/by-name/has%20%7Bbraces%7D%20space%2Fand%20slash", headers=ADMIN
     )
     assert response.status == 200, await response.text()
     body = await response.json()
