@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Any
 
 from registry.errors import InvalidField
 
@@ -135,15 +134,6 @@ class Selector:
     absent: list[str] = field(default_factory=list)  # NOT labels ?| keys
     within: dict[str, list[str]] = field(default_factory=dict)  # in (...)
     outside: dict[str, list[str]] = field(default_factory=dict)  # != and notin (...)
-
-    def sql_arguments(self) -> dict[str, Any]:
-        return {
-            "equal": self.equal or None,
-            "exists": self.exists or None,
-            "absent": self.absent or None,
-            "within": self.within or None,
-            "outside": self.outside or None,
-        }
 
 
 _SET_TERM = re.compile(r"(?P<key>[^\s!=(),]+)\s+(?P<op>in|notin)\s*\((?P<values>[^()]*)\)\s*")

@@ -511,3 +511,35 @@ def test_every_route_has_a_row_in_the_parameter_table(registry: Registry) -> Non
         if route.name is not None and route.method != "HEAD"
     }
     assert names - RUNTIME_ROUTES == set(ALLOWED_PARAMETERS)
+
+
+async def test_heartbeats_stay_hot_updates_with_the_name_and_label_indexes(
+    registry: Registry, dsn: str
+) -> None:
+    """Heartbeats touch no indexed column (names, labels, refusals are indexed now): each one
+    is a HOT update, with no index maintenance."""
+    import asyncpg
+
+    from registry.db.heartbeats import apply_beat
+    from registry.db.pool import init_connection
+    from tests.support import beat
+
+    made = await registry.create_workspace(name="hot", labels={"env": "prod"})
+    await registry.set_status(made, "online")
+    token_hash = await registry.db.fetchval(
+        "SELECT token_hash FROM workspaces WHERE id = $1", uuid.UUID(made.id)
+    )
+    conn = await asyncpg.connect(dsn)
+    await init_connection(conn)
+    try:
+        async with conn.transaction():
+            for _ in range(5):
+                await apply_beat(conn, beat(uuid.UUID(made.id), token_hash))
+            updated, hot = await conn.fetchrow(
+                "SELECT n_tup_upd, n_tup_hot_upd FROM pg_stat_xact_user_tables "
+                "WHERE relname = 'workspaces'"
+            )
+    finally:
+        await conn.close()
+    assert updated == 5
+    assert hot == 5

@@ -126,9 +126,10 @@ async def create_workspace(
 ) -> Workspace:
     """Insert a provisioning workspace, its declared plugins and its creation event; raises
     NameTaken if a live workspace has the name."""
-    # Twice at most: the holder of the name may be removed between the insert that found it
-    # and the read of its id, and then the name is free for a second try.
-    for _ in range(2):
+    # Again only when the holder of the name was removed between the insert that found it and
+    # the read of its id: the name is free then, and the next insert takes it or finds the
+    # workspace that did.
+    while True:
         async with conn.transaction():
             row = await conn.fetchrow(
                 INSERT_WORKSPACE,
@@ -140,14 +141,11 @@ async def create_workspace(
                 uuid7(),
                 labels or {},
             )
-            if row is None:
-                existing = await live_id_by_name(conn, name)
-                if existing is not None:
-                    raise NameTaken(existing)
-                continue
-            return await _created(conn, Workspace.from_record(row), plugins)
-    # Taken, freed and taken again between two statements, twice: not seen in practice.
-    raise NameTaken(await live_id_by_name(conn, name) or FIRST_ID)
+            if row is not None:
+                return await _created(conn, Workspace.from_record(row), plugins)
+            existing = await live_id_by_name(conn, name)
+            if existing is not None:
+                raise NameTaken(existing)
 
 
 async def _created(
