@@ -1,9 +1,11 @@
 """Workspace labels: Kubernetes' key/value syntax and limits, and the label selector.
 
-A key is an optional DNS-subdomain prefix (at most 253 characters) and `/`, then a name of at
-most 63 characters: alphanumerics with `-`, `_` and `.` inside. A value is empty or a name.
-The same limits as Kubernetes, so labels copied from a manifest fit, and a bounded count so a
-workspace row stays small (the list filters read the column with a GIN index).
+A key is an optional DNS-subdomain prefix and `/`, then a name of at most 63 characters:
+alphanumerics with `-`, `_` and `.` inside. A value is empty or a name. Kubernetes' syntax and
+limits, so labels copied from a manifest fit, with one difference: the prefix is at most four
+DNS labels (`service.beta.kubernetes.io`) instead of at most 253 characters, a bound a regular
+expression can state (the documented pattern is then exact; four labels of 63 are 255). A
+bounded count keeps a workspace row small (the list filters read the column with a GIN index).
 
 A selector is Kubernetes' equality- and set-based syntax, comma-separated terms that all hold:
 `env=prod` (or `==`), `tier!=canary` (also true without the key), `team` (has the key),
@@ -19,7 +21,7 @@ from registry.errors import InvalidField
 
 MAX_LABELS = 64
 MAX_NAME = 63
-MAX_PREFIX = 253
+MAX_PREFIX_LABELS = 4
 MAX_SELECTOR_LENGTH = 4096
 MAX_SET_VALUES = 64
 
@@ -29,10 +31,9 @@ _DNS_LABEL = re.compile(r"[a-z0-9]([-a-z0-9]*[a-z0-9])?", re.ASCII)
 # The same syntax as one regular expression, for registry/openapi.json (in the subset ECMA-262
 # and Python share; tests/test_labels.py checks the document carries these and that they agree
 # with the checks): a schema-driven client then generates exactly what the server accepts.
-# Only the prefix's total length (253) is beyond it.
 _NAME_RE = "[A-Za-z0-9](?:[-_.A-Za-z0-9]{0,61}[A-Za-z0-9])?"
 _DNS_LABEL_RE = "[a-z0-9](?:[-a-z0-9]{0,61}[a-z0-9])?"
-KEY_PATTERN = f"(?:{_DNS_LABEL_RE}(?:[.]{_DNS_LABEL_RE})*/)?{_NAME_RE}"
+KEY_PATTERN = f"(?:{_DNS_LABEL_RE}(?:[.]{_DNS_LABEL_RE}){{0,{MAX_PREFIX_LABELS - 1}}}/)?{_NAME_RE}"
 VALUE_PATTERN = f"(?:{_NAME_RE})?"
 _TERM_PATTERN = (
     f"!?{KEY_PATTERN}"
@@ -44,7 +45,7 @@ _SELECTOR = re.compile(SELECTOR_PATTERN, re.ASCII)
 
 
 def _dns_subdomain(text: str) -> bool:
-    return len(text) <= MAX_PREFIX and all(
+    return text.count(".") < MAX_PREFIX_LABELS and all(
         len(part) <= MAX_NAME and _DNS_LABEL.fullmatch(part) for part in text.split(".")
     )
 
@@ -55,7 +56,10 @@ def key_problem(key: str) -> str | None:
     if slash and not prefix:
         return "its prefix before '/' is empty"
     if prefix and not _dns_subdomain(prefix):
-        return f"its prefix must be a DNS subdomain of at most {MAX_PREFIX} characters"
+        return (
+            f"its prefix must be a DNS subdomain of at most {MAX_PREFIX_LABELS} labels of at "
+            f"most {MAX_NAME} characters (lowercase alphanumerics and '-')"
+        )
     if not name:
         return "its name is empty"
     if len(name) > MAX_NAME or not _NAME.fullmatch(name):

@@ -382,7 +382,8 @@ async def test_a_patch_past_the_cap_is_refused_and_changes_nothing(registry: Reg
     response = await registry.client.patch(
         f"/workspaces/{made.id}/labels", json={"labels": {"one-more": "v"}}, headers=ADMIN
     )
-    assert response.status == 400
+    assert response.status == 409
+    assert (await response.json())["error"]["code"] == "too_many_labels"
     assert await _labels(registry, made) == labels
     # Removing one and adding one in the same patch fits.
     response = await registry.client.patch(

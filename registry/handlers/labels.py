@@ -8,10 +8,10 @@ from aiohttp import web
 
 from registry import validation as v
 from registry.db import Connection, workspaces
-from registry.errors import NotFound, workspace_not_found, workspace_removed
+from registry.errors import Conflict, NotFound, workspace_not_found, workspace_removed
 from registry.handlers.workspaces import workspace_response
 from registry.keys import POOL
-from registry.labels import check_count, parse_labels, parse_patch
+from registry.labels import MAX_LABELS, parse_labels, parse_patch
 
 
 async def patch_workspace_labels(request: web.Request) -> web.Response:
@@ -24,8 +24,16 @@ async def patch_workspace_labels(request: web.Request) -> web.Response:
         labels = await workspaces.merge_labels(conn, workspace_id, sets, removes)
         if labels is None:
             raise await _missing(conn, workspace_id)
-        # Checked on the merged map inside the transaction: raising rolls the merge back.
-        check_count(labels)
+        # Checked on the merged map inside the transaction: raising rolls the merge back. A
+        # conflict with the labels it has (409), not a bad request: the same patch fits a
+        # workspace with fewer.
+        if len(labels) > MAX_LABELS:
+            raise Conflict(
+                f"the merge would leave {len(labels)} labels; a workspace has at most "
+                f"{MAX_LABELS}: remove some in the same patch (null)",
+                field="labels",
+                code="too_many_labels",
+            )
     return await workspace_response(request, workspace_id)
 
 
