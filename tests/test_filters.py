@@ -544,3 +544,30 @@ async def test_heartbeats_stay_hot_updates_with_the_name_and_label_indexes(
         await conn.close()
     assert counts is not None
     assert (counts["n_tup_upd"], counts["n_tup_hot_upd"]) == (5, 5)
+
+
+async def test_concurrent_label_merges_never_pass_the_cap_together(registry: Registry) -> None:
+    """Each merge is computed on the row as the other left it (one UPDATE, the row lock), so
+    of two merges that each fit alone, the second sees the first's labels and is refused."""
+    labels = {f"k{i}": "v" for i in range(MAX_LABELS - 2)}
+    made = await registry.create_workspace(labels=labels)
+    responses = await asyncio.gather(
+        *(
+            registry.client.patch(
+                f"/workspaces/{made.id}/labels",
+                json={"labels": {f"{side}1": "v", f"{side}2": "v"}},
+                headers=ADMIN,
+            )
+            for side in ("a", "b")
+        )
+    )
+    assert sorted(r.status for r in responses) == [200, 409]
+    assert len(await _labels(registry, made)) == MAX_LABELS
+
+
+async def test_name_prefixes_are_compared_by_character_not_collation(registry: Registry) -> None:
+    for name in ("été-1", "été-2", "étè", "ete", "f\U0010ffff-x", "f\U0010ffff", "g"):
+        await registry.create_workspace(name=name)
+    assert await _names(registry, "name_prefix=%C3%A9t%C3%A9") == {"été-1", "été-2"}
+    assert await _names(registry, "name_prefix=f%F4%8F%BF%BF") == {"f\U0010ffff-x", "f\U0010ffff"}
+    assert await _names(registry, "name_prefix=_") == set()
