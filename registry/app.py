@@ -38,7 +38,7 @@ from registry.logs import echo_request_id, request_id_middleware
 from registry.metrics import Metrics
 from registry.plugins import FetchLimits, SourceSettings
 from registry.query import strict_query_middleware
-from registry.reconcile.runner import ReconcileConfig, Reconciler
+from registry.reconcile.runner import ReconcileConfig, Reconciler, TreeCacheConfig
 from registry.reconcile.worker import ReconcileWorker, new_owner_id
 from registry.refusals import RefusalLog
 from registry.retention import Pruner
@@ -148,6 +148,12 @@ def reconcile_config(settings: Settings, sources: SourceSettings) -> ReconcileCo
         retry_base_s=settings.reconcile_retry_base_s,
         retry_cap_s=settings.reconcile_retry_cap_s,
         restart_budget=RestartBudget(settings.restart_budget, settings.restart_budget_window_s),
+        tree_cache=TreeCacheConfig(
+            settings.resolved_tree_cache_dir,
+            settings.tree_cache_idle_s,
+            settings.tree_cache_max_bytes,
+        ),
+        fetch_shared=settings.fetch_shared,
     )
 
 
@@ -185,7 +191,10 @@ async def _background(app: web.Application) -> AsyncIterator[None]:
             lease_s=settings.reconcile_lease_s,
         )
         built.append(worker)
-        sweeper = LivenessSweeper(pool, settings, app[METRICS])
+        ingest = app[INGEST]
+        sweeper = LivenessSweeper(
+            pool, settings, app[METRICS], refused=lambda: ingest.unreachable_batches
+        )
         hub = EventHub(pool, app[DSN])
         pruner = Pruner(pool, settings, app[METRICS])
         app[RECONCILER] = worker

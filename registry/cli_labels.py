@@ -13,10 +13,11 @@ import uuid
 from typing import Any
 
 from registry.cli_client import JSON, Client, ClientError
+from registry.statuses import Status, Sync
 
-STATUSES = ("provisioning", "online", "degraded", "offline", "failed", "paused", "removed")
-SYNCS = ("synced", "out_of_sync", "reconciling", "failed")
-HAS = ("refusal", "pending_restart", "failed_reconcile")
+STATUSES = tuple(s.value for s in Status)
+SYNCS = tuple(s.value for s in Sync)
+HAS = ("refusal", "pending_restart", "failed_reconcile")  # registry/db/filters.py's HAS
 
 
 class WorkspaceRef(str):
@@ -64,6 +65,7 @@ def _choices(options: tuple[str, ...]) -> Any:
 
 
 def add_list_filters(listing: argparse.ArgumentParser) -> None:
+    """The filters of `workspaces list` (its --include-removed is the list's own)."""
     add = listing.add_argument
     add(
         "--status",
@@ -98,7 +100,6 @@ def add_list_filters(listing: argparse.ArgumentParser) -> None:
         metavar="H[,H]",
         help=f"only workspaces with each of these ({', '.join(HAS)})",
     )
-    add("--include-removed", action="store_true", help="also list removed workspaces")
 
 
 def list_params(args: argparse.Namespace) -> dict[str, str]:

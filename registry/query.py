@@ -119,6 +119,7 @@ ALLOWED_PARAMETERS: dict[str, frozenset[str]] = {
     "post_token": frozenset(),
     "get_workspace_events": frozenset({"after", "limit"}),
     "get_events": frozenset({"workspace_id", "after"}),
+    "get_event_history": frozenset({"workspace_id", "after", "limit"}),
     "get_fleet": frozenset(),
     "put_workspace_plugins": frozenset(),
     "post_workspace_reconcile": frozenset(),

@@ -62,6 +62,9 @@ class Settings:
     mass_expiry_share: float = 0.3
     mass_expiry_min_fleet: int = 10
     mass_expiry_rate: float = 0.01
+    # The guard releases only at or below this share (hysteresis; never above the share), once
+    # the silent count has been steady for a liveness window, and keeps the rate for one more.
+    mass_expiry_release_share: float = 0.1
     # SIGTERM: in-flight requests and running reconciles get this long to finish; a
     # reconcile still running then is handed back as a queued intent for the next process.
     shutdown_grace_s: float = 10.0
@@ -86,6 +89,15 @@ class Settings:
     fetch_timeout_s: float = 60.0
     fetch_max_bytes: int = 50 * 1024 * 1024
     fetch_max_files: int = 10_000
+    # Fetched git trees are kept per (source, commit), so a fan-out fetches each tree once
+    # (issue 13): evicted once unused this long, and least recently used past the byte cap
+    # (0: no cache, every run fetches). None: data_dir/tree-cache.
+    tree_cache_dir: Path | None = None
+    tree_cache_idle_s: float = 3600.0
+    tree_cache_max_bytes: int = 1024 * 1024 * 1024
+    # Off: every run resolves and fetches for itself, no cache (kept to measure what sharing
+    # buys, like heartbeat_coalesce).
+    fetch_shared: bool = True
     # Retention: events older than this go, but each workspace keeps its last N whatever their
     # age; finished runs (with their steps) likewise; acknowledged actions after an age;
     # removed workspaces (their token answered 410 until then, 401 after) after an age.
@@ -110,6 +122,12 @@ class Settings:
     @property
     def resolved_plugins_dir(self) -> Path:
         return self.plugins_dir if self.plugins_dir is not None else self.data_dir / "plugins"
+
+    @property
+    def resolved_tree_cache_dir(self) -> Path:
+        if self.tree_cache_dir is not None:
+            return self.tree_cache_dir
+        return self.data_dir / "tree-cache"
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -166,6 +184,7 @@ class Settings:
             "action_retention_s",
             "tombstone_retention_s",
             "prune_interval_s",
+            "tree_cache_idle_s",
         ):
             value = getattr(self, name)
             need(math.isfinite(value) and value > 0, f"{name} must be a positive number")
@@ -185,6 +204,10 @@ class Settings:
         )
         need(0 < self.mass_expiry_share <= 1, "mass_expiry_share must be in (0, 1]")
         need(0 < self.mass_expiry_rate <= 1, "mass_expiry_rate must be in (0, 1]")
+        need(
+            0 <= self.mass_expiry_release_share <= 1,
+            "mass_expiry_release_share must be in [0, 1]",
+        )
         need(self.fetch_max_bytes > 0 and self.fetch_max_files > 0, "fetch limits must be positive")
         need(
             self.event_keep_per_workspace >= 1 and self.reconcile_keep_per_workspace >= 1,
@@ -240,6 +263,13 @@ class Settings:
                 f"{_var('fetch_timeout_s')}={self.fetch_timeout_s:g} must be below "
                 f"{_var('reconcile_timeout_s')}={self.reconcile_timeout_s:g}, or a hung plugin "
                 "source fails the run without a retry",
+            ),
+            (
+                # Every tree a fetch accepts fits: a cache that cannot hold one fetches twice.
+                self.tree_cache_max_bytes == 0 or self.tree_cache_max_bytes >= self.fetch_max_bytes,
+                f"{_var('tree_cache_max_bytes')}={self.tree_cache_max_bytes} must be 0 (no "
+                f"cache) or at least {_var('fetch_max_bytes')}={self.fetch_max_bytes}, or the "
+                "largest plugins cannot be cached",
             ),
             (
                 # The restart budget counts the restart actions of its window.
@@ -319,6 +349,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "mass_expiry_share": _float,
     "mass_expiry_min_fleet": _non_negative_int,
     "mass_expiry_rate": _float,
+    "mass_expiry_release_share": _float,
     "shutdown_grace_s": _float,
     "log_format": str.lower,
     "log_level": str.lower,
@@ -340,6 +371,10 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "fetch_timeout_s": _float,
     "fetch_max_bytes": _positive_int,
     "fetch_max_files": _positive_int,
+    "tree_cache_dir": Path,
+    "tree_cache_idle_s": _float,
+    "tree_cache_max_bytes": _non_negative_int,
+    "fetch_shared": _bool,
     "event_retention_s": _float,
     "event_keep_per_workspace": _positive_int,
     "reconcile_retention_s": _float,

@@ -209,6 +209,14 @@ def _silence_reason(state: Recorded) -> str | None:
         return None
     silent = f"silent for {silent_s:.0f} s, past its offline window of {window_s:g} s"
     guard = state.guard
+    heard_again = guard.silence_counted_from if guard is not None else None
+    if heard_again is not None and (state.now - heard_again).total_seconds() <= window_s:
+        # The sweeper counts no silence from before the registry could hear again.
+        return (
+            f"{silent}, but the registry could not hear it until {_ago(heard_again, state.now)} "
+            "(an outage of the database or of the registry): its silence counts from then, so "
+            "it goes offline only if it does not call in within its window"
+        )
     if guard is not None and guard.holding:
         return (
             f"{silent}, but held {state.workspace.status} by the mass-expiry guard (holding "

@@ -158,7 +158,11 @@ async def db(dsn: str) -> AsyncIterator[asyncpg.Connection]:
     conn = await asyncpg.connect(dsn)
     await conn.execute(f"TRUNCATE {', '.join(TABLES)} RESTART IDENTITY CASCADE")
     await conn.execute(
-        "UPDATE fleet_guard SET holding = false, since = NULL, live = 0, stale = 0, expired = 0"
+        "UPDATE fleet_guard SET holding = false, since = NULL, live = 0, stale = 0, expired = 0,"
+        " silence_counted_from = NULL, silent_changed_at = NULL, released_at = NULL,"
+        # Swept just now, as far as the next sweep can tell: a row left from an earlier test
+        # would read as an outage (nobody swept for long), and count silence afresh.
+        " updated_at = now()"
     )
     await conn.execute("UPDATE retention_state SET events_pruned_through = 0")
     yield conn

@@ -8,13 +8,18 @@ from typing import Any
 
 from registry.db import Connection
 
-SELECT_GUARD = "SELECT holding, since, live, stale, expired, updated_at FROM fleet_guard"
+SELECT_GUARD = """
+SELECT holding, since, live, stale, expired, updated_at, silence_counted_from,
+       silent_changed_at, released_at, now() AS now
+FROM fleet_guard
+"""
 
 UPDATE_GUARD = """
 UPDATE fleet_guard SET
     holding = $1,
     since = CASE WHEN $1 AND NOT holding THEN now() WHEN $1 THEN since END,
-    live = $2, stale = $3, expired = $4, updated_at = now()
+    live = $2, stale = $3, expired = $4, updated_at = now(),
+    silent_changed_at = $5, released_at = $6
 RETURNING holding
 """
 
@@ -23,6 +28,17 @@ RETURNING holding
 UPDATE_FIGURES = """
 UPDATE fleet_guard SET live = $1, stale = $2, expired = $3, updated_at = now()
 RETURNING holding
+"""
+
+# The registry hears again: silence is counted from now. Either the caller knows it could not
+# reach the database since its last sweep ($1), or no process has swept for `$2` seconds (every
+# process sweeps every interval, so nobody was there to hear: all were down, or the database
+# was; NULL: never). Returns the row's value either way.
+HEAR_AGAIN = """
+UPDATE fleet_guard SET silence_counted_from = CASE
+    WHEN $1 OR updated_at < now() - make_interval(secs => $2) THEN now()
+    ELSE silence_counted_from END
+RETURNING silence_counted_from
 """
 
 INSERT_FLEET_EVENT = """
@@ -39,6 +55,11 @@ class Guard:
     stale: int  # of the live ones, silent past their window
     updated_at: datetime
     expired: int = 0  # taken offline by the sweeper within the last liveness window
+    # When the registry could hear again after an outage: no silence counts from before it.
+    silence_counted_from: datetime | None = None
+    silent_changed_at: datetime | None = None  # when the silent count last changed
+    released_at: datetime | None = None  # when the guard last let go
+    now: datetime | None = None  # the database's clock when this was read
 
 
 async def read_guard(conn: Connection) -> Guard:
@@ -47,12 +68,28 @@ async def read_guard(conn: Connection) -> Guard:
     return Guard(**dict(row))
 
 
+async def hear_again(
+    conn: Connection, *, deaf: bool, deaf_after_s: float | None
+) -> datetime | None:
+    """Start counting silence from now if the registry could not hear (`deaf`, or no sweep
+    for `deaf_after_s`, None: never); returns since when silence counts (None: no outage)."""
+    counted_from: datetime | None = await conn.fetchval(HEAR_AGAIN, deaf, deaf_after_s)
+    return counted_from
+
+
 async def write_guard(
-    conn: Connection, *, holding: bool, live: int, stale: int, expired: int = 0
+    conn: Connection,
+    *,
+    holding: bool,
+    live: int,
+    stale: int,
+    expired: int = 0,
+    silent_changed_at: datetime | None = None,
+    released_at: datetime | None = None,
 ) -> bool:
     """Record the guard's state; True when it changed (and then an event was recorded)."""
     was = await read_guard(conn)
-    await conn.execute(UPDATE_GUARD, holding, live, stale, expired)
+    await conn.execute(UPDATE_GUARD, holding, live, stale, expired, silent_changed_at, released_at)
     if was.holding == holding:
         return False
     detail: dict[str, Any] = {"live": live, "stale": stale, "expired": expired}

@@ -175,7 +175,7 @@ intent AS (
     -- reconciles.QUEUE_RECONCILE); a restart never pulls a run forward past its window.
     -- A fold returns the run's id too, so the beat wakes the reconciler for it.
     ON CONFLICT (workspace_id) WHERE status = 'queued' DO UPDATE SET
-        attempt = 0, error = NULL,
+        attempt = 0, error = NULL, requested_at = now(),
         next_attempt_at = LEAST(reconciles.next_attempt_at, EXCLUDED.next_attempt_at)
     RETURNING id, workspace_id
 ),
