@@ -148,6 +148,9 @@ def _add_client_commands(commands: Any) -> Any:
     listing.add_argument("--cursor", help="continue after this next_cursor")
     listing.add_argument("--all", action="store_true", help="follow next_cursor to the end")
     listing.add_argument(
+        "--include-removed", action="store_true", help="also list removed workspaces"
+    )
+    listing.add_argument(
         "-o",
         "--output",
         choices=fmt.LIST_OUTPUTS,

@@ -40,14 +40,14 @@ async def test_every_workspace_command_takes_a_name(url: str, db: asyncpg.Connec
     assert "is removed" in (await ok(url, "workspaces", "delete", "named")).out
 
     missing = await cli(url, "workspaces", "show", "nobody")
-    assert missing.code == 1
+    assert missing.code == 3  # not found
     assert missing.err == "registry: 404 workspace_not_found: no workspace named 'nobody'\n"
 
 
 async def test_creating_a_taken_name_is_a_conflict_naming_the_existing_one(url: str) -> None:
     workspace_id, _ = await create(url, "taken")
     again = await cli(url, "workspaces", "create", "taken")
-    assert again.code == 1
+    assert again.code == 4  # conflict
     assert again.err.startswith("registry: 409 already_exists: ")
     assert workspace_id in again.err
 
