@@ -264,7 +264,9 @@ def _serve(settings: Settings, dsn: str) -> None:
 def _tune_garbage_collector() -> None:
     """Fewer, cheaper collections: the heartbeat path allocates many short-lived objects and
     each full collection walks every long-lived one (modules, settings, pools); frozen, those
-    are skipped. Collections were a source of tail latency under load."""
+    are skipped. Collections were a source of tail latency under load. The price: a reference
+    cycle can wait a long time for the full pass, so per-request and per-connection code must
+    leave none (registry/body.py, registry/protocol.py, tests/test_connection_cycles.py)."""
     gc.collect()
     gc.freeze()
     gc.set_threshold(20_000, 20, 50)

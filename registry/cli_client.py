@@ -199,6 +199,8 @@ class Client:
     ) -> list[JSON]:
         """History after `after` (the fleet's, or one workspace's), following pages until
         the end or until `limit` events; each event carries its workspace's name."""
+        if workspace_id is not None:
+            await self.get_workspace(workspace_id)  # 404 for a workspace that is not there
         page_size = 500 if limit is None else min(500, limit)
         collected: list[JSON] = []
         while limit is None or len(collected) < limit:

@@ -245,10 +245,13 @@ class LivenessSweeper:
         expire = self._clock() >= self._grace_until
         refused = self._refused()
         deaf = self._deaf or refused != self._refused_seen
+        started = time.perf_counter()
         result = await sweep(conn, self._policy, expire=expire, deaf=deaf)
         # Skipped (another process swept, not knowing what this one saw): the next one tells.
         if result.swept:
             self._deaf, self._refused_seen = False, refused
+            self._metrics.sweep_duration.set(time.perf_counter() - started)
+            self._metrics.sweep_last_run.set(time.time())
         self._count(result)
         return result
 

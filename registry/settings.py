@@ -29,12 +29,24 @@ class Settings:
     admin_token: str | None = None
     data_dir: Path = field(default_factory=default_data_dir)
     plugins_dir: Path | None = None  # None: data_dir/plugins
+    # Where plugins are fetched before delivery (never TMPDIR); None: data_dir/staging.
+    staging_dir: Path | None = None
     # Source prefixes that may be installed; empty denies every plugin source.
     plugin_allowlist: tuple[str, ...] = ()
     github_base: str = "https://github.com"
     gitea_scheme: str = "https"
     # 64 KiB holds a heartbeat with hundreds of observed plugins; anything larger is abuse.
     max_body_bytes: int = 64 * 1024
+    # Slow and greedy clients (registry/protocol.py, body.py, admission.py): a request head
+    # must arrive within head_timeout_s and a body within body_timeout_s (408); a head holds at
+    # most max_headers fields and max_header_bytes (431; a runtime sends under 1 KiB); beyond
+    # max_connections open connections or max_requests_in_flight requests: 503 + Retry-After.
+    head_timeout_s: float = 10.0
+    body_timeout_s: float = 30.0
+    max_header_bytes: int = 16 * 1024
+    max_headers: int = 32
+    max_connections: int = 10_000
+    max_requests_in_flight: int = 1_000
     heartbeat_interval_s: float = 30.0
     # Concurrent heartbeats share one statement per batch; off: one statement per beat
     # (kept to measure what coalescing buys). Batches in flight at once, and their size cap.
@@ -52,6 +64,14 @@ class Settings:
     # A runtime that restarted while online (uptime went down, or it registered again) may be
     # a new box without its plugins: it gets a reconcile, at most once per this per workspace.
     restart_reconcile_every_s: float = 300.0
+    # Drift (registry/drift.py): a live runtime whose report of its plugins has lacked some the
+    # registry recorded as installed for this long (no restart pending) gets a reconcile, at
+    # most once per drift_reconcile_every_s per workspace.
+    drift_settle_s: float = 60.0
+    drift_reconcile_every_s: float = 600.0
+    # /metrics reads the fleet-wide gauges from the database at most this often (0: every
+    # scrape): at 100k workspaces one read takes the database ~0.75 s (docs/benchmarks.md).
+    metrics_cache_s: float = 30.0
     # Token rotation: the previous token keeps working this long (0: at once, for a leaked
     # token; a rotation request can also ask for 0).
     token_rotation_grace_s: float = 3600.0
@@ -112,6 +132,12 @@ class Settings:
     prune_interval_s: float = 60.0
     prune_batch: int = 1000
     prune_pause_s: float = 0.05
+    # The live event stream (GET /events): subscribers per process (503 beyond), the frames
+    # one subscriber may fall behind before it is dropped (and told), and how often the one
+    # reader of the process looks for new events when no notification woke it.
+    event_max_subscribers: int = 1000
+    event_subscriber_queue: int = 1000
+    event_poll_s: float = 1.0
 
     @property
     def resolved_offline_after_s(self) -> float:
@@ -122,6 +148,10 @@ class Settings:
     @property
     def resolved_plugins_dir(self) -> Path:
         return self.plugins_dir if self.plugins_dir is not None else self.data_dir / "plugins"
+
+    @property
+    def resolved_staging_dir(self) -> Path:
+        return self.staging_dir if self.staging_dir is not None else self.data_dir / "staging"
 
     @property
     def resolved_tree_cache_dir(self) -> Path:
@@ -155,6 +185,12 @@ class Settings:
 
         need(0 < self.port < 65536, f"port must be 1..65535, got {self.port}")
         need(self.max_body_bytes >= 1024, "max_body_bytes must be at least 1024")
+        need(self.max_header_bytes >= 1024, "max_header_bytes must be at least 1024")
+        need(self.max_headers >= 8, "max_headers must be at least 8")
+        need(
+            self.max_connections >= 1 and self.max_requests_in_flight >= 1,
+            "max_connections and max_requests_in_flight must be positive",
+        )
         need(
             1 <= self.pool_min_size <= self.pool_max_size,
             "need 1 <= pool_min_size <= pool_max_size",
@@ -177,7 +213,11 @@ class Settings:
             "offline_after_max_s",
             "refusal_flush_interval_s",
             "restart_reconcile_every_s",
+            "drift_settle_s",
+            "drift_reconcile_every_s",
             "shutdown_grace_s",
+            "head_timeout_s",
+            "body_timeout_s",
             "fetch_timeout_s",
             "event_retention_s",
             "reconcile_retention_s",
@@ -185,6 +225,7 @@ class Settings:
             "tombstone_retention_s",
             "prune_interval_s",
             "tree_cache_idle_s",
+            "event_poll_s",
         ):
             value = getattr(self, name)
             need(math.isfinite(value) and value > 0, f"{name} must be a positive number")
@@ -215,6 +256,14 @@ class Settings:
             "event_keep_per_workspace and reconcile_keep_per_workspace must be at least 1",
         )
         need(self.prune_batch > 0, "prune_batch must be positive")
+        need(
+            math.isfinite(self.metrics_cache_s) and self.metrics_cache_s >= 0,
+            "metrics_cache_s must be zero or positive",
+        )
+        need(
+            self.event_max_subscribers > 0 and self.event_subscriber_queue > 0,
+            "event_max_subscribers and event_subscriber_queue must be positive",
+        )
         need(
             math.isfinite(self.prune_pause_s) and self.prune_pause_s >= 0,
             "prune_pause_s must be zero or positive",
@@ -334,10 +383,17 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "admin_token": _text,
     "data_dir": Path,
     "plugins_dir": Path,
+    "staging_dir": Path,
     "plugin_allowlist": _prefix_list,
     "github_base": _text,
     "gitea_scheme": _text,
     "max_body_bytes": _positive_int,
+    "head_timeout_s": _float,
+    "body_timeout_s": _float,
+    "max_header_bytes": _positive_int,
+    "max_headers": _positive_int,
+    "max_connections": _positive_int,
+    "max_requests_in_flight": _positive_int,
     "heartbeat_interval_s": _float,
     "offline_after_s": _float,
     "provision_timeout_s": _float,
@@ -346,6 +402,9 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "token_rotation_grace_s": _float,
     "refusal_flush_interval_s": _float,
     "restart_reconcile_every_s": _float,
+    "drift_settle_s": _float,
+    "drift_reconcile_every_s": _float,
+    "metrics_cache_s": _float,
     "mass_expiry_share": _float,
     "mass_expiry_min_fleet": _non_negative_int,
     "mass_expiry_rate": _float,
@@ -384,4 +443,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "prune_interval_s": _float,
     "prune_batch": _positive_int,
     "prune_pause_s": _float,
+    "event_max_subscribers": _positive_int,
+    "event_subscriber_queue": _positive_int,
+    "event_poll_s": _float,
 }

@@ -203,6 +203,8 @@ def settings(tmp_path: Path, plugin_sources: Path, silent_git_server: int) -> Se
         reconcile_retry_cap_s=0.5,
         reconcile_timeout_s=30.0,
         fetch_timeout_s=20.0,
+        # Every scrape reads the fleet afresh: tests compare scrapes a moment apart.
+        metrics_cache_s=0.0,
     )
 
 

@@ -74,6 +74,8 @@ async def test_exit_codes_tell_scripts_what_happened(url: str) -> None:
 
     assert (await cli(url, "workspaces", "show", missing)).code == 3
     assert (await cli(url, "reconcile", "history", missing)).code == 3
+    assert (await cli(url, "workspaces", "events", missing)).code == 3
+    assert (await cli(url, "events", "--workspace", missing)).code == 3
     assert (await cli(url, "reconcile", "run", workspace_id)).code == 4
     assert (await cli(url, "workspaces", "list", token="not-a-token-of-this-registry")).code == 1
     assert (await cli(f"127.0.0.1:{free_port()}", "fleet")).code == 5

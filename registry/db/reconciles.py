@@ -300,14 +300,32 @@ async def release_all(conn: Connection, owner: str) -> int:
     return len(held)
 
 
+@dataclass(frozen=True, slots=True)
+class StepDone:
+    """A step as the runner finished it: how long it took, not when (the database says when)."""
+
+    plugin: str
+    action: str
+    status: str
+    source: str | None
+    sha: str | None
+    seconds: float
+    error: str | None
+    attempt: int = 1
+
+
+# Stamped by the database clock when the step is written, right after it ran: a step's times
+# agree with every other time the registry shows, whatever this host's clock says. Only the
+# duration is measured here (monotonically).
 INSERT_STEP = """
 INSERT INTO reconcile_steps
     (reconcile_id, attempt, plugin, action, status, source, sha, started_at, finished_at, error)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+VALUES ($1, $2, $3, $4, $5, $6, $7,
+        clock_timestamp() - make_interval(secs => $8), clock_timestamp(), $9)
 """
 
 
-async def insert_step(conn: Connection, reconcile_id: uuid.UUID, step: Step) -> None:
+async def insert_step(conn: Connection, reconcile_id: uuid.UUID, step: StepDone) -> None:
     await conn.execute(
         INSERT_STEP,
         reconcile_id,
@@ -317,8 +335,7 @@ async def insert_step(conn: Connection, reconcile_id: uuid.UUID, step: Step) -> 
         step.status,
         step.source,
         step.sha,
-        step.started_at,
-        step.finished_at,
+        step.seconds,
         step.error,
     )
 

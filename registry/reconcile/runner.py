@@ -10,7 +10,6 @@ import tempfile
 import time
 import uuid
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 
 import aiohttp
@@ -19,7 +18,7 @@ import asyncpg
 
 from registry.db import reconciles, workspaces
 from registry.db.errors import DatabaseUnavailable
-from registry.db.reconciles import Claim, Outcome, RestartBudget, Step
+from registry.db.reconciles import Claim, Outcome, RestartBudget, StepDone
 from registry.metrics import Metrics
 from registry.plugins import (
     FetchFailed,
@@ -50,6 +49,8 @@ class TreeCacheConfig:
 @dataclass(frozen=True, slots=True)
 class ReconcileConfig:
     plugins_dir: Path
+    # This process's staging directory (registry/plugins/staging.py), never TMPDIR.
+    staging_dir: Path
     sources: SourceSettings
     limits: FetchLimits
     timeout_s: float
@@ -71,10 +72,6 @@ class ReconcileConfig:
 class _Context:
     workspace: workspaces.Workspace
     steps: list[PlannedStep]
-
-
-def _now() -> datetime:
-    return datetime.now(UTC)
 
 
 def _asked(claim: Claim) -> Asked:
@@ -211,16 +208,15 @@ class Reconciler:
 
     async def _apply(
         self, claim: Claim, workspace: workspaces.Workspace, planned: PlannedStep
-    ) -> tuple[Step, PluginError | None]:
+    ) -> tuple[StepDone, PluginError | None]:
         step, error = await self._perform(claim, workspace, planned)
-        seconds = (step.finished_at - step.started_at).total_seconds()
-        self._metrics.reconcile_step_seconds.labels(step.action, step.status).observe(seconds)
+        self._metrics.reconcile_step_seconds.labels(step.action, step.status).observe(step.seconds)
         return step, error
 
     async def _perform(
         self, claim: Claim, workspace: workspaces.Workspace, planned: PlannedStep
-    ) -> tuple[Step, PluginError | None]:
-        started = _now()
+    ) -> tuple[StepDone, PluginError | None]:
+        started = time.monotonic()
         action, sha = planned.action, planned.installed_sha
         try:
             if action == "skip" and claim.refresh:
@@ -235,15 +231,15 @@ class Reconciler:
             elif action != "skip":
                 sha = await self._install(claim, workspace, planned)
         except PluginError as exc:
-            step = Step(
+            step = StepDone(
                 planned.plugin, action, "failed", planned.source, None,
-                started, _now(), f"{exc.code}: {exc.message}", claim.attempt,
+                time.monotonic() - started, f"{exc.code}: {exc.message}", claim.attempt,
             )  # fmt: skip
             return step, exc
         status = "skipped" if action == "skip" else "succeeded"
-        step = Step(
+        step = StepDone(
             planned.plugin, action, status, planned.source, sha,
-            started, _now(), None, claim.attempt,
+            time.monotonic() - started, None, claim.attempt,
         )  # fmt: skip
         return step, None
 
@@ -253,7 +249,11 @@ class Reconciler:
         # stage() checks the allowlist itself: every install path passes through it.
         source = parse_source(planned.source, self._config.sources)
         try:
-            work_dir = Path(await asyncio.to_thread(tempfile.mkdtemp, prefix="registry-stage-"))
+            work_dir = Path(
+                await asyncio.to_thread(
+                    tempfile.mkdtemp, prefix="reconcile-", dir=self._config.staging_dir
+                )
+            )
         except OSError as exc:  # a full disk, say: this step fails with its own code
             raise FetchFailed(
                 f"cannot make a staging directory: {exc}", code="stage_failed", transient=True
