@@ -117,6 +117,9 @@ async def sweep(conn: Connection, policy: SweepPolicy, *, expire: bool = True) -
             )
             return SweepResult(swept=True, holding=holding)
         holding, limit = policy.expiry_limit(count.live, count.silent, recent)
+        if holding and (await fleet.read_guard(conn)).acknowledged:
+            # An operator said the silence is real (POST /fleet/guard/ack): expire it all.
+            limit = count.silent
         expired = await transitions.expire_silent(
             conn,
             statuses=LIVE,

@@ -149,6 +149,7 @@ TABLES = (
     "declared_plugins",
     "workspaces",
     "fleet_expirations",
+    "api_tokens",
 )
 
 
@@ -158,7 +159,8 @@ async def db(dsn: str) -> AsyncIterator[asyncpg.Connection]:
     conn = await asyncpg.connect(dsn)
     await conn.execute(f"TRUNCATE {', '.join(TABLES)} RESTART IDENTITY CASCADE")
     await conn.execute(
-        "UPDATE fleet_guard SET holding = false, since = NULL, live = 0, stale = 0, expired = 0"
+        "UPDATE fleet_guard SET holding = false, since = NULL, live = 0, stale = 0, expired = 0, "
+        "acked_at = NULL, acked_by = NULL"
     )
     await conn.execute("UPDATE retention_state SET events_pruned_through = 0")
     yield conn

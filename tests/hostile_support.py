@@ -35,6 +35,7 @@ STATE_TABLES = (
     "reconciles",
     "reconcile_steps",
     "workspace_actions",
+    "api_tokens",
 )
 
 
@@ -210,7 +211,7 @@ def database_down(
 
 TRUNCATE = (
     "TRUNCATE workspace_actions, reconcile_steps, reconciles, workspace_events, "
-    "installed_plugins, declared_plugins, workspaces RESTART IDENTITY CASCADE"
+    "installed_plugins, declared_plugins, workspaces, api_tokens RESTART IDENTITY CASCADE"
 )
 
 

@@ -8,13 +8,18 @@ from typing import Any
 
 from registry.db import Connection
 
-SELECT_GUARD = "SELECT holding, since, live, stale, expired, updated_at FROM fleet_guard"
+SELECT_GUARD = """
+SELECT holding, since, live, stale, expired, updated_at, acked_at, acked_by FROM fleet_guard
+"""
 
 UPDATE_GUARD = """
 UPDATE fleet_guard SET
     holding = $1,
     since = CASE WHEN $1 AND NOT holding THEN now() WHEN $1 THEN since END,
-    live = $2, stale = $3, expired = $4, updated_at = now()
+    live = $2, stale = $3, expired = $4, updated_at = now(),
+    -- An acknowledgement lasts as long as the hold it acknowledged.
+    acked_at = CASE WHEN $1 THEN acked_at END,
+    acked_by = CASE WHEN $1 THEN acked_by END
 RETURNING holding
 """
 
@@ -39,6 +44,18 @@ class Guard:
     stale: int  # of the live ones, silent past their window
     updated_at: datetime
     expired: int = 0  # taken offline by the sweeper within the last liveness window
+    acked_at: datetime | None = None
+    acked_by: str | None = None
+
+    @property
+    def acknowledged(self) -> bool:
+        """An operator acknowledged this hold: the sweeper expires at its normal pace."""
+        return (
+            self.holding
+            and self.acked_at is not None
+            and self.since is not None
+            and self.acked_at >= self.since
+        )
 
 
 async def read_guard(conn: Connection) -> Guard:
@@ -59,6 +76,23 @@ async def write_guard(
     cause = "mass_expiry_guard_holding" if holding else "mass_expiry_guard_released"
     await conn.execute(INSERT_FLEET_EVENT, cause, detail)
     return True
+
+
+# Only a holding guard can be acknowledged; acknowledging it again keeps the first.
+ACK_GUARD = """
+UPDATE fleet_guard SET
+    acked_at = CASE WHEN acked_at >= since THEN acked_at ELSE now() END,
+    acked_by = CASE WHEN acked_at >= since THEN acked_by ELSE $1 END
+WHERE holding
+RETURNING holding, since, live, stale, expired, updated_at, acked_at, acked_by
+"""
+
+
+async def acknowledge_guard(conn: Connection, actor: str) -> Guard | None:
+    """Release the current hold (the sweeper stops slowing expiry until the guard lets go
+    by itself); None when the guard is not holding."""
+    row = await conn.fetchrow(ACK_GUARD, actor)
+    return None if row is None else Guard(**dict(row))
 
 
 async def write_figures(conn: Connection, *, live: int, stale: int, expired: int) -> bool:

@@ -102,6 +102,7 @@ async def create_workspace(
     delivery: str,
     url: str | None,
     plugins: list[DeclaredPlugin],
+    actor: str,
 ) -> Workspace:
     """Insert a provisioning workspace, its declared plugins and its creation event."""
     async with conn.transaction():
@@ -117,7 +118,7 @@ async def create_workspace(
             [p.source for p in plugins],
         )
         await insert_status_event(
-            conn, workspace.id, None, Status.PROVISIONING, cause="created", actor="admin"
+            conn, workspace.id, None, Status.PROVISIONING, cause="created", actor=actor
         )
     return workspace
 
@@ -307,7 +308,7 @@ async def rotate_token(
     token_hash: bytes,
     *,
     grace_s: float,
-    actor: str = "admin",
+    actor: str,
 ) -> datetime | None:
     """Replace the token; returns until when the previous one works, None if not rotated."""
     value = await conn.fetchval(ROTATE_TOKEN, workspace_id, token_hash, grace_s, actor)

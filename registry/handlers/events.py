@@ -140,16 +140,18 @@ async def get_fleet(request: web.Request) -> web.Response:
     async with request.app[POOL].acquire() as conn:
         guard = await fleet.read_guard(conn)
         counts = await fleet.status_counts(conn)
-    return json_response(
-        {
-            "statuses": counts,
-            "mass_expiry_guard": {
-                "holding": guard.holding,
-                "since": guard.since,
-                "live": guard.live,
-                "silent": guard.stale,
-                "expired": guard.expired,
-                "updated_at": guard.updated_at,
-            },
-        }
-    )
+    return json_response({"statuses": counts, "mass_expiry_guard": guard_view(guard)})
+
+
+def guard_view(guard: fleet.Guard) -> dict[str, Any]:
+    return {
+        "holding": guard.holding,
+        "since": guard.since,
+        "live": guard.live,
+        "silent": guard.stale,
+        "expired": guard.expired,
+        "updated_at": guard.updated_at,
+        "acknowledged": guard.acknowledged,
+        "acknowledged_at": guard.acked_at if guard.acknowledged else None,
+        "acknowledged_by": guard.acked_by if guard.acknowledged else None,
+    }

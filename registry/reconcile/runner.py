@@ -176,6 +176,20 @@ class Reconciler:
             async with self._pool.acquire() as conn:
                 await reconciles.insert_step(conn, claim.id, step)
             if error is not None:
+                # Separate fields, so a log query can group failures by code or plugin.
+                log.warning(
+                    "reconcile step failed: %s",
+                    error.message,
+                    extra={
+                        "workspace_id": str(claim.workspace_id),
+                        "reconcile_id": str(claim.id),
+                        "code": error.code,
+                        "plugin": planned.plugin,
+                        "source": planned.source,
+                        "action": step.action,
+                        "transient": error.transient,
+                    },
+                )
                 failures.append(f"{planned.plugin}: {error.code}: {error.message}")
                 transient = transient and error.transient
         if failures:
