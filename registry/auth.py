@@ -99,6 +99,9 @@ def actor(request: web.Request) -> str:
 
 
 class RoleRequired(Forbidden):
+    """403 naming the role needed; API.md's envelope has no other field, so the message says
+    it, in a fixed form (`needs the <role> role`)."""
+
     code = "role_required"
 
     def __init__(self, principal: Principal, needed: Role) -> None:
@@ -106,14 +109,6 @@ class RoleRequired(Forbidden):
             f"this route needs the {needed.value} role; token {principal.name!r} is "
             f"{principal.role.value}"
         )
-        self.needed = needed
-
-    def body(self) -> dict[str, object]:
-        body = super().body()
-        error = body["error"]
-        assert isinstance(error, dict)
-        error["required_role"] = self.needed.value
-        return body
 
 
 def new_workspace_token() -> str:

@@ -174,6 +174,7 @@ class World:
             "put_workspace_plugins": {"plugins": [{"source": self.allowed_source}]},
             "post_workspace_reconcile": {"refresh": True},
             "post_plugins_reconcile": {"name": "p"},
+            "post_tokens": {"name": "intruder", "role": "read"},
         }
         return bodies.get(route.name)
 
