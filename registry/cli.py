@@ -23,7 +23,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from registry import __version__
+from registry import __version__, cli_tokens
 from registry import cli_format as fmt
 from registry.buildinfo import build_info
 from registry.cli_client import JSON, Client, ClientError
@@ -81,7 +81,7 @@ def _client_options(
         default=unset,
         help=f"registry base URL (REGISTRY_URL; default {DEFAULT_URL})",
     )
-    parser.add_argument("--token", default=unset, help="admin token (REGISTRY_ADMIN_TOKEN)")
+    parser.add_argument("--token", default=unset, help="admin or API token (REGISTRY_ADMIN_TOKEN)")
     parser.add_argument(
         "--json",
         action="store_true",
@@ -204,6 +204,7 @@ def _add_client_commands(commands: Any) -> None:
     events.add_argument("--workspace", type=_workspace_id, metavar="ID")
     events.add_argument("--follow", action="store_true", help="stream events until Ctrl-C")
     events.add_argument("--after", type=int, metavar="N", help="only events after event id N")
+    cli_tokens.add_commands(commands, _client_parser)
 
 
 def _settings(args: argparse.Namespace) -> Settings:

@@ -20,8 +20,8 @@ import pytest_asyncio
 
 from registry import auth
 from registry.app import create_app
-from registry.db import api_tokens as db_api_tokens
 from registry.auth import PUBLIC_ROUTES, WORKSPACE_TOKEN_ROUTES, Role, required_role
+from registry.db import api_tokens as db_api_tokens
 from registry.keys import REFUSALS
 from registry.settings import Settings
 from tests.hostile_support import (
