@@ -40,6 +40,9 @@ class Entry:
     action: str  # the event's `cause`
     workspace_id: uuid.UUID | None = None
     detail: dict[str, Any] = field(default_factory=dict)
+    # Set False by a change that turned out to change nothing (a fan-out matching no
+    # workspace): like an idempotent pause, it records no event and logs no line.
+    changed: bool = True
 
 
 async def record(conn: Connection, entry: Entry) -> None:
@@ -70,5 +73,7 @@ async def audited(pool: asyncpg.Pool, entry: Entry) -> AsyncIterator[Connection]
     detail may be filled in by the change), and logged once it committed."""
     async with pool.acquire() as conn, conn.transaction():
         yield conn
-        await record(conn, entry)
-    log(entry)
+        if entry.changed:
+            await record(conn, entry)
+    if entry.changed:
+        log(entry)

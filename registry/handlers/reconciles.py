@@ -74,6 +74,7 @@ async def post_plugins_reconcile(request: web.Request) -> web.Response:
             conn, source=source, name=name, live_statuses=LIVE_STATUSES
         )
         entry.detail = {"source": source, "name": name, "queued": queued}
+        entry.changed = queued > 0
     if queued:
         request.app[RECONCILER].wake()
     return json_response({"queued": queued}, status=202)
