@@ -120,3 +120,16 @@ async def revoke_token(conn: Connection, ref: uuid.UUID | str, revoked_by: str) 
     else:
         row = await conn.fetchrow(REVOKE_BY_NAME, ref, revoked_by)
     return None if row is None else ApiToken(**dict(row))
+
+
+SELECT_REVOKED = """
+SELECT EXISTS (
+    SELECT 1 FROM api_tokens WHERE revoked_at IS NOT NULL AND (id::text = $1 OR name = $1)
+)
+"""
+
+
+async def was_revoked(conn: Connection, ref: uuid.UUID | str) -> bool:
+    """Whether a revoked token has this id or name (and no live one does: ask after trying)."""
+    found: bool = await conn.fetchval(SELECT_REVOKED, str(ref))
+    return found

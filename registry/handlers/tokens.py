@@ -51,9 +51,9 @@ def _name(body: v.Body) -> str:
 
 
 def _expires_at(body: v.Body) -> datetime | None:
-    raw = v.text(body, "expires_at", "", max_length=64)
-    if not raw:
+    if body.get("expires_at") is None:
         return None
+    raw = v.text(body, "expires_at", "", max_length=64)
     try:
         when = datetime.fromisoformat(raw)
     except ValueError:
@@ -113,12 +113,16 @@ def _token_ref(raw: str) -> uuid.UUID | str:
 
 
 async def delete_token(request: web.Request) -> web.Response:
-    """Revoke by id or by name; it stops working at once (every request checks it)."""
+    """Revoke by id or by name; it stops working at once (every request checks it).
+    Revoking a revoked token is a no-op (204, no event), as removing a removed workspace is."""
     ref = _token_ref(request.match_info["id"])
     entry = audit.Entry(actor(request), "api_token_revoked")
     async with audit.audited(request.app[POOL], entry) as conn:
         token = await api_tokens.revoke_token(conn, ref, entry.actor)
         if token is None:
-            raise NotFound(f"no live token {ref}", code="token_not_found")
-        entry.detail = {"token_id": str(token.id), "name": token.name, "role": token.role}
+            entry.changed = False
+            if not await api_tokens.was_revoked(conn, ref):
+                raise NotFound(f"no token {ref}", code="token_not_found")
+        else:
+            entry.detail = {"token_id": str(token.id), "name": token.name, "role": token.role}
     return web.Response(status=204)
