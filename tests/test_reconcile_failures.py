@@ -131,6 +131,8 @@ async def test_permanent_failure_fails_at_once_and_installs_nothing(
     ]
     assert failed[0].__dict__["source"] == source
     assert failed[0].__dict__["workspace_id"] == workspace.id
+    ended = [r for r in caplog.records if r.getMessage().startswith("reconcile failed")]
+    assert [r.levelno for r in ended] == [logging.WARNING]
 
 
 async def test_reconcile_exceeding_its_time_limit_ends_failed(

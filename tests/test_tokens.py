@@ -122,6 +122,8 @@ async def test_a_live_name_cannot_be_taken_twice(registry: Registry) -> None:
         ({"name": "a" * 64, "role": "read"}, "name"),
         ({"name": "admin", "role": "read"}, "name"),
         ({"name": "reconciler", "role": "read"}, "name"),
+        ({"name": "0123e456-89ab-4def-8123-456789abcdef", "role": "read"}, "name"),
+        ({"name": "0123456789abcdef0123456789abcdef", "role": "read"}, "name"),
         ({"name": "ok"}, "role"),
         ({"name": "ok", "role": "root"}, "role"),
         ({"name": "ok", "role": "read", "expires_at": "tomorrow"}, "expires_at"),

@@ -47,6 +47,9 @@ def _name(body: v.Body) -> str:
         )
     if name in RESERVED_ACTORS:
         raise InvalidField(f"{name!r} is reserved for the registry's own actors", field="name")
+    if isinstance(_token_ref(name), uuid.UUID):
+        # DELETE /tokens/{id or name} reads a UUID as an id: a name must never look like one.
+        raise InvalidField("name must not be a UUID (tokens have ids)", field="name")
     return name
 
 

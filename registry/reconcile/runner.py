@@ -143,7 +143,9 @@ class Reconciler:
         if finished.status == "lost":
             log.warning("reconcile lease lost before the outcome was written", extra=context)
         else:
-            log.info("reconcile %s %s", outcome.status, outcome.error or "", extra=context)
+            # A run that ended failed is worth a warning; each failed step logged its own.
+            level = logging.WARNING if outcome.status == "failed" else logging.INFO
+            log.log(level, "reconcile %s %s", outcome.status, outcome.error or "", extra=context)
 
     async def _release(self, claim: Claim) -> None:
         async with self._pool.acquire() as conn:
