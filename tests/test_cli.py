@@ -461,6 +461,19 @@ async def test_tokens_are_made_listed_used_and_revoked_from_the_cli(
     assert (after.code, after.err.split(":")[1]) == (1, " 401 token_revoked")
     with_revoked = (await ok(url, "tokens", "list", "--include-revoked", "--json")).json()
     assert sorted(t["name"] for t in with_revoked["tokens"]) == ["dash", "oncall"]
+    # The history names who acted; an audit event shows what it was given.
+    async with (
+        aiohttp.ClientSession() as session,
+        session.put(
+            f"{url}/workspaces/{workspace_id}/plugins", json={"plugins": []}, headers=ADMIN
+        ) as response,
+    ):
+        assert response.status == 200, await response.text()
+    history = (await ok(url, "events", "--workspace", workspace_id)).out.splitlines()
+    paused_line = next(line for line in history if " paused " in line)
+    assert "oncall" in paused_line.split()
+    audit_line = next(line for line in history if "plugins_set" in line)
+    assert audit_line.split()[-3:] == ["plugins_set", "admin", "plugins=[]"]
 
 
 async def test_fleet_guard_ack_from_the_cli(url: str, db: asyncpg.Connection) -> None:
