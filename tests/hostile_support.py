@@ -39,9 +39,12 @@ STATE_TABLES = (
 )
 
 
+# Due within a minute: a run scheduled further ahead (make_world's, an hour; a
+# `runtime_restarted` run, up to REGISTRY_RESTART_RECONCILE_EVERY_S = 5 min after the last
+# run) is not work in progress. With a 5-minute horizon the latter counted, and was waited for.
 PENDING_RUNS = (
     "SELECT count(*) FROM reconciles WHERE status IN ('queued', 'running') "
-    "AND (next_attempt_at IS NULL OR next_attempt_at < now() + interval '5 minutes')"
+    "AND (next_attempt_at IS NULL OR next_attempt_at < now() + interval '1 minute')"
 )
 
 
