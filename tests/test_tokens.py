@@ -3,6 +3,7 @@ revoked and expired at once, names unique among live tokens, strict input."""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from typing import Any
 
@@ -147,3 +148,21 @@ async def test_revoking_an_unknown_token_is_404(registry: Registry) -> None:
     for ref in ("nobody", str(uuid.uuid4())):
         response = await registry.client.delete(f"/tokens/{ref}", headers=ADMIN)
         await assert_error(response, 404, "token_not_found")
+
+
+async def test_concurrent_creates_of_one_name_make_one_token(registry: Registry) -> None:
+    # The partial unique index decides, not a check before the insert: whatever the
+    # interleaving, one create wins and the others are told the name is taken.
+    responses = await asyncio.gather(
+        *(
+            registry.client.post("/tokens", json={"name": "race", "role": "read"}, headers=ADMIN)
+            for _ in range(8)
+        )
+    )
+
+    assert sorted(r.status for r in responses) == [201] + [409] * 7
+    assert await registry.db.fetchval("SELECT count(*) FROM api_tokens") == 1
+    created = await registry.db.fetchval(
+        "SELECT count(*) FROM workspace_events WHERE cause = 'api_token_created'"
+    )
+    assert created == 1  # the refused ones rolled their events back
