@@ -14,16 +14,22 @@ import aiojobs
 import asyncpg
 from aiohttp import web
 
+from registry.admission import Admission
 from registry.auth import admin_auth_middleware
 from registry.db.heartbeats import BeatPolicy
 from registry.db.pool import create_heartbeat_pool, create_pool
 from registry.db.reconciles import RestartBudget
+from registry.drift import DriftChecker
 from registry.errors import error_middleware
 from registry.events import EventHub
+from registry.fleet_gauges import FleetGauges
+from registry.http_metrics import http_metrics_middleware
 from registry.ingest import HeartbeatIngest
 from registry.keys import (
+    ADMISSION,
     DSN,
     EVENT_HUB,
+    FLEET_GAUGES,
     IGNORED_FIELDS,
     INGEST,
     METRICS,
@@ -37,7 +43,7 @@ from registry.liveness import LivenessSweeper
 from registry.logs import echo_request_id, request_id_middleware
 from registry.metrics import Metrics
 from registry.plugins import FetchLimits, SourceSettings
-from registry.reconcile.runner import ReconcileConfig, Reconciler
+from registry.reconcile.runner import ReconcileConfig, Reconciler, TreeCacheConfig
 from registry.reconcile.worker import ReconcileWorker, new_owner_id
 from registry.refusals import RefusalLog
 from registry.retention import Pruner
@@ -60,19 +66,26 @@ HTTP_CLOSE_S = 5.0
 
 def create_app(settings: Settings, dsn: str) -> web.Application:
     """Build the application; no I/O happens until it starts."""
+    metrics = Metrics()
+    admission = Admission(settings.max_requests_in_flight, metrics.turned_away)
     app = web.Application(
         middlewares=[
+            http_metrics_middleware,
             request_id_middleware,
             error_middleware,
+            # After the error middleware, which renders its 503.
+            admission.middleware(),
             admin_auth_middleware,
         ],
         client_max_size=settings.max_body_bytes,
     )
     app[SETTINGS] = settings
     app[DSN] = dsn
-    app[METRICS] = Metrics()
+    app[METRICS] = metrics
+    app[ADMISSION] = admission
     app[IGNORED_FIELDS] = IgnoredFieldReporter(app[METRICS])
     app[REFUSALS] = RefusalLog(app[METRICS])
+    app[FLEET_GAUGES] = FleetGauges(app[METRICS], settings.metrics_cache_s)
     app[SOURCES] = source_settings(settings)
     app.on_response_prepare.append(echo_request_id)
     setup_routes(app)
@@ -146,6 +159,12 @@ def reconcile_config(settings: Settings, sources: SourceSettings) -> ReconcileCo
         retry_base_s=settings.reconcile_retry_base_s,
         retry_cap_s=settings.reconcile_retry_cap_s,
         restart_budget=RestartBudget(settings.restart_budget, settings.restart_budget_window_s),
+        tree_cache=TreeCacheConfig(
+            settings.resolved_tree_cache_dir,
+            settings.tree_cache_idle_s,
+            settings.tree_cache_max_bytes,
+        ),
+        fetch_shared=settings.fetch_shared,
     )
 
 
@@ -183,9 +202,13 @@ async def _background(app: web.Application) -> AsyncIterator[None]:
             lease_s=settings.reconcile_lease_s,
         )
         built.append(worker)
-        sweeper = LivenessSweeper(pool, settings, app[METRICS])
+        ingest = app[INGEST]
+        sweeper = LivenessSweeper(
+            pool, settings, app[METRICS], refused=lambda: ingest.unreachable_batches
+        )
         hub = EventHub(pool, app[DSN])
         pruner = Pruner(pool, settings, app[METRICS])
+        drift = DriftChecker(pool, settings, worker.wake)
         app[RECONCILER] = worker
         app[EVENT_HUB] = hub
         stop_refusals = asyncio.Event()
@@ -197,6 +220,7 @@ async def _background(app: web.Application) -> AsyncIterator[None]:
             ("event-sequencer", hub.run_sequencer, hub.stop),
             ("event-listener", hub.run_listener, hub.stop),
             ("retention-pruner", pruner.run_forever, pruner.stop),
+            ("drift-checker", drift.run_forever, drift.stop),
             (
                 "refusal-flusher",
                 functools.partial(

@@ -58,6 +58,7 @@ ROUTE_ROLES: Mapping[str, Role] = MappingProxyType(
         "get_workspace": Role.READ,
         "get_workspace_events": Role.READ,
         "get_events": Role.READ,
+        "get_event_history": Role.READ,
         "get_fleet": Role.READ,
         "get_workspace_reconciles": Role.READ,
         "get_reconcile": Role.READ,

@@ -1,10 +1,9 @@
 """Command line: run the registry (`serve`, `migrate`) and operate one over HTTP.
 
-Client commands (`workspaces`, `reconcile`, `events`) talk to a running registry at --url
-(or REGISTRY_URL, default http://127.0.0.1:8080) with the admin token from --token (or
-REGISTRY_ADMIN_TOKEN, or the development token a local `registry serve` keeps in
-$REGISTRY_DATA_DIR/admin-token). They exit 0 on success, 1 when the API or the network says no (or a
-reconcile failed), 2 on bad usage or a missing token.
+Client commands talk to a running registry at --url (or REGISTRY_URL, default
+http://127.0.0.1:8080; `host:port` without a scheme means http) with the token from --token
+(or REGISTRY_ADMIN_TOKEN, or the development token a local `registry serve` keeps in
+$REGISTRY_DATA_DIR/admin-token). Exit codes are listed at the end of --help.
 """
 
 from __future__ import annotations
@@ -18,14 +17,34 @@ import logging
 import os
 import sys
 import time
-import uuid
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from registry import __version__, cli_tokens
+import shtab
+
+from registry import __version__, cli_operate, cli_tokens
 from registry import cli_format as fmt
 from registry.buildinfo import build_info
+from registry.cli_base import (
+    DEFAULT_URL,
+    EXIT_CODES_HELP,
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_USAGE,
+    Command,
+    client_options,
+    client_parser,
+    duration,
+    emit,
+    error,
+    error_document,
+    exit_code,
+    note,
+    plugin,
+    positive_int,
+    registry_url,
+    workspace_id,
+)
 from registry.cli_client import JSON, Client, ClientError
 from registry.db.migrate import MigrationError, migrate
 from registry.dev_token import development_token, read_development_token, token_path
@@ -33,178 +52,164 @@ from registry.embedded_pg import EmbeddedPostgresError, start_embedded_postgres
 from registry.logs import configure_logging
 from registry.settings import Settings, SettingsError, default_data_dir
 from registry.startup import StartupError, serve
+from registry.statuses import Status
 
 log = logging.getLogger("registry")
 
-DEFAULT_URL = "http://127.0.0.1:8080"
 SERVER_COMMANDS = ("serve", "migrate")
-STATUSES = ("provisioning", "online", "degraded", "offline", "failed", "paused", "removed")
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+STATUSES = tuple(s.value for s in Status)
 
-Command = Callable[[Client, argparse.Namespace], Awaitable[int]]
+
+EXAMPLES = """\
+examples:
+  registry serve                                   # embedded PostgreSQL, 127.0.0.1:8080
+  registry workspaces create ws-a --plugin git+https://github.com/acme/tools#main
+  registry workspaces list --status offline -o wide
+  registry workspaces show "$ID"
+  registry wait "$ID" --for plugins_sync=synced --timeout 2m
+  registry reconcile run "$ID"                     # and wait for the outcome
+  registry events --follow
+  registry --url registry.internal:8080 fleet
+  source <(registry completion bash)
+"""
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="registry", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+        prog="registry",
+        description=__doc__,
+        epilog=f"{EXAMPLES}\n{EXIT_CODES_HELP}",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"registry {__version__}")
-    _client_options(parser, top_level=True)
-    commands = parser.add_subparsers(dest="command", required=True)
+    client_options(parser, top_level=True)
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, help_text in (
         ("serve", "serve the HTTP API; apply pending migrations meanwhile (503 until ready)"),
         ("migrate", "apply pending migrations and exit"),
     ):
-        command = commands.add_parser(name, help=help_text)
+        command = commands.add_parser(name, help=help_text, description=help_text)
         command.add_argument("--dsn", help="PostgreSQL DSN (REGISTRY_DSN); default: embedded")
         if name == "serve":
             command.add_argument("--host", help="listen address (REGISTRY_HOST)")
             command.add_argument("--port", type=int, help="listen port (REGISTRY_PORT)")
-    _add_client_commands(commands)
+    workspace_actions = _add_client_commands(commands)
+    cli_operate.add_workspace_commands(workspace_actions)
+    cli_operate.add_commands(commands)
+    cli_tokens.add_commands(commands, client_parser)
+    completion = commands.add_parser(
+        "completion",
+        help="print a shell completion script (bash or zsh)",
+        description="print a shell completion script: `source <(registry completion bash)`, or "
+        'for zsh `registry completion zsh > "${fpath[1]}/_registry"`',
+    )
+    completion.add_argument("shell", choices=("bash", "zsh"))
     return parser
 
 
-def _client_options(
-    parser: argparse.ArgumentParser, *, top_level: bool = False, url_flag: bool = True
-) -> None:
-    """--url/--registry-url, --token, --json: accepted before or after the command.
-
-    Below the top level they default to SUPPRESS, so a value given before the command is
-    kept. `workspaces create` has its own --url (the workspace's), hence `url_flag`.
-    """
-    unset: Any = None if top_level else argparse.SUPPRESS
-    flags = ("--url", "--registry-url") if url_flag else ("--registry-url",)
-    parser.add_argument(
-        *flags,
-        dest="registry_url",
-        metavar="URL",
-        default=unset,
-        help=f"registry base URL (REGISTRY_URL; default {DEFAULT_URL})",
+def _add_client_commands(commands: Any) -> Any:
+    """The workspace and reconcile commands; returns the `workspaces` group for more."""
+    workspaces = commands.add_parser(
+        "workspaces", help="create, inspect and operate workspaces", description="workspaces"
     )
-    parser.add_argument("--token", default=unset, help="admin or API token (REGISTRY_ADMIN_TOKEN)")
-    parser.add_argument(
-        "--json",
-        action="store_true",
-        default=False if top_level else argparse.SUPPRESS,
-        help="print the API's JSON instead of tables",
-    )
-
-
-def _client_parser(
-    parent: Any, name: str, help_text: str, run: Command, *, url_flag: bool = True
-) -> argparse.ArgumentParser:
-    command: argparse.ArgumentParser = parent.add_parser(
-        name, help=help_text, description=help_text
-    )
-    _client_options(command, url_flag=url_flag)
-    command.set_defaults(run=run)
-    return command
-
-
-def _workspace_id(value: str) -> str:
-    try:
-        return str(uuid.UUID(value))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a workspace id (a UUID): {value!r}") from None
-
-
-def _plugin(value: str) -> JSON:
-    """SOURCE or SOURCE=NAME (the name after the last `=`)."""
-    source, sep, name = value.rpartition("=")
-    if sep and source and name and "/" not in name and ":" not in name:
-        return {"source": source, "name": name}
-    return {"source": value}
-
-
-def _positive_int(value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a whole number: {value!r}") from None
-    if number < 1:
-        raise argparse.ArgumentTypeError("must be at least 1")
-    return number
-
-
-def _positive_float(value: str) -> float:
-    try:
-        number = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {value!r}") from None
-    if not 0 < number < float("inf"):
-        raise argparse.ArgumentTypeError("must be a positive number of seconds")
-    return number
-
-
-def _add_client_commands(commands: Any) -> None:
-    workspaces = commands.add_parser("workspaces", help="create, inspect and operate workspaces")
     actions = workspaces.add_subparsers(dest="action", required=True, metavar="ACTION")
 
-    create = _client_parser(
+    create = client_parser(
         actions,
         "create",
         "create a workspace; prints its token (shown once)",
         _create,
-        url_flag=False,
+        examples="  registry workspaces create ws-a --plugin file:///srv/plugins/hello\n"
+        "  registry workspaces create ws-b --delivery http --workspace-url http://10.0.0.7:9000",
     )
     create.add_argument("name")
     create.add_argument(
         "--plugin",
         dest="plugins",
         action="append",
-        type=_plugin,
+        type=plugin,
         default=[],
         metavar="SOURCE[=NAME]",
         help="declare a plugin (repeatable); NAME defaults to the source's last path segment",
     )
     create.add_argument("--delivery", choices=("filesystem", "http"))
     create.add_argument(
-        "--url", dest="workspace_url", help="where the workspace is reached (http delivery)"
+        "--workspace-url", help="where the workspace's runtime is reached (http delivery)"
     )
 
-    listing = _client_parser(
-        actions, "list", "list workspaces (in id order, a page at a time)", _list
+    listing = client_parser(
+        actions,
+        "list",
+        "list workspaces (in id order, a page at a time; removed ones hidden)",
+        _list,
+        examples="  registry workspaces list --all -o name\n"
+        "  registry workspaces list --status offline -o wide",
     )
     listing.add_argument("--status", choices=STATUSES)
-    listing.add_argument("--limit", type=_positive_int, help="page size (API default 100)")
+    listing.add_argument("--limit", type=positive_int, help="page size (API default 100)")
     listing.add_argument("--cursor", help="continue after this next_cursor")
     listing.add_argument("--all", action="store_true", help="follow next_cursor to the end")
+    listing.add_argument(
+        "--include-removed", action="store_true", help="also list removed workspaces"
+    )
+    listing.add_argument(
+        "-o",
+        "--output",
+        choices=fmt.LIST_OUTPUTS,
+        default="table",
+        help="table (fits 100 columns), wide, json, or name (one per line)",
+    )
 
-    show = _client_parser(actions, "show", "a workspace: status, plugins, last reconcile", _show)
-    show.add_argument("id", type=_workspace_id)
+    show = client_parser(actions, "show", "a workspace: status, plugins, last reconcile", _show)
+    show.add_argument("id", type=workspace_id)
     for action, help_text, run in (
         ("pause", "hold a workspace: heartbeats no longer promote it", _pause),
         ("resume", "release the hold (offline until its next heartbeat)", _resume),
         ("delete", "remove a workspace (its runtime is told to stop)", _delete),
     ):
-        _client_parser(actions, action, help_text, run).add_argument("id", type=_workspace_id)
+        client_parser(actions, action, help_text, run).add_argument("id", type=workspace_id)
 
-    reconcile = _client_parser(
-        commands,
+    reconcile = commands.add_parser(
         "reconcile",
+        help="run a workspace's reconcile, read its history, or fan out a plugin update",
+        description="reconcile run|history|fanout (`registry reconcile ID` = `reconcile run ID`)",
+    )
+    steps = reconcile.add_subparsers(dest="action", required=True, metavar="ACTION")
+    run_now = client_parser(
+        steps,
+        "run",
         "reconcile a workspace's plugins and wait for the outcome",
         _reconcile,
+        examples='  registry reconcile run "$ID" --refresh --timeout 2m',
     )
-    reconcile.add_argument("id", type=_workspace_id)
-    reconcile.add_argument(
+    run_now.add_argument("id", type=workspace_id)
+    run_now.add_argument(
         "--refresh", action="store_true", help="re-resolve refs and re-install moved sources"
     )
-    reconcile.add_argument("--no-wait", action="store_true", help="print the run and return")
-    reconcile.add_argument(
+    run_now.add_argument("--no-wait", action="store_true", help="print the run and return")
+    run_now.add_argument(
         "--timeout",
-        type=_positive_float,
+        type=duration,
         default=600.0,
-        metavar="S",
-        help="give up waiting after S seconds (exit 1; default 600)",
+        metavar="DURATION",
+        help="give up waiting after this long (exit 1; default 600 s)",
     )
+    cli_operate.add_reconcile_commands(steps)
 
-    events = _client_parser(
-        commands, "events", "a workspace's history, or --follow the live stream", _events
+    events = client_parser(
+        commands,
+        "events",
+        "the fleet's (or a workspace's) event history, or --follow the live stream",
+        _events,
+        examples='  registry events --limit 50\n  registry events --workspace "$ID" --follow',
     )
-    events.add_argument("--workspace", type=_workspace_id, metavar="ID")
+    events.add_argument("--workspace", type=workspace_id, metavar="ID")
     events.add_argument("--follow", action="store_true", help="stream events until Ctrl-C")
     events.add_argument("--after", type=int, metavar="N", help="only events after event id N")
-    cli_tokens.add_commands(commands, _client_parser)
+    events.add_argument(
+        "--limit", type=positive_int, metavar="N", help="history: at most N events (default all)"
+    )
+    return actions
 
 
 def _settings(args: argparse.Namespace) -> Settings:
@@ -251,14 +256,20 @@ def _serve(settings: Settings, dsn: str) -> None:
 def _tune_garbage_collector() -> None:
     """Fewer, cheaper collections: the heartbeat path allocates many short-lived objects and
     each full collection walks every long-lived one (modules, settings, pools); frozen, those
-    are skipped. Collections were a source of tail latency under load."""
+    are skipped. Collections were a source of tail latency under load. The price: a reference
+    cycle can wait a long time for the full pass, so per-request and per-connection code must
+    leave none (registry/body.py, registry/protocol.py, tests/test_connection_cycles.py)."""
     gc.collect()
     gc.freeze()
     gc.set_threshold(20_000, 20, 50)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(_with_reconcile_run(sys.argv[1:] if argv is None else argv))
+    if args.command == "completion":
+        print(shtab.complete(parser, shell=args.shell), end="")
+        return EXIT_OK
     if args.command not in SERVER_COMMANDS:
         return _client_main(args)
     configure_logging()
@@ -277,6 +288,23 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+RECONCILE_ACTIONS = ("run", "history", "show", "fanout", "-h", "--help")
+OPTIONS_WITH_VALUES = ("--url", "--registry-url", "--token")
+
+
+def _with_reconcile_run(argv: list[str]) -> list[str]:
+    """`registry reconcile ID` (how it was first spelled) means `registry reconcile run ID`."""
+    position = 0
+    while position < len(argv) and argv[position].startswith("-"):
+        position += 2 if argv[position] in OPTIONS_WITH_VALUES else 1
+    command = position
+    if command < len(argv) and argv[command] == "reconcile":
+        following = argv[command + 1 : command + 2]
+        if following and following[0] not in RECONCILE_ACTIONS:
+            return [*argv[: command + 1], "run", *argv[command + 1 :]]
+    return argv
+
+
 # Client commands.
 
 
@@ -287,20 +315,23 @@ def _client_main(args: argparse.Namespace) -> int:
         or read_development_token(_data_dir_from_env())
     )
     if not token:
-        _error(
+        error(
             "no admin token: pass --token or set REGISTRY_ADMIN_TOKEN"
             " (a development registry on this machine keeps one in its data dir)"
         )
         return EXIT_USAGE
-    if args.command == "events" and not args.follow and args.workspace is None:
-        _error("events: --workspace ID is required without --follow")
+    try:
+        url = args.registry_url or registry_url(os.environ.get("REGISTRY_URL") or DEFAULT_URL)
+    except argparse.ArgumentTypeError as exc:
+        error(f"REGISTRY_URL: {exc}")
         return EXIT_USAGE
-    url = args.registry_url or os.environ.get("REGISTRY_URL") or DEFAULT_URL
     try:
         return asyncio.run(_run(args.run, url, token, args))
     except ClientError as exc:
-        _error(str(exc))
-        return EXIT_FAILED
+        if args.json:
+            print(json.dumps(error_document(exc), indent=2, ensure_ascii=False), flush=True)
+        error(str(exc))
+        return exit_code(exc)
     except KeyboardInterrupt:
         # Ctrl-C is how `events --follow` ends; anything else was interrupted.
         return EXIT_OK if args.command == "events" else 130
@@ -321,62 +352,49 @@ async def _run(run: Command, url: str, token: str, args: argparse.Namespace) -> 
         return await run(api, args)
 
 
-def _error(message: str) -> None:
-    print(f"registry: {message}", file=sys.stderr, flush=True)
-
-
-def _note(message: str) -> None:
-    print(message, file=sys.stderr, flush=True)
-
-
-def _emit(args: argparse.Namespace, data: Any, human: str) -> None:
-    if args.json:
-        print(json.dumps(data, indent=2, ensure_ascii=False), flush=True)
-    else:
-        print(human, flush=True)
-
-
 async def _create(api: Client, args: argparse.Namespace) -> int:
     result = await api.create_workspace(
         args.name, plugins=args.plugins, delivery=args.delivery, url=args.workspace_url
     )
     if args.json:
-        _note("the token is shown only this once: store it now")
-    _emit(args, result, fmt.created(result))
+        note("the token is shown only this once: store it now")
+    emit(args, result, fmt.created(result))
     return EXIT_OK
 
 
 async def _list(api: Client, args: argparse.Namespace) -> int:
-    page = await api.list_workspaces(status=args.status, limit=args.limit, cursor=args.cursor)
+    filters = {"status": args.status, "include_removed": args.include_removed or None}
+    page = await api.list_workspaces(**filters, limit=args.limit, cursor=args.cursor)
     if args.all:
         collected = list(page["workspaces"])
         while page.get("next_cursor"):
             page = await api.list_workspaces(
-                status=args.status, limit=args.limit, cursor=page["next_cursor"]
+                **filters, limit=args.limit, cursor=page["next_cursor"]
             )
             collected.extend(page["workspaces"])
         page = {"workspaces": collected, "next_cursor": None}
-    _emit(args, page, fmt.workspaces_table(page["workspaces"]))
-    if page.get("next_cursor") and not args.json:
-        _note(f"more workspaces: --cursor {page['next_cursor']} (or --all)")
+    output = "json" if args.json else args.output
+    print(fmt.workspace_list(page, output), flush=True)
+    if page.get("next_cursor") and output != "json":
+        note(f"more workspaces: --cursor {page['next_cursor']} (or --all)")
     return EXIT_OK
 
 
 async def _show(api: Client, args: argparse.Namespace) -> int:
     view = await api.get_workspace(args.id)
-    _emit(args, view, fmt.workspace(view))
+    emit(args, view, fmt.workspace(view))
     return EXIT_OK
 
 
 async def _pause(api: Client, args: argparse.Namespace) -> int:
     view = await api.workspace_action(args.id, "pause")
-    _emit(args, view, f"workspace {args.id} is {view['status']}")
+    emit(args, view, f"workspace {args.id} is {view['status']}")
     return EXIT_OK
 
 
 async def _resume(api: Client, args: argparse.Namespace) -> int:
     view = await api.workspace_action(args.id, "resume")
-    _emit(args, view, f"workspace {args.id} is {view['status']} (until its next heartbeat)")
+    emit(args, view, f"workspace {args.id} is {view['status']} (until its next heartbeat)")
     return EXIT_OK
 
 
@@ -384,19 +402,19 @@ async def _delete(api: Client, args: argparse.Namespace) -> int:
     await api.delete_workspace(args.id)
     # 204 has no body; the tombstone is still readable, and is what --json prints.
     view = await api.get_workspace(args.id)
-    _emit(args, view, f"workspace {args.id} is {view['status']}")
+    emit(args, view, f"workspace {args.id} is {view['status']}")
     return EXIT_OK
 
 
 async def _reconcile(api: Client, args: argparse.Namespace) -> int:
     run = await api.request_reconcile(args.id, refresh=args.refresh)
     if args.no_wait:
-        _emit(args, run, fmt.reconcile(run))
+        emit(args, run, fmt.reconcile(run))
         return EXIT_OK
     run, finished = await _wait(api, run, args.timeout)
-    _emit(args, run, fmt.reconcile(run))
+    emit(args, run, fmt.reconcile(run))
     if not finished:
-        _error(f"reconcile {run['id']} is still {run['status']} after {args.timeout:g} s")
+        error(f"reconcile {run['id']} is still {run['status']} after {args.timeout:g} s")
         return EXIT_FAILED
     return EXIT_OK if run["status"] == "succeeded" else EXIT_FAILED
 
@@ -428,7 +446,7 @@ async def _wait(api: Client, run: JSON, timeout_s: float) -> tuple[JSON, bool]:
                 sys.stderr.flush()
                 frame += 1
             elif line != shown:
-                _note(line)
+                note(line)
             shown = line
             await asyncio.sleep(SPIN_S if tty else max(0.0, next_poll - now))
             if time.monotonic() >= next_poll:
@@ -439,20 +457,24 @@ async def _wait(api: Client, run: JSON, timeout_s: float) -> tuple[JSON, bool]:
             sys.stderr.write("\r\x1b[2K")
             sys.stderr.flush()
     if not tty:
-        _note(fmt.progress(run))
+        note(fmt.progress(run))
     return run, True
 
 
 async def _events(api: Client, args: argparse.Namespace) -> int:
     if not args.follow:
-        history = await api.workspace_events(args.workspace, after=args.after or 0)
-        _emit(args, {"events": history}, fmt.events_table(history))
+        history = await api.event_history(
+            workspace_id=args.workspace, after=args.after or 0, limit=args.limit
+        )
+        emit(args, {"events": history}, fmt.events_table(history))
         return EXIT_OK
+    names = cli_operate.WorkspaceNames(api)
     async for event in api.follow_events(
-        workspace_id=args.workspace, after=args.after, notify=_note
+        workspace_id=args.workspace, after=args.after, notify=note
     ):
         if args.json:
             print(json.dumps(event.data, ensure_ascii=False), flush=True)
         else:
-            print(fmt.event_line(event.data), flush=True)
+            name = await names.name_of(event.data.get("workspace_id"))
+            print(fmt.event_line(event.data, name), flush=True)
     return EXIT_OK

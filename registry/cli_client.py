@@ -20,6 +20,14 @@ STREAM_TIMEOUT = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=45
 MAX_RECONNECT_DELAY_S = 30.0
 
 
+def _query_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, tuple)):
+        return ",".join(map(str, value))
+    return str(value)
+
+
 class ClientError(Exception):
     """Anything that stops a command; `str()` is the message for the operator."""
 
@@ -135,11 +143,16 @@ class Client:
         return result
 
     async def list_workspaces(
-        self, *, status: str | None, limit: int | None, cursor: str | None
+        self,
+        *,
+        limit: int | None,
+        cursor: str | None,
+        **filters: str | bool | None,
     ) -> JSON:
+        """A page of `GET /workspaces`; `filters` are its query parameters (None: unset)."""
         params = {
-            key: str(value)
-            for key, value in (("status", status), ("limit", limit), ("cursor", cursor))
+            key: _query_value(value)
+            for key, value in (*filters.items(), ("limit", limit), ("cursor", cursor))
             if value is not None
         }
         result: JSON = await self._call("GET", "/workspaces", params=params)
@@ -157,22 +170,39 @@ class Client:
     async def delete_workspace(self, workspace_id: str) -> None:
         await self._call("DELETE", f"/workspaces/{workspace_id}")
 
-    async def workspace_events(self, workspace_id: str, *, after: int) -> list[JSON]:
-        """The whole history after `after`, following pages until a short one."""
-        page_size = 500
+    async def event_history(
+        self, *, workspace_id: str | None, after: int, limit: int | None
+    ) -> list[JSON]:
+        """History after `after` (the fleet's, or one workspace's), following pages until
+        the end or until `limit` events; each event carries its workspace's name."""
+        if workspace_id is not None:
+            await self.get_workspace(workspace_id)  # 404 for a workspace that is not there
+        page_size = 500 if limit is None else min(500, limit)
         collected: list[JSON] = []
-        while True:
-            page: list[JSON] = (
-                await self._call(
-                    "GET",
-                    f"/workspaces/{workspace_id}/events",
-                    params={"after": str(after), "limit": str(page_size)},
-                )
-            )["events"]
-            collected.extend(page)
-            if len(page) < page_size:
-                return collected
-            after = int(page[-1]["id"])
+        while limit is None or len(collected) < limit:
+            params = {"after": str(after), "limit": str(page_size)}
+            if workspace_id is not None:
+                params["workspace_id"] = workspace_id
+            page: JSON = await self._call("GET", "/events/history", params=params)
+            collected.extend(page["events"])
+            if page.get("next_after") is None:
+                break
+            after = int(page["next_after"])
+        return collected if limit is None else collected[:limit]
+
+    async def rotate_token(self, workspace_id: str) -> JSON:
+        result: JSON = await self._call("POST", f"/workspaces/{workspace_id}/token")
+        return result
+
+    async def set_plugins(self, workspace_id: str, plugins: list[JSON]) -> JSON:
+        result: JSON = await self._call(
+            "PUT", f"/workspaces/{workspace_id}/plugins", json={"plugins": plugins}
+        )
+        return result
+
+    async def fleet(self) -> JSON:
+        result: JSON = await self._call("GET", "/fleet")
+        return result
 
     # Internal reconcile API.
 
@@ -186,6 +216,20 @@ class Client:
 
     async def get_reconcile(self, reconcile_id: str) -> JSON:
         result: JSON = await self._call("GET", f"/internal/reconciles/{reconcile_id}")
+        return result
+
+    async def reconcile_history(self, workspace_id: str, *, limit: int | None) -> list[JSON]:
+        params = {} if limit is None else {"limit": str(limit)}
+        result: list[JSON] = (
+            await self._call(
+                "GET", f"/internal/workspaces/{workspace_id}/reconciles", params=params
+            )
+        )["reconciles"]
+        return result
+
+    async def fan_out(self, *, source: str | None, name: str | None) -> JSON:
+        body = {"source": source} if source is not None else {"name": name}
+        result: JSON = await self._call("POST", "/internal/plugins/reconcile", json=body)
         return result
 
     # The live stream.

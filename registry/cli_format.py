@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -73,19 +74,65 @@ def block(pairs: Sequence[tuple[str, Any]], *, indent: str = "") -> str:
     return "\n".join(f"{indent}{key.ljust(width)}  {text(value)}".rstrip() for key, value in pairs)
 
 
-def workspaces_table(workspaces: Sequence[JSON]) -> str:
+LIST_OUTPUTS = ("table", "wide", "json", "name")
+WIDTH = 100  # the default table fits a terminal this wide
+NAME_WIDTH = 24
+WHY_WIDTH = 60
+
+
+def clip(value: Any, width: int) -> str:
+    cell = text(value)
+    return cell if len(cell) <= width else cell[: width - 1] + "…"
+
+
+def age(value: Any, *, now: datetime | None = None) -> str:
+    """An RFC 3339 time as its age alone (`5 s ago`), for narrow columns."""
+    shown = when(value, now=now)
+    return shown[shown.index("(") + 1 : -1] if shown.endswith(")") else shown
+
+
+def _labels(labels: Any) -> str:
+    if not isinstance(labels, dict) or not labels:
+        return NONE
+    return ",".join(f"{key}={value}" for key, value in sorted(labels.items()))
+
+
+def workspace_list(page: JSON, output: str) -> str:
+    """`workspaces list` in one of LIST_OUTPUTS."""
+    workspaces: Sequence[JSON] = page["workspaces"]
+    if output == "json":
+        return json.dumps(page, indent=2, ensure_ascii=False)
+    if output == "name":
+        return "\n".join(str(w["name"]) for w in workspaces)
     if not workspaces:
         return "no workspaces"
+    if output == "wide":
+        return table(
+            ("ID", "NAME", "STATUS", "SYNC", "DELIVERY", "LAST HEARTBEAT", "CREATED", "LABELS"),
+            (
+                (
+                    w["id"],
+                    w["name"],
+                    w["status"],
+                    w.get("plugins_sync"),
+                    w["delivery"],
+                    when(w.get("last_heartbeat_at")),
+                    when(w.get("created_at")),
+                    _labels(w.get("labels")),
+                )
+                for w in workspaces
+            ),
+        )
+    # 36 (id) + 24 (name) + 12 (status) + 12 (sync) + 8 (beat) + 4 gaps of 2 = 100 columns.
     return table(
-        ("ID", "NAME", "STATUS", "DELIVERY", "LAST HEARTBEAT", "CREATED"),
+        ("ID", "NAME", "STATUS", "SYNC", "BEAT"),
         (
             (
                 w["id"],
-                w["name"],
+                clip(w["name"], NAME_WIDTH),
                 w["status"],
-                w["delivery"],
-                when(w.get("last_heartbeat_at")),
-                when(w.get("created_at")),
+                w.get("plugins_sync"),
+                age(w.get("last_heartbeat_at")),
             )
             for w in workspaces
         ),
@@ -293,23 +340,81 @@ def _compact(value: Any) -> str:
     return text(value)
 
 
+def _workspace(event: JSON, name: str | None = None) -> str:
+    """An event's workspace: its name when known, else its id; `-` for fleet events."""
+    return text(name or event.get("workspace_name") or event.get("workspace_id"))
+
+
 def events_table(events: Sequence[JSON]) -> str:
     if not events:
         return "no events"
     return table(
-        ("ID", "AT", "KIND", "CAUSE", "ACTOR", "CHANGE"),
+        ("ID", "AT", "WORKSPACE", "KIND", "CAUSE", "ACTOR", "CHANGE"),
         (
-            (e["id"], when(e.get("at")), e["kind"], e.get("cause"), e.get("actor"), _change(e))
+            (
+                e["id"],
+                when(e.get("at"), relative=False),
+                clip(_workspace(e), NAME_WIDTH),
+                e["kind"],
+                e.get("cause"),
+                e.get("actor"),
+                _change(e),
+            )
             for e in events
         ),
     )
 
 
-def event_line(event: JSON) -> str:
-    """One streamed event: `#12 2024-… <workspace> status provisioning -> online (heartbeat)`."""
+def event_line(event: JSON, name: str | None = None) -> str:
+    """One streamed event: `#12 2024-… ws-a status provisioning -> online (heartbeat)`."""
     return (
         f"#{text(event.get('id'))} {when(event.get('at'), relative=False)} "
-        f"{text(event.get('workspace_id'))} "
+        f"{_workspace(event, name)} "
         f"{text(event.get('kind'))} {_change(event)} "
         f"({text(event.get('cause'))}, by {text(event.get('actor'))})"
     )
+
+
+def reconciles_table(runs: Sequence[JSON]) -> str:
+    if not runs:
+        return "no reconciles"
+    return table(
+        ("ID", "TRIGGER", "STATUS", "ATTEMPT", "CREATED", "FINISHED", "ERROR"),
+        (
+            (
+                r["id"],
+                r.get("trigger"),
+                r["status"],
+                r.get("attempt"),
+                age(r.get("created_at")),
+                age(r.get("finished_at")),
+                clip(r.get("error"), WHY_WIDTH),
+            )
+            for r in runs
+        ),
+    )
+
+
+def fleet(view: JSON) -> str:
+    guard = view.get("mass_expiry_guard") or {}
+    counts = view.get("statuses") or {}
+    lines = [
+        table(("STATUS", "WORKSPACES"), sorted(counts.items())) if counts else "no workspaces",
+        "",
+        "mass-expiry guard:",
+        block(
+            [
+                ("holding", guard.get("holding")),
+                ("since", when(guard.get("since"))),
+                ("live", guard.get("live")),
+                ("silent", guard.get("silent")),
+                ("expired", guard.get("expired")),
+                ("updated", when(guard.get("updated_at"))),
+            ],
+            indent="  ",
+        ),
+    ]
+    syncs = view.get("plugins_sync")
+    if isinstance(syncs, dict) and syncs:
+        lines[1:1] = ["", table(("PLUGINS SYNC", "WORKSPACES"), sorted(syncs.items()))]
+    return "\n".join(lines)

@@ -54,12 +54,11 @@ def add_commands(commands: Any, client_parser: ClientParser) -> None:
     # Not `token`: that is the --token option's dest.
     revoke.add_argument("ref", metavar="NAME_OR_ID")
 
-    if "fleet" in commands.choices:
-        # Another module owns `fleet`: it attaches `guard ack` with add_guard_ack().
-        return
-    fleet = commands.add_parser("fleet", help="the fleet's liveness guard")
+    # `fleet` (registry/cli_operate.py) shows the fleet; `fleet guard ack` hangs below it,
+    # an optional sub-command, so plain `fleet` still runs its own command.
+    fleet = commands.choices.get("fleet") or commands.add_parser("fleet", help="the fleet")
     add_guard_ack(
-        fleet.add_subparsers(dest="action", required=True, metavar="ACTION"), client_parser
+        fleet.add_subparsers(dest="fleet_action", required=False, metavar="ACTION"), client_parser
     )
 
 

@@ -62,6 +62,9 @@ class HeartbeatIngest:
         self._policy = policy
         self._pending: list[_Pending] = []
         self._in_flight = 0
+        # Batches refused because the database was unreachable: the liveness sweeper reads
+        # it, since every beat of those was refused and their silence is the registry's doing.
+        self.unreachable_batches = 0
 
     async def apply(self, beat: Beat) -> BeatResult:
         if not self._coalesce:
@@ -159,6 +162,7 @@ class HeartbeatIngest:
         try:
             results = await self._execute([p.beat for p in batch])
         except DatabaseUnavailable as exc:
+            self.unreachable_batches += 1
             # Every beat gets the same 503. This pool skips asyncpg's reset, which would
             # otherwise find a connection the outage broke (db/pool.py): replace them all.
             await self._pool.expire_connections()

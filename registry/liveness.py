@@ -10,14 +10,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import asyncpg
 
 from registry.db import Connection, fleet, transitions
 from registry.db.errors import DatabaseUnavailable
+from registry.guard import Before, GuardRules, judge
 from registry.metrics import Metrics
 from registry.settings import Settings
 from registry.statuses import LIVE, Status
@@ -35,6 +36,14 @@ MAX_FAILED_PER_SWEEP = 10_000
 # silence, when that is longer than the configured window: a runtime on a fixed 30 s
 # interval must not flap against a registry configured for 5 s.
 OBSERVED_INTERVALS = 3.0
+# Every process sweeps every interval (or finds another one sweeping, which writes the guard's
+# row), so a row older than two intervals means nobody swept. Never under a few seconds: with
+# tiny test intervals, one slow sweep must not read as an outage (that only delays expiry).
+DEAF_MIN_MARGIN_S = 2.0
+
+
+def deaf_after(sweep_interval_s: float) -> float:
+    return max(2 * sweep_interval_s, sweep_interval_s + DEAF_MIN_MARGIN_S)
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +65,11 @@ class SweepPolicy:
     mass_expiry_min_fleet: int
     mass_expiry_rate: float
     offline_after_max_s: float = 0.0
+    # Releases at or below this share (never above mass_expiry_share): hysteresis.
+    mass_expiry_release_share: float = 0.1
+    # No sweep recorded for this long: no process was hearing heartbeats (all were down, or
+    # the database was), so silence is counted afresh.
+    deaf_after_s: float | None = None  # None: never
 
     @property
     def live_window(self) -> transitions.SilenceWindow:
@@ -70,43 +84,41 @@ class SweepPolicy:
             mass_expiry_min_fleet=settings.mass_expiry_min_fleet,
             mass_expiry_rate=settings.mass_expiry_rate,
             offline_after_max_s=settings.offline_after_max_s,
+            mass_expiry_release_share=settings.mass_expiry_release_share,
+            deaf_after_s=deaf_after(settings.sweep_interval_s),
         )
 
-    def expiry_limit(self, live: int, silent: int, expired: int = 0) -> tuple[bool, int]:
-        """(holding, how many may go offline this sweep) for a fleet of `live` with `silent`
-        of them silent, `expired` having been taken offline within the last window.
-
-        The guard judges a sliding window, not one sweep: an outage spread over several
-        sweeps (heartbeats stopping over 20 s) looks small in each, yet takes the fleet. So it
-        compares the silent ones plus the window's expirations with the fleet as it was a
-        window ago (the live ones plus those expirations). Below the share every silent one
-        expires, which keeps the window's expirations within the share; above, it holds.
-        """
-        fleet = live + expired
-        holding = (
-            fleet >= self.mass_expiry_min_fleet
-            and silent + expired > self.mass_expiry_share * fleet
+    @property
+    def guard_rules(self) -> GuardRules:
+        return GuardRules(
+            share=self.mass_expiry_share,
+            release_share=min(self.mass_expiry_release_share, self.mass_expiry_share),
+            min_fleet=self.mass_expiry_min_fleet,
+            rate=self.mass_expiry_rate,
+            window_s=self.offline_after_s,
         )
-        if not holding:
-            return False, silent
-        # A partition or a registry outage looks like a dead fleet; expire slowly until
-        # heartbeats return, so a mistake costs a few workspaces, not all of them.
-        return True, max(1, math.floor(self.mass_expiry_rate * fleet))
 
 
-async def sweep(conn: Connection, policy: SweepPolicy, *, expire: bool = True) -> SweepResult:
+async def sweep(
+    conn: Connection, policy: SweepPolicy, *, expire: bool = True, deaf: bool = False
+) -> SweepResult:
     """One sweep, in one transaction; skipped when another process is sweeping.
 
     With `expire` False (a sweeper in its start-up grace window) it only counts and writes the
     guard's figures, so /fleet is fresh from the first sweep after a start, and judges nobody.
+    `deaf`: this process could not reach the database since its last sweep, so runtimes'
+    heartbeats may have been refused; silence is counted from now (so it is too when no
+    process swept for `deaf_after_s`).
     """
     async with conn.transaction():
         if not await conn.fetchval(TRY_SWEEP_LOCK, SWEEP_LOCK_KEY):
             return SweepResult(swept=False)
         # A mass expiry sorts up to the whole fleet by silence; keep that sort in memory.
         await conn.execute(SWEEP_WORK_MEM)
+        # Before anything is counted: after an outage, every workspace's window starts now.
+        counted_from = await fleet.hear_again(conn, deaf=deaf, deaf_after_s=policy.deaf_after_s)
         count = await transitions.count_silent(
-            conn, LIVE, policy.offline_after_s, policy.live_window
+            conn, LIVE, policy.offline_after_s, policy.live_window, counted_from
         )
         # The window is the configured liveness window: within it, a fleet that is really
         # going away has gone silent, however its heartbeats were spread.
@@ -116,8 +128,24 @@ async def sweep(conn: Connection, policy: SweepPolicy, *, expire: bool = True) -
                 conn, live=count.live, stale=count.silent, expired=recent
             )
             return SweepResult(swept=True, holding=holding)
-        holding, limit = policy.expiry_limit(count.live, count.silent, recent)
-        if holding and (await fleet.read_guard(conn)).acknowledged:
+        before = await fleet.read_guard(conn)
+        assert before.now is not None
+        judgement = judge(
+            policy.guard_rules,
+            Before(
+                holding=before.holding,
+                stale=before.stale,
+                silent_changed_at=before.silent_changed_at,
+                released_at=before.released_at,
+            ),
+            live=count.live,
+            silent=count.silent,
+            expired=recent,
+            now=before.now,
+        )
+        holding = judgement.holding
+        limit = judgement.limit
+        if holding and before.acknowledged:
             # An operator said the silence is real (POST /fleet/guard/ack): expire it all.
             limit = count.silent
         expired = await transitions.expire_silent(
@@ -128,6 +156,7 @@ async def sweep(conn: Connection, policy: SweepPolicy, *, expire: bool = True) -
             cause="heartbeat_timeout",
             limit=limit,
             window=policy.live_window,
+            counted_from=counted_from,
         )
         gone = sum(expired.values())
         await fleet.record_expirations(conn, gone)
@@ -138,6 +167,7 @@ async def sweep(conn: Connection, policy: SweepPolicy, *, expire: bool = True) -
             to=Status.FAILED,
             cause="provision_timeout",
             limit=MAX_FAILED_PER_SWEEP,
+            counted_from=counted_from,
         )
         # Figures after this sweep: what is still live and silent, and the window's
         # expirations including this sweep's.
@@ -147,12 +177,14 @@ async def sweep(conn: Connection, policy: SweepPolicy, *, expire: bool = True) -
             live=count.live - gone,
             stale=max(0, count.silent - gone),
             expired=recent + gone,
+            silent_changed_at=judgement.silent_changed_at,
+            released_at=judgement.released_at,
         )
         if changed:
             log.warning(
                 "mass-expiry guard %s: %d of %d live workspaces silent, %d expired within "
                 "the last %g s",
-                "holding" if holding else "released",
+                "holding" if holding else "released (rate-limited for one more window)",
                 count.silent,
                 count.live,
                 recent,
@@ -167,19 +199,39 @@ class LivenessSweeper:
     """Sweeps every interval, after one full liveness window from this process's start.
 
     The grace window matters when the registry itself was down: every runtime's heartbeats
-    failed meanwhile, and the fleet must get a chance to call in before it is judged.
+    failed meanwhile, and the fleet must get a chance to call in before it is judged. The
+    same holds when the database was down under a running process: `unreachable()` (a sweep
+    or a heartbeat batch that could not reach it) makes the next sweep count silence afresh.
     """
 
-    def __init__(self, pool: asyncpg.Pool, settings: Settings, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        settings: Settings,
+        metrics: Metrics,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        refused: Callable[[], int] = lambda: 0,
+    ) -> None:
         self._pool = pool
         self._metrics = metrics
         self._policy = SweepPolicy.from_settings(settings)
         self._interval_s = settings.sweep_interval_s
-        self._grace_until = time.monotonic() + self._policy.offline_after_s
+        self._clock = clock
+        self._grace_until = clock() + self._policy.offline_after_s
+        self._deaf = False
+        # How many heartbeat batches were refused for an unreachable database (ingest.py),
+        # and how many of those the last sweep already took into account.
+        self._refused = refused
+        self._refused_seen = refused()
         self._stop = asyncio.Event()
 
     def stop(self) -> None:
         self._stop.set()
+
+    def unreachable(self) -> None:
+        """This process could not reach the database: heartbeats may have been refused."""
+        self._deaf = True
 
     def _count(self, result: SweepResult) -> None:
         if not result.swept:
@@ -190,14 +242,28 @@ class LivenessSweeper:
             self._metrics.transitions.labels(source.value, target.value, cause).inc(n)
         self._metrics.mass_expiry_guard_holding.set(1 if result.holding else 0)
 
+    async def sweep_once(self, conn: Connection) -> SweepResult:
+        """One sweep on `conn`, with this process's grace window and what it saw of the
+        database. A sweep that fails or is skipped leaves that for the next one."""
+        # In the grace window it still counts (fresh /fleet figures), but expires nothing.
+        expire = self._clock() >= self._grace_until
+        refused = self._refused()
+        deaf = self._deaf or refused != self._refused_seen
+        started = time.perf_counter()
+        result = await sweep(conn, self._policy, expire=expire, deaf=deaf)
+        # Skipped (another process swept, not knowing what this one saw): the next one tells.
+        if result.swept:
+            self._deaf, self._refused_seen = False, refused
+            self._metrics.sweep_duration.set(time.perf_counter() - started)
+            self._metrics.sweep_last_run.set(time.time())
+        self._count(result)
+        return result
+
     async def run_forever(self) -> None:
         while not self._stop.is_set():
-            # In the grace window it still counts (fresh /fleet figures), but expires nothing.
-            expire = time.monotonic() >= self._grace_until
             try:
                 async with self._pool.acquire() as conn:
-                    result = await sweep(conn, self._policy, expire=expire)
-                self._count(result)
+                    result = await self.sweep_once(conn)
                 if result.moved:
                     log.info(
                         "sweep: %d offline, %d failed",
@@ -205,6 +271,7 @@ class LivenessSweeper:
                         result.count(Status.FAILED),
                     )
             except DatabaseUnavailable as exc:
+                self.unreachable()
                 log.warning("sweep skipped: database unavailable: %s", exc)
             except Exception:
                 log.exception("sweep failed")

@@ -38,6 +38,7 @@ def setup_routes(app: web.Application) -> None:
         ("POST", "/workspaces/{id}/token", operator.post_token),
         ("GET", "/workspaces/{id}/events", events.get_workspace_events),
         ("GET", "/events", events.get_events),
+        ("GET", "/events/history", events.get_event_history),
         ("GET", "/fleet", events.get_fleet),
         ("PUT", "/workspaces/{id}/plugins", workspaces.put_workspace_plugins),
         ("POST", "/internal/workspaces/{id}/reconcile", reconciles.post_workspace_reconcile),

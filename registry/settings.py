@@ -35,6 +35,16 @@ class Settings:
     gitea_scheme: str = "https"
     # 64 KiB holds a heartbeat with hundreds of observed plugins; anything larger is abuse.
     max_body_bytes: int = 64 * 1024
+    # Slow and greedy clients (registry/protocol.py, body.py, admission.py): a request head
+    # must arrive within head_timeout_s and a body within body_timeout_s (408); a head holds at
+    # most max_headers fields and max_header_bytes (431; a runtime sends under 1 KiB); beyond
+    # max_connections open connections or max_requests_in_flight requests: 503 + Retry-After.
+    head_timeout_s: float = 10.0
+    body_timeout_s: float = 30.0
+    max_header_bytes: int = 16 * 1024
+    max_headers: int = 32
+    max_connections: int = 10_000
+    max_requests_in_flight: int = 1_000
     heartbeat_interval_s: float = 30.0
     # Concurrent heartbeats share one statement per batch; off: one statement per beat
     # (kept to measure what coalescing buys). Batches in flight at once, and their size cap.
@@ -52,6 +62,14 @@ class Settings:
     # A runtime that restarted while online (uptime went down, or it registered again) may be
     # a new box without its plugins: it gets a reconcile, at most once per this per workspace.
     restart_reconcile_every_s: float = 300.0
+    # Drift (registry/drift.py): a live runtime whose report of its plugins has lacked some the
+    # registry recorded as installed for this long (no restart pending) gets a reconcile, at
+    # most once per drift_reconcile_every_s per workspace.
+    drift_settle_s: float = 60.0
+    drift_reconcile_every_s: float = 600.0
+    # /metrics reads the fleet-wide gauges from the database at most this often (0: every
+    # scrape): at 100k workspaces one read takes the database ~0.75 s (docs/benchmarks.md).
+    metrics_cache_s: float = 30.0
     # Token rotation: the previous token keeps working this long (0: at once, for a leaked
     # token; a rotation request can also ask for 0).
     token_rotation_grace_s: float = 3600.0
@@ -62,6 +80,9 @@ class Settings:
     mass_expiry_share: float = 0.3
     mass_expiry_min_fleet: int = 10
     mass_expiry_rate: float = 0.01
+    # The guard releases only at or below this share (hysteresis; never above the share), once
+    # the silent count has been steady for a liveness window, and keeps the rate for one more.
+    mass_expiry_release_share: float = 0.1
     # SIGTERM: in-flight requests and running reconciles get this long to finish; a
     # reconcile still running then is handed back as a queued intent for the next process.
     shutdown_grace_s: float = 10.0
@@ -86,6 +107,15 @@ class Settings:
     fetch_timeout_s: float = 60.0
     fetch_max_bytes: int = 50 * 1024 * 1024
     fetch_max_files: int = 10_000
+    # Fetched git trees are kept per (source, commit), so a fan-out fetches each tree once
+    # (issue 13): evicted once unused this long, and least recently used past the byte cap
+    # (0: no cache, every run fetches). None: data_dir/tree-cache.
+    tree_cache_dir: Path | None = None
+    tree_cache_idle_s: float = 3600.0
+    tree_cache_max_bytes: int = 1024 * 1024 * 1024
+    # Off: every run resolves and fetches for itself, no cache (kept to measure what sharing
+    # buys, like heartbeat_coalesce).
+    fetch_shared: bool = True
     # Retention: events older than this go, but each workspace keeps its last N whatever their
     # age; finished runs (with their steps) likewise; acknowledged actions after an age;
     # removed workspaces (their token answered 410 until then, 401 after) after an age.
@@ -110,6 +140,12 @@ class Settings:
     @property
     def resolved_plugins_dir(self) -> Path:
         return self.plugins_dir if self.plugins_dir is not None else self.data_dir / "plugins"
+
+    @property
+    def resolved_tree_cache_dir(self) -> Path:
+        if self.tree_cache_dir is not None:
+            return self.tree_cache_dir
+        return self.data_dir / "tree-cache"
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -137,6 +173,12 @@ class Settings:
 
         need(0 < self.port < 65536, f"port must be 1..65535, got {self.port}")
         need(self.max_body_bytes >= 1024, "max_body_bytes must be at least 1024")
+        need(self.max_header_bytes >= 1024, "max_header_bytes must be at least 1024")
+        need(self.max_headers >= 8, "max_headers must be at least 8")
+        need(
+            self.max_connections >= 1 and self.max_requests_in_flight >= 1,
+            "max_connections and max_requests_in_flight must be positive",
+        )
         need(
             1 <= self.pool_min_size <= self.pool_max_size,
             "need 1 <= pool_min_size <= pool_max_size",
@@ -159,13 +201,18 @@ class Settings:
             "offline_after_max_s",
             "refusal_flush_interval_s",
             "restart_reconcile_every_s",
+            "drift_settle_s",
+            "drift_reconcile_every_s",
             "shutdown_grace_s",
+            "head_timeout_s",
+            "body_timeout_s",
             "fetch_timeout_s",
             "event_retention_s",
             "reconcile_retention_s",
             "action_retention_s",
             "tombstone_retention_s",
             "prune_interval_s",
+            "tree_cache_idle_s",
         ):
             value = getattr(self, name)
             need(math.isfinite(value) and value > 0, f"{name} must be a positive number")
@@ -185,6 +232,10 @@ class Settings:
         )
         need(0 < self.mass_expiry_share <= 1, "mass_expiry_share must be in (0, 1]")
         need(0 < self.mass_expiry_rate <= 1, "mass_expiry_rate must be in (0, 1]")
+        need(
+            0 <= self.mass_expiry_release_share <= 1,
+            "mass_expiry_release_share must be in [0, 1]",
+        )
         need(self.fetch_max_bytes > 0 and self.fetch_max_files > 0, "fetch limits must be positive")
         need(
             self.event_keep_per_workspace >= 1 and self.reconcile_keep_per_workspace >= 1,
@@ -192,6 +243,10 @@ class Settings:
             "event_keep_per_workspace and reconcile_keep_per_workspace must be at least 1",
         )
         need(self.prune_batch > 0, "prune_batch must be positive")
+        need(
+            math.isfinite(self.metrics_cache_s) and self.metrics_cache_s >= 0,
+            "metrics_cache_s must be zero or positive",
+        )
         need(
             math.isfinite(self.prune_pause_s) and self.prune_pause_s >= 0,
             "prune_pause_s must be zero or positive",
@@ -240,6 +295,13 @@ class Settings:
                 f"{_var('fetch_timeout_s')}={self.fetch_timeout_s:g} must be below "
                 f"{_var('reconcile_timeout_s')}={self.reconcile_timeout_s:g}, or a hung plugin "
                 "source fails the run without a retry",
+            ),
+            (
+                # Every tree a fetch accepts fits: a cache that cannot hold one fetches twice.
+                self.tree_cache_max_bytes == 0 or self.tree_cache_max_bytes >= self.fetch_max_bytes,
+                f"{_var('tree_cache_max_bytes')}={self.tree_cache_max_bytes} must be 0 (no "
+                f"cache) or at least {_var('fetch_max_bytes')}={self.fetch_max_bytes}, or the "
+                "largest plugins cannot be cached",
             ),
             (
                 # The restart budget counts the restart actions of its window.
@@ -308,6 +370,12 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "github_base": _text,
     "gitea_scheme": _text,
     "max_body_bytes": _positive_int,
+    "head_timeout_s": _float,
+    "body_timeout_s": _float,
+    "max_header_bytes": _positive_int,
+    "max_headers": _positive_int,
+    "max_connections": _positive_int,
+    "max_requests_in_flight": _positive_int,
     "heartbeat_interval_s": _float,
     "offline_after_s": _float,
     "provision_timeout_s": _float,
@@ -316,9 +384,13 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "token_rotation_grace_s": _float,
     "refusal_flush_interval_s": _float,
     "restart_reconcile_every_s": _float,
+    "drift_settle_s": _float,
+    "drift_reconcile_every_s": _float,
+    "metrics_cache_s": _float,
     "mass_expiry_share": _float,
     "mass_expiry_min_fleet": _non_negative_int,
     "mass_expiry_rate": _float,
+    "mass_expiry_release_share": _float,
     "shutdown_grace_s": _float,
     "log_format": str.lower,
     "log_level": str.lower,
@@ -340,6 +412,10 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "fetch_timeout_s": _float,
     "fetch_max_bytes": _positive_int,
     "fetch_max_files": _positive_int,
+    "tree_cache_dir": Path,
+    "tree_cache_idle_s": _float,
+    "tree_cache_max_bytes": _non_negative_int,
+    "fetch_shared": _bool,
     "event_retention_s": _float,
     "event_keep_per_workspace": _positive_int,
     "reconcile_retention_s": _float,

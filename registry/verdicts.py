@@ -209,6 +209,14 @@ def _silence_reason(state: Recorded) -> str | None:
         return None
     silent = f"silent for {silent_s:.0f} s, past its offline window of {window_s:g} s"
     guard = state.guard
+    heard_again = guard.silence_counted_from if guard is not None else None
+    if heard_again is not None and (state.now - heard_again).total_seconds() <= window_s:
+        # The sweeper counts no silence from before the registry could hear again.
+        return (
+            f"{silent}, but the registry could not hear it until {_ago(heard_again, state.now)} "
+            "(an outage of the database or of the registry): its silence counts from then, so "
+            "it goes offline only if it does not call in within its window"
+        )
     if guard is not None and guard.acknowledged:
         return (
             f"would be offline: {silent}; the mass-expiry guard holds (since "
@@ -304,7 +312,8 @@ def _plugins_reason(state: Recorded, sync: Sync) -> str | None:
             f"{last.next_attempt_at:%Y-%m-%dT%H:%M:%SZ}"
         )
     if sync is Sync.RECONCILING:
-        return "plugin reconcile in progress"
+        trigger = "" if last is None else f" ({last.trigger})"
+        return f"plugin reconcile{trigger} in progress"
     if last is not None and last.restart_withheld and sync is not Sync.FAILED:
         return (
             "plugins were installed but the restart budget is used up, so the runtime was not "
@@ -316,7 +325,23 @@ def _plugins_reason(state: Recorded, sync: Sync) -> str | None:
         return restart
     if sync is Sync.SYNCED or (state.refused_sources and _converged(state)):
         return None  # synced, or out of sync only for refused sources (told below)
+    if unreported := _unreported(state):
+        return (
+            f"its runtime does not report installed plugins: {', '.join(unreported)}; if that "
+            "lasts (a box replaced, say) they are installed again (trigger drift_detected)"
+        )
     return "declared plugins are not all installed yet"
+
+
+def _unreported(state: Recorded) -> list[str]:
+    """Plugins installed as declared that the runtime's own report lacks."""
+    steps = plan(
+        state.declared,
+        {p.name: p for p in state.installed},
+        observed_shas(state.workspace.observed_plugins),
+    )
+    # An install of a plugin with a record: the record the runtime does not confirm.
+    return [s.plugin for s in steps if s.action == "install" and s.installed_sha is not None]
 
 
 def _source_reasons(state: Recorded) -> list[str]:

@@ -159,8 +159,12 @@ async def db(dsn: str) -> AsyncIterator[asyncpg.Connection]:
     conn = await asyncpg.connect(dsn)
     await conn.execute(f"TRUNCATE {', '.join(TABLES)} RESTART IDENTITY CASCADE")
     await conn.execute(
-        "UPDATE fleet_guard SET holding = false, since = NULL, live = 0, stale = 0, expired = 0, "
-        "acked_at = NULL, acked_by = NULL"
+        "UPDATE fleet_guard SET holding = false, since = NULL, live = 0, stale = 0, expired = 0,"
+        " silence_counted_from = NULL, silent_changed_at = NULL, released_at = NULL,"
+        " acked_at = NULL, acked_by = NULL,"
+        # Swept just now, as far as the next sweep can tell: a row left from an earlier test
+        # would read as an outage (nobody swept for long), and count silence afresh.
+        " updated_at = now()"
     )
     await conn.execute("UPDATE retention_state SET events_pruned_through = 0")
     yield conn
@@ -201,6 +205,8 @@ def settings(tmp_path: Path, plugin_sources: Path, silent_git_server: int) -> Se
         reconcile_retry_cap_s=0.5,
         reconcile_timeout_s=30.0,
         fetch_timeout_s=20.0,
+        # Every scrape reads the fleet afresh: tests compare scrapes a moment apart.
+        metrics_cache_s=0.0,
     )
 
 

@@ -1,4 +1,4 @@
-"""The heartbeat benchmark runs end to end with a tiny fleet (figures printed, not judged)."""
+"""The benchmarks run end to end with tiny fleets (figures printed, not judged)."""
 
 from __future__ import annotations
 
@@ -14,29 +14,21 @@ ROOT = Path(__file__).resolve().parents[1]
 WITHIN_S = 120.0
 
 
-async def test_heartbeat_bench_completes_and_prints_its_figures(
-    server_dsn: str, tmp_path: Path, processes: Processes
-) -> None:
-    database = f"bench_smoke_{uuid.uuid4().hex[:8]}"
-    out, err = tmp_path / "stdout", tmp_path / "stderr"
-    # A child process, as an operator runs it: its subprocesses and sockets stay out of
-    # this interpreter (and out of filterwarnings=error). The Python generator always exists.
-    # A session of its own: should it fail or time out, the fixture stops the registries and
-    # generators it started too, not only the bench.
+async def run_bench(
+    processes: Processes, tmp_path: Path, module: str, *args: str
+) -> tuple[int | None, str]:
+    """`python -m bench.<module> ARGS` in a child process, as an operator runs it: its
+    subprocesses and sockets stay out of this interpreter (and out of filterwarnings=error).
+    A session of its own: should it fail or time out, the fixture stops the registries and
+    generators it started too, not only the bench."""
+    out, err = tmp_path / f"{module}.stdout", tmp_path / f"{module}.stderr"
     with out.open("wb") as stdout, err.open("wb") as stderr:
         bench = processes.adopt(
             await asyncio.create_subprocess_exec(
                 sys.executable,
                 "-m",
-                "bench.heartbeat",
-                f"--dsn={server_dsn}",
-                f"--database={database}",
-                "--workspaces=200",
-                "--connections=8",
-                "--duration=2",
-                "--warmup=0.5",
-                "--generator=python",
-                f"--pgbench={find_pgbench()}",
+                f"bench.{module}",
+                *args,
                 cwd=ROOT,
                 stdout=stdout,
                 stderr=stderr,
@@ -45,13 +37,86 @@ async def test_heartbeat_bench_completes_and_prints_its_figures(
             group=True,
         )
     await asyncio.wait_for(bench.wait(), WITHIN_S)
-    printed = out.read_text()
-    assert bench.returncode == 0, printed + err.read_text()
+    return bench.returncode, out.read_text() + err.read_text()
+
+
+async def test_heartbeat_bench_completes_and_prints_its_figures(
+    server_dsn: str, tmp_path: Path, processes: Processes
+) -> None:
+    database = f"bench_smoke_{uuid.uuid4().hex[:8]}"
+    # The Python generator always exists.
+    code, printed = await run_bench(
+        processes,
+        tmp_path,
+        "heartbeat",
+        f"--dsn={server_dsn}",
+        f"--database={database}",
+        "--workspaces=200",
+        "--connections=8",
+        "--duration=2",
+        "--warmup=0.5",
+        "--generator=python",
+        f"--pgbench={find_pgbench()}",
+    )
+    assert code == 0, printed
     for figure in (
         "pgbench single statement",
         "registry coalesced",
         "registry per-request",
         "registry (coalesced) / pgbench =",
         "coalesced / per-request",
+    ):
+        assert figure in printed, printed
+
+
+async def test_history_bench_measures_sizes_and_routes(
+    server_dsn: str, tmp_path: Path, processes: Processes
+) -> None:
+    database = f"bench_smoke_{uuid.uuid4().hex[:8]}"
+    common = (f"--dsn={server_dsn}", f"--database={database}")
+
+    sized, sizes = await run_bench(
+        processes, tmp_path, "history", "sizes", *common, "--workspaces=10", "--flaps=2"
+    )
+    scaled, scale = await run_bench(
+        processes,
+        tmp_path,
+        "history",
+        "scale",
+        *common,
+        "--workspaces=200",
+        "--events=5000",
+        "--runs=1000",
+        "--samples=3",
+    )
+
+    assert sized == 0, sizes
+    assert "| workspace_events | 2.00 |" in sizes, sizes
+    assert "kept for 100k workspaces" in sizes, sizes
+    assert scaled == 0, scale
+    for figure in ("| GET /workspaces/{id} |", "| GET /fleet |", "rows/s", "SSE"):
+        assert figure in scale, scale
+
+
+async def test_fanout_bench_completes_and_prints_every_mode(
+    server_dsn: str, tmp_path: Path, processes: Processes
+) -> None:
+    database = f"bench_smoke_{uuid.uuid4().hex[:8]}"
+    code, printed = await run_bench(
+        processes,
+        tmp_path,
+        "fanout",
+        f"--dsn={server_dsn}",
+        f"--database={database}",
+        "--workspaces=3",
+        "--files=3",
+    )
+
+    assert code == 0, printed
+    for figure in (
+        "| mode | workspaces | git connections |",
+        "| unshared (before) | 3 |",
+        "| shared resolution, no tree cache | 3 |",
+        "| shared resolution + tree cache | 3 |",
     ):
         assert figure in printed, printed

@@ -347,23 +347,23 @@ async def test_events_follow_resumes_after_the_stream_drops(
     await stop_follower(follower)
 
 
-async def test_api_errors_are_one_line_with_the_code_and_exit_1(url: str) -> None:
+async def test_api_errors_are_one_line_with_the_code_and_their_exit_code(url: str) -> None:
     unknown = str(uuid.uuid4())
 
     shown = await cli(url, "workspaces", "show", unknown)
 
-    assert shown.code == 1
+    assert shown.code == 3  # not found
     assert shown.out == ""
     assert shown.err == f"registry: 404 workspace_not_found: no workspace {unknown}\n"
     workspace_id, _ = await create(url, "still-provisioning")
     refused = await cli(url, "reconcile", workspace_id)
-    assert refused.code == 1
+    assert refused.code == 4  # conflict
     assert refused.err.startswith("registry: 409 workspace_not_live: ")
     wrong_token = await cli(url, "workspaces", "list", token="not-the-admin-token-at-all")
     assert wrong_token.code == 1
     assert wrong_token.err.startswith("registry: 401 ")
     resumed = await cli(url, "workspaces", "resume", workspace_id)
-    assert (resumed.code, resumed.err.split(":")[1]) == (1, " 409 not_paused")
+    assert (resumed.code, resumed.err.split(":")[1]) == (4, " 409 not_paused")
 
 
 async def test_a_missing_token_is_a_usage_error() -> None:
@@ -377,7 +377,7 @@ async def test_a_missing_token_is_a_usage_error() -> None:
 async def test_a_registry_that_is_not_there_is_a_clear_error() -> None:
     result = await cli(f"http://127.0.0.1:{free_port()}", "workspaces", "list")
 
-    assert result.code == 1
+    assert result.code == 5  # unavailable
     assert "cannot reach the registry" in result.err
     assert "connection refused" in result.err
     assert "Traceback" not in result.err
@@ -387,9 +387,13 @@ async def test_a_registry_that_is_not_there_is_a_clear_error() -> None:
     "argv",
     [
         ["workspaces", "show", "not-a-uuid"],
-        ["events"],
+        ["events", "--limit", "0"],
         ["workspaces", "list", "--limit", "0"],
         ["reconcile"],
+        ["reconcile", "history"],
+        ["wait", str(uuid.uuid4()), "--for", "status=sideways"],
+        ["wait", str(uuid.uuid4()), "--for", "status=online", "--timeout", "soon"],
+        ["workspaces", "list", "-o", "yaml"],
     ],
 )
 def test_bad_usage_exits_2(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
@@ -411,7 +415,7 @@ def test_the_registry_url_flag_works_before_and_after_the_command(
         ["workspaces", "list", "--url", f"http://127.0.0.1:{port}"],
         ["workspaces", "create", "w", "--registry-url", f"http://127.0.0.1:{port}"],
     ):
-        assert main(["--token", "t", *argv]) == 1
+        assert main(["--token", "t", *argv]) == 5
         assert f"127.0.0.1:{port}: connection refused" in capsys.readouterr().err
 
 

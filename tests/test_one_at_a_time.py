@@ -114,9 +114,15 @@ async def test_two_sweepers_at_once_expire_one_sweeps_share_with_one_guard_event
         "WHERE id = ANY($1::uuid[])",
         fleet,
     )
+    # Silent for an hour as far as the guard knows (a steady count): holding, it expires at
+    # its rate at once rather than waiting out a window of a changing count.
+    await db.execute(
+        "UPDATE fleet_guard SET stale = $1, silent_changed_at = now() - interval '1 hour'",
+        len(fleet),
+    )
     holder, one, two = await connect(dsn), await connect(dsn), await connect(dsn)
     try:
-        # The barrier: the guard's row, which every sweep writes last, in its transaction.
+        # The barrier: the guard's row, which every sweep writes once it has the sweep lock.
         barrier = holder.transaction()
         await barrier.start()
         await holder.execute("SELECT 1 FROM fleet_guard FOR UPDATE")

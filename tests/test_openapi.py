@@ -666,6 +666,24 @@ async def test_every_documented_response_is_produced_and_conforms(
         assert response.status == status
         await check(response, "get_events")
 
+    # GET /events/history: pages of events with their workspace's name; 410 before pruning.
+    fleet_history = await check(
+        await client.get("/events/history?limit=500", headers=ADMIN), "get_event_history"
+    )
+    assert {e["workspace_name"] for e in fleet_history["events"]} >= {"agent"}
+    await registry.db.execute("UPDATE retention_state SET events_pruned_through = 2")
+    for path, headers, status in [
+        (f"/events/history?workspace_id={workspace.id}", ADMIN, 200),
+        ("/events/history?after=-1", ADMIN, 400),
+        ("/events/history", NO_AUTH, 401),
+        (f"/events/history?workspace_id={missing_id}", ADMIN, 200),
+        ("/events/history?after=1", ADMIN, 410),
+    ]:
+        response = await client.get(path, headers=headers)
+        assert response.status == status
+        await check(response, "get_event_history")
+    await registry.db.execute("UPDATE retention_state SET events_pruned_through = 0")
+
     # GET /fleet
     fleet = await check(await client.get("/fleet", headers=ADMIN), "get_fleet")
     assert fleet["statuses"]["removed"] == 2
@@ -769,6 +787,7 @@ async def test_every_documented_response_is_produced_and_conforms(
             ("post_token", "POST", f"/workspaces/{other.id}/token", None, ADMIN),
             ("get_workspace_events", "GET", f"/workspaces/{other.id}/events", None, ADMIN),
             ("get_events", "GET", "/events", None, ADMIN),
+            ("get_event_history", "GET", "/events/history", None, ADMIN),
             ("get_fleet", "GET", "/fleet", None, ADMIN),
             ("post_tokens", "POST", "/tokens", token_request, ADMIN),
             ("get_tokens", "GET", "/tokens", None, ADMIN),

@@ -373,3 +373,19 @@ async def test_list_summaries_carry_the_same_verdicts_as_the_full_view(
         provisioning.id: (False, False),
         silent.id: (False, False),
     }
+
+
+def test_a_workspace_silent_through_an_outage_says_its_silence_counts_from_after_it() -> None:
+    # Silent for 200 s (its window is 90), but the registry could hear again only 2 s ago: the
+    # sweeper counts its silence from then, and `why` says so, not "offline at the next sweep".
+    workspace = _replace(_online(), last_heartbeat_at=ago(200))
+    guard = Guard(
+        holding=False, since=None, live=40, stale=0, updated_at=ago(1),
+        silence_counted_from=ago(2),
+    )  # fmt: skip
+
+    verdict = judge(_recorded(workspace, guard=guard))
+
+    assert verdict.why is not None
+    assert "could not hear it until 2 s ago" in verdict.why
+    assert "next sweep" not in verdict.why

@@ -9,7 +9,9 @@ from typing import Any
 from registry.db import Connection
 
 SELECT_GUARD = """
-SELECT holding, since, live, stale, expired, updated_at, acked_at, acked_by FROM fleet_guard
+SELECT holding, since, live, stale, expired, updated_at, silence_counted_from,
+       silent_changed_at, released_at, now() AS now, acked_at, acked_by
+FROM fleet_guard
 """
 
 UPDATE_GUARD = """
@@ -17,6 +19,7 @@ UPDATE fleet_guard SET
     holding = $1,
     since = CASE WHEN $1 AND NOT holding THEN now() WHEN $1 THEN since END,
     live = $2, stale = $3, expired = $4, updated_at = now(),
+    silent_changed_at = $5, released_at = $6,
     -- An acknowledgement lasts as long as the hold it acknowledged.
     acked_at = CASE WHEN $1 THEN acked_at END,
     acked_by = CASE WHEN $1 THEN acked_by END
@@ -28,6 +31,17 @@ RETURNING holding
 UPDATE_FIGURES = """
 UPDATE fleet_guard SET live = $1, stale = $2, expired = $3, updated_at = now()
 RETURNING holding
+"""
+
+# The registry hears again: silence is counted from now. Either the caller knows it could not
+# reach the database since its last sweep ($1), or no process has swept for `$2` seconds (every
+# process sweeps every interval, so nobody was there to hear: all were down, or the database
+# was; NULL: never). Returns the row's value either way.
+HEAR_AGAIN = """
+UPDATE fleet_guard SET silence_counted_from = CASE
+    WHEN $1 OR updated_at < now() - make_interval(secs => $2) THEN now()
+    ELSE silence_counted_from END
+RETURNING silence_counted_from
 """
 
 INSERT_FLEET_EVENT = """
@@ -44,6 +58,11 @@ class Guard:
     stale: int  # of the live ones, silent past their window
     updated_at: datetime
     expired: int = 0  # taken offline by the sweeper within the last liveness window
+    # When the registry could hear again after an outage: no silence counts from before it.
+    silence_counted_from: datetime | None = None
+    silent_changed_at: datetime | None = None  # when the silent count last changed
+    released_at: datetime | None = None  # when the guard last let go
+    now: datetime | None = None  # the database's clock when this was read
     acked_at: datetime | None = None
     acked_by: str | None = None
 
@@ -64,12 +83,28 @@ async def read_guard(conn: Connection) -> Guard:
     return Guard(**dict(row))
 
 
+async def hear_again(
+    conn: Connection, *, deaf: bool, deaf_after_s: float | None
+) -> datetime | None:
+    """Start counting silence from now if the registry could not hear (`deaf`, or no sweep
+    for `deaf_after_s`, None: never); returns since when silence counts (None: no outage)."""
+    counted_from: datetime | None = await conn.fetchval(HEAR_AGAIN, deaf, deaf_after_s)
+    return counted_from
+
+
 async def write_guard(
-    conn: Connection, *, holding: bool, live: int, stale: int, expired: int = 0
+    conn: Connection,
+    *,
+    holding: bool,
+    live: int,
+    stale: int,
+    expired: int = 0,
+    silent_changed_at: datetime | None = None,
+    released_at: datetime | None = None,
 ) -> bool:
     """Record the guard's state; True when it changed (and then an event was recorded)."""
     was = await read_guard(conn)
-    await conn.execute(UPDATE_GUARD, holding, live, stale, expired)
+    await conn.execute(UPDATE_GUARD, holding, live, stale, expired, silent_changed_at, released_at)
     if was.holding == holding:
         return False
     detail: dict[str, Any] = {"live": live, "stale": stale, "expired": expired}
@@ -84,7 +119,8 @@ UPDATE fleet_guard SET
     acked_at = CASE WHEN acked_at >= since THEN acked_at ELSE now() END,
     acked_by = CASE WHEN acked_at >= since THEN acked_by ELSE $1 END
 WHERE holding
-RETURNING holding, since, live, stale, expired, updated_at, acked_at, acked_by
+RETURNING holding, since, live, stale, expired, updated_at, silence_counted_from,
+          silent_changed_at, released_at, now() AS now, acked_at, acked_by
 """
 
 

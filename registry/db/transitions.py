@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import uuid
 from dataclasses import dataclass
+from datetime import datetime
 
 from registry.db import Connection
 from registry.statuses import Status, legal_sources
@@ -75,6 +76,8 @@ async def transition(
 # A workspace is silent after `$2` seconds, or after `$6` of its own observed heartbeat
 # intervals if that is longer, up to `$7` seconds: the window follows each runtime's real
 # interval, computed row by row in the same set-based statement.
+# No silence counts from before `$8` (when the registry could hear again after an outage):
+# written as its own condition, so the first one keeps its index.
 # Oldest silence first, so a capped sweep expires the longest-dead workspaces. SKIP LOCKED
 # passes over rows a heartbeat holds right now: those are alive. A row a heartbeat updated
 # after this statement's snapshot is re-checked against the WHERE once locked.
@@ -84,6 +87,8 @@ WITH silent AS (
     WHERE status = ANY($1::text[]) AND status <> 'removed'
       AND COALESCE(last_heartbeat_at, status_changed_at) < now() - make_interval(secs =>
               GREATEST($2, LEAST($6 * COALESCE(heartbeat_interval_s, 0), $7)))
+      AND ($8::timestamptz IS NULL OR $8 < now() - make_interval(secs =>
+              GREATEST($2, LEAST($6 * COALESCE(heartbeat_interval_s, 0), $7))))
     ORDER BY COALESCE(last_heartbeat_at, status_changed_at)
     LIMIT $3
     FOR UPDATE SKIP LOCKED
@@ -111,9 +116,11 @@ async def expire_silent(
     cause: str,
     limit: int,
     window: SilenceWindow | None = None,
+    counted_from: datetime | None = None,
 ) -> dict[Status, int]:
-    """Move up to `limit` workspaces silent for `silent_for_s` (stretched by `window`) from
-    `statuses` to `to`; returns how many moved, by the status they left."""
+    """Move up to `limit` workspaces silent for `silent_for_s` (stretched by `window`, and
+    counted from `counted_from` at the earliest) from `statuses` to `to`; returns how many
+    moved, by the status they left."""
     sources = [s.value for s in statuses if s in legal_sources(to)]
     window = window or SilenceWindow.fixed()
     rows = await conn.fetch(
@@ -125,13 +132,17 @@ async def expire_silent(
         cause,
         window.intervals,
         window.max_s,
+        counted_from,
     )
     return {Status(row["previous_status"]): row["n"] for row in rows}
 
 
+# Silence counts from `$5` at the earliest (GREATEST ignores a NULL), as in EXPIRE_SILENT;
+# a count needs no index, so one expression does.
 COUNT_SILENT = """
 SELECT count(*) AS live,
-       count(*) FILTER (WHERE COALESCE(last_heartbeat_at, status_changed_at)
+       count(*) FILTER (WHERE GREATEST(COALESCE(last_heartbeat_at, status_changed_at),
+                                       $5::timestamptz)
                               < now() - make_interval(secs =>
                                   GREATEST($2, LEAST($3 * COALESCE(heartbeat_interval_s, 0),
                                                      $4)))) AS silent
@@ -151,10 +162,16 @@ async def count_silent(
     statuses: frozenset[Status],
     silent_for_s: float,
     window: SilenceWindow | None = None,
+    counted_from: datetime | None = None,
 ) -> FleetCount:
     window = window or SilenceWindow.fixed()
     row = await conn.fetchrow(
-        COUNT_SILENT, [s.value for s in statuses], silent_for_s, window.intervals, window.max_s
+        COUNT_SILENT,
+        [s.value for s in statuses],
+        silent_for_s,
+        window.intervals,
+        window.max_s,
+        counted_from,
     )
     assert row is not None
     return FleetCount(row["live"], row["silent"])

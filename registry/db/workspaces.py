@@ -151,6 +151,16 @@ async def workspace_exists(conn: Connection, workspace_id: uuid.UUID) -> bool:
     return bool(await conn.fetchval(WORKSPACE_EXISTS, workspace_id))
 
 
+SELECT_NAMES = "SELECT id, name FROM workspaces WHERE id = ANY($1::uuid[])"
+
+
+async def names_of(conn: Connection, ids: set[uuid.UUID]) -> dict[uuid.UUID, str]:
+    """Names by id, in one query (tombstones included: history outlives its workspace)."""
+    if not ids:
+        return {}
+    return {row["id"]: row["name"] for row in await conn.fetch(SELECT_NAMES, list(ids))}
+
+
 SELECT_DECLARED = """
 SELECT name, source FROM declared_plugins WHERE workspace_id = $1 ORDER BY position, name
 """

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import uuid
 from typing import Any
 
 from aiohttp import web
 
 from registry import query
 from registry import validation as v
-from registry.db import events, fleet, retention, workspaces
+from registry.db import Connection, events, fleet, retention, workspaces
 from registry.db.events import Event
 from registry.errors import HistoryPruned, workspace_not_found
 from registry.jsonio import dumps, json_response
@@ -56,15 +57,53 @@ async def get_workspace_events(request: web.Request) -> web.Response:
     async with request.app[POOL].acquire() as conn:
         if not await workspaces.workspace_exists(conn, workspace_id):
             raise workspace_not_found(workspace_id)
-        pruned_through = await retention.events_pruned_through(conn)
-        if 0 < after < pruned_through:
-            raise HistoryPruned(
-                f"events up to {pruned_through} may have been pruned: read the workspace's "
-                "current state, then resume from the oldest event this route returns",
-                field="after",
-            )
-        page = await events.events_after(conn, after, workspace_id=workspace_id, limit=limit)
+        page = await _history_page(conn, after, workspace_id, limit)
     return json_response({"events": [event_view(e) for e in page]})
+
+
+async def get_event_history(request: web.Request) -> web.Response:
+    """The fleet's history (or one workspace's) as JSON pages, each event with its
+    workspace's name: what `registry events` prints without --follow."""
+    workspace_id = query.query_uuid(request, "workspace_id")
+    after = _after(request) or 0
+    limit = query.query_int(request, "limit", 100, minimum=1, maximum=MAX_EVENTS_PAGE)
+    async with request.app[POOL].acquire() as conn:
+        # A filter, as on the stream: an unknown workspace has no events (the per-workspace
+        # route, where the id is the resource, answers 404).
+        page = await _history_page(conn, after, workspace_id, limit)
+        names = await workspaces.names_of(
+            conn, {e.workspace_id for e in page if e.workspace_id is not None}
+        )
+    return json_response(
+        {
+            "events": [
+                {
+                    **event_view(e),
+                    "workspace_name": names.get(e.workspace_id) if e.workspace_id else None,
+                }
+                for e in page
+            ],
+            "next_after": page[-1].id if len(page) == limit else None,
+        }
+    )
+
+
+def _name(names: dict[uuid.UUID, str], workspace_id: uuid.UUID | None) -> str | None:
+    return None if workspace_id is None else names.get(workspace_id)
+
+
+async def _history_page(
+    conn: Connection, after: int, workspace_id: uuid.UUID | None, limit: int
+) -> list[Event]:
+    """A page of events after `after`; 410 when what was asked for may have been pruned."""
+    pruned_through = await retention.events_pruned_through(conn)
+    if 0 < after < pruned_through:
+        raise HistoryPruned(
+            f"events up to {pruned_through} may have been pruned: read the current state, "
+            "then resume from the oldest event this route returns",
+            field="after",
+        )
+    return await events.events_after(conn, after, workspace_id=workspace_id, limit=limit)
 
 
 def _reset_frame(pruned_through: int) -> bytes:
@@ -151,6 +190,8 @@ def guard_view(guard: fleet.Guard) -> dict[str, Any]:
         "silent": guard.stale,
         "expired": guard.expired,
         "updated_at": guard.updated_at,
+        "silence_counted_from": guard.silence_counted_from,
+        "released_at": guard.released_at,
         "acknowledged": guard.acknowledged,
         "acknowledged_at": guard.acked_at if guard.acknowledged else None,
         "acknowledged_by": guard.acked_by if guard.acknowledged else None,

@@ -52,7 +52,7 @@ HEARTBEAT_FIELDS = frozenset(
         "acks",
     }
 )
-REGISTER_FIELDS = frozenset({"workspace_id", "id", "url", "agent_card"})
+REGISTER_FIELDS = frozenset({"workspace_id", "id", "url", "agent_card", "instance_id"})
 
 # Bounds that no real runtime reaches; they keep garbage and abuse out of the table.
 MAX_OBSERVED_PLUGINS = 500
@@ -171,6 +171,8 @@ def parse_register(body: v.Body, token_hash: bytes) -> Parsed:
         acks=[],
         url=url,
         agent_card=agent_card,
+        # Empty or absent: this runtime does not say which box it is; the stored id stays.
+        instance_id=v.text(body, "instance_id", "", max_length=256) or None,
         cause="register",
     )
     return Parsed(beat, ignored)

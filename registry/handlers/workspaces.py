@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import uuid
-from datetime import UTC, datetime
 from typing import Any
 
 from aiohttp import web
@@ -12,6 +11,7 @@ from registry import audit, query
 from registry import validation as v
 from registry.auth import actor, hash_token, new_workspace_token
 from registry.db import Connection, actions, events, fleet, reconciles, workspaces
+from registry.db.clock import db_now
 from registry.db.workspaces import DeclaredPlugin
 from registry.errors import (
     Forbidden,
@@ -110,12 +110,13 @@ async def _workspace_view(
         installed=await workspaces.installed_plugins(conn, workspace_id),
         last=await reconciles.last_reconcile(conn, workspace_id),
         liveness=Liveness.from_settings(settings),
-        now=datetime.now(UTC),
         pending=await actions.pending_actions(conn, workspace_id),
         status_cause=await events.status_cause(
             conn, workspace_id, workspace.status, workspace.status_changed_at
         ),
         guard=await fleet.read_guard(conn),
+        # Read last, after everything it judges (db/clock.py).
+        now=await db_now(conn),
         refused_sources=refused_sources(declared, sources),
         allowlist=sources.allowlist,
     )
@@ -196,7 +197,7 @@ async def _recorded_page(
     pending = await actions.pending_actions_of(conn, ids)
     causes = await events.status_causes(conn, [(w.id, w.status, w.status_changed_at) for w in page])
     guard = await fleet.read_guard(conn)
-    liveness, now = Liveness.from_settings(settings), datetime.now(UTC)
+    liveness, now = Liveness.from_settings(settings), await db_now(conn)
     checked: dict[str, str | None] = {}
     return [
         Recorded(

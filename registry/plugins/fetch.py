@@ -21,7 +21,16 @@ from registry.plugins._threads import run_blocking
 from registry.plugins.errors import FetchFailed
 from registry.plugins.sources import PluginSource, SourceSettings, check_allowed, is_commit_sha
 
-__all__ = ["FetchLimits", "StagedPlugin", "resolve_version", "stage", "tree_digest"]
+__all__ = [
+    "FetchLimits",
+    "Pinned",
+    "StagedPlugin",
+    "copy_tree",
+    "resolve_pinned",
+    "resolve_version",
+    "stage",
+    "tree_digest",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +47,15 @@ class StagedPlugin:
     # The content digest of the staged tree (tree_digest), whatever the source: what a
     # runtime can compute from the delivered directory and report as the plugin's sha.
     digest: str
+
+
+@dataclass(frozen=True, slots=True)
+class Pinned:
+    """What a git ref resolved to: the commit, and the remote ref it came from (None for a
+    declared sha), which a server that refuses unadvertised wants is fetched through."""
+
+    sha: str
+    refname: str | None
 
 
 # --------------------------------------------------------------------------- ignore list
@@ -239,6 +257,16 @@ def tree_digest(root: Path, *, limits: FetchLimits | None = None) -> str:
     ignored; symlinks raise FetchFailed(code='symlink_refused').
     """
     return _TreeWalk(limits, None, None, None).run(Path(root))
+
+
+def copy_tree(root: Path, dest: Path, limits: FetchLimits, stop: threading.Event) -> str:
+    """Copy a tree into the new directory ``dest`` and return the digest of what was copied.
+
+    The digest is of the bytes read during the copy, so comparing it with a digest recorded
+    earlier proves the copy is what was recorded (a cached tree that was altered is caught).
+    On failure ``dest`` is removed.
+    """
+    return _copy_file_source(Path(root), Path(dest), limits, _deadline(limits), stop)
 
 
 # --------------------------------------------------------------------------- file sources
@@ -620,7 +648,9 @@ async def _materialise(
         await _reap(proc)
 
 
-async def _stage_git(source: PluginSource, limits: FetchLimits, work_dir: Path) -> StagedPlugin:
+async def _stage_git(
+    source: PluginSource, limits: FetchLimits, work_dir: Path, pinned: Pinned | None
+) -> StagedPlugin:
     git_dir = Path(tempfile.mkdtemp(prefix=".fetch-", dir=work_dir))
     dest = Path(tempfile.mkdtemp(prefix="plugin-", dir=work_dir))
     staged = False
@@ -636,7 +666,10 @@ async def _stage_git(source: PluginSource, limits: FetchLimits, work_dir: Path) 
                     raise FetchFailed(
                         f"git init failed: {init.error_text()}", code="stage_failed", transient=True
                     )
-                sha, refname = await _resolve_git(source, git_dir)
+                if pinned is None:
+                    sha, refname = await _resolve_git(source, git_dir)
+                else:
+                    sha, refname = pinned.sha, pinned.refname
                 await _fetch_commit(git_dir, source, sha, refname)
                 await _materialise(git_dir, sha, source.subdir, dest, limits)
                 digest = await run_blocking(
@@ -666,31 +699,54 @@ async def resolve_version(
     source: PluginSource, settings: SourceSettings, limits: FetchLimits
 ) -> str:
     """The version ``stage`` would install now: commit sha for git, tree digest for file."""
-    check_allowed(source, settings)
-    try:
-        if source.kind == "file":
+    if source.kind == "file":
+        check_allowed(source, settings)
+        try:
             return await _file_digest(source, limits)
+        except OSError as exc:
+            raise _unresolvable(source, exc) from None
+    return (await resolve_pinned(source, settings, limits)).sha
+
+
+def _unresolvable(source: PluginSource, exc: OSError) -> FetchFailed:
+    # An unreadable source tree, git that cannot be spawned: this step's failure.
+    return FetchFailed(
+        f"cannot resolve {source.raw}: {exc}", code="source_unreachable", transient=True
+    )
+
+
+async def resolve_pinned(
+    source: PluginSource, settings: SourceSettings, limits: FetchLimits
+) -> Pinned:
+    """Resolve a git source's ref to the commit ``stage(..., pinned=)`` then fetches."""
+    check_allowed(source, settings)
+    if source.kind != "git":
+        raise FetchFailed(f"{source.raw} is not a git source", code="invalid_source")
+    try:
         async with asyncio.timeout(limits.timeout_s):
             # cwd '/' keeps git from discovering (and reading the config of) whatever
             # repository the service happens to be started in.
-            sha, _ = await _resolve_git(source, Path("/"))
+            sha, refname = await _resolve_git(source, Path("/"))
     except TimeoutError:
         raise _timeout() from None
     except OSError as exc:
-        # An unreadable source tree, git that cannot be spawned: this step's failure.
-        raise FetchFailed(
-            f"cannot resolve {source.raw}: {exc}", code="source_unreachable", transient=True
-        ) from None
-    return sha
+        raise _unresolvable(source, exc) from None
+    return Pinned(sha, refname)
 
 
 async def stage(
-    source: PluginSource, settings: SourceSettings, limits: FetchLimits, work_dir: Path
+    source: PluginSource,
+    settings: SourceSettings,
+    limits: FetchLimits,
+    work_dir: Path,
+    *,
+    pinned: Pinned | None = None,
 ) -> StagedPlugin:
     """Fetch ``source`` into a fresh directory under ``work_dir`` and return it with its sha.
 
-    The caller owns the returned directory (delivery moves it away). On failure nothing
-    is left under ``work_dir``.
+    ``pinned`` (git only) is a resolution made earlier (resolve_pinned): the commit is
+    fetched without asking the remote for the ref again. The caller owns the returned
+    directory (delivery moves it away). On failure nothing is left under ``work_dir``.
     """
     check_allowed(source, settings)
     work_dir = Path(work_dir)
@@ -698,7 +754,7 @@ async def stage(
         await asyncio.to_thread(work_dir.mkdir, parents=True, exist_ok=True)
         if source.kind == "file":
             return await _stage_file(source, limits, work_dir)
-        return await _stage_git(source, limits, work_dir)
+        return await _stage_git(source, limits, work_dir, pinned)
     except OSError as exc:
         # What the steps above leave unclassified (a full disk as the staging directories
         # are made, no descriptors left to spawn git): a failure of staging, with its code.

@@ -1,0 +1,456 @@
+"""History at scale: what churn costs on disk, and the read routes over a big history.
+
+    .venv/bin/python -m bench.history sizes [--workspaces 200] [--flaps 10]
+    .venv/bin/python -m bench.history scale [--workspaces 100000] [--events 10000000]
+                                            [--runs 2000000] [--samples 200]
+
+`sizes` drives real churn through a registry process (workspaces with a plugin flap
+offline → online, each flap a reconcile), then prints rows and bytes (heap, TOAST and
+indexes) per flap for every history table and a sizing table: what each workspace keeps with
+the default retention at a few churn rates, and what 100k of them keep.
+
+`scale` seeds a fleet and a history by SQL (100k workspaces, 10M events, 2M finished runs
+with a step each, the oldest 30% past retention), starts a registry, keeps heartbeats
+flowing, and prints p50/p99 of every read route, then the pruner's rate (rows/s) with the
+heartbeats still flowing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import random
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import aiohttp
+import asyncpg
+
+from bench import db, registry_proc
+from bench.fleet import Fleet, seed
+from bench.stats import Latencies
+from registry.retention import RetentionPolicy, prune
+from registry.settings import Settings
+
+HISTORY_TABLES = ("workspace_events", "reconciles", "reconcile_steps", "workspace_actions")
+ADMIN = {"Authorization": f"Bearer {registry_proc.ADMIN_TOKEN}"}
+DAY_S = 86400.0
+TARGET_P99_S = 0.050
+
+
+# sizes
+
+
+async def _table_sizes(conn: asyncpg.Connection) -> dict[str, tuple[int, int]]:
+    """(rows, bytes with TOAST and indexes) per history table."""
+    sizes = {}
+    for table in HISTORY_TABLES:
+        rows = await conn.fetchval(f"SELECT count(*) FROM {table}")
+        size = await conn.fetchval("SELECT pg_total_relation_size($1::regclass)", table)
+        sizes[table] = (int(rows), int(size))
+    return sizes
+
+
+async def _drained(conn: asyncpg.Connection, within_s: float = 600.0) -> None:
+    deadline = time.monotonic() + within_s
+    busy = """SELECT count(*) FROM reconciles
+              WHERE status = 'running' OR (status = 'queued' AND next_attempt_at <= now())"""
+    while await conn.fetchval(busy):
+        if time.monotonic() > deadline:
+            raise RuntimeError("reconciles did not drain")
+        await asyncio.sleep(0.2)
+
+
+async def _churn(url: str, dsn: str, plugin: Path, workspaces: int, flaps: int) -> list[str]:
+    conn = await asyncpg.connect(dsn)
+    try:
+        async with aiohttp.ClientSession(headers=ADMIN) as session:
+            fleet: list[tuple[str, str]] = []
+            for n in range(workspaces):
+                body = {"name": f"churn-{n}", "plugins": [{"source": f"file://{plugin}"}]}
+                async with session.post(f"{url}/workspaces", json=body) as response:
+                    created = await response.json()
+                fleet.append((created["workspace"]["id"], created["token"]))
+
+            async def beat(workspace_id: str, token: str) -> None:
+                auth = {"Authorization": f"Bearer {token}"}
+                async with session.post(
+                    f"{url}/registry/heartbeat", json={"workspace_id": workspace_id}, headers=auth
+                ) as response:
+                    answer = await response.json()
+                actions = answer.get("actions") or []
+                if actions:  # the runtime restarts and acknowledges, as real ones do
+                    body = {"workspace_id": workspace_id, "acks": [a["id"] for a in actions]}
+                    async with session.post(
+                        f"{url}/registry/heartbeat", json=body, headers=auth
+                    ) as response:
+                        await response.read()
+
+            async def everyone() -> None:
+                await asyncio.gather(*(beat(w, t) for w, t in fleet))
+
+            await everyone()
+            await _drained(conn)
+            await everyone()  # restarts acknowledged
+            before = await _table_sizes(conn)
+            for _ in range(flaps):
+                # The sweeper's expiry, then the runtime back: offline → online, a reconcile.
+                await conn.execute(
+                    "UPDATE workspaces SET status = 'offline' WHERE status = 'online'"
+                )
+                await everyone()
+                await _drained(conn)
+                await everyone()
+            await conn.execute("VACUUM (ANALYZE) workspace_events, reconciles, reconcile_steps")
+            after = await _table_sizes(conn)
+    finally:
+        await conn.close()
+    total = workspaces * flaps
+    per_flap: dict[str, tuple[float, float]] = {}
+    lines = [
+        f"{workspaces} workspaces x {flaps} flaps = {total} offline -> online flaps",
+        "",
+        "| table | rows per flap | bytes per row | bytes per flap |",
+        "|---|---|---|---|",
+    ]
+    for table in HISTORY_TABLES:
+        rows = after[table][0] - before[table][0]
+        size = after[table][1] - before[table][1]
+        per_row = size / rows if rows else 0.0
+        per_flap[table] = (rows / total, per_row)
+        lines.append(f"| {table} | {rows / total:.2f} | {per_row:,.0f} | {size / total:,.0f} |")
+    return [*lines, "", *_sizing(per_flap)]
+
+
+def _sizing(per_flap: dict[str, tuple[float, float]]) -> list[str]:
+    """Rows and bytes one workspace keeps in steady state with the default retention."""
+    settings = Settings()
+    lines = [
+        "Steady state with the defaults (events 14 d, at least the last "
+        f"{settings.event_keep_per_workspace}; runs 14 d, at least the last "
+        f"{settings.reconcile_keep_per_workspace}; acknowledged actions "
+        f"{settings.action_retention_s / DAY_S:g} d):",
+        "",
+        "| flaps per workspace per day | written per day (rows / KB) | kept per workspace "
+        "(rows / KB) | kept for 100k workspaces (GB) |",
+        "|---|---|---|---|",
+    ]
+    for flaps_per_day in (1, 4, 24, 96):
+        written_rows = written_bytes = kept_rows = kept_bytes = 0.0
+        for table, (rows_per_flap, bytes_per_row) in per_flap.items():
+            per_day = rows_per_flap * flaps_per_day
+            if table == "workspace_events":
+                kept = max(
+                    settings.event_keep_per_workspace,
+                    per_day * settings.event_retention_s / DAY_S,
+                )
+            elif table in ("reconciles", "reconcile_steps"):
+                runs = max(
+                    settings.reconcile_keep_per_workspace,
+                    flaps_per_day * settings.reconcile_retention_s / DAY_S,
+                )
+                kept = runs * rows_per_flap  # steps follow their runs
+            else:
+                kept = per_day * settings.action_retention_s / DAY_S
+            written_rows += per_day
+            written_bytes += per_day * bytes_per_row
+            kept_rows += kept
+            kept_bytes += kept * bytes_per_row
+        lines.append(
+            f"| {flaps_per_day} | {written_rows:,.0f} / {written_bytes / 1024:,.1f} | "
+            f"{kept_rows:,.0f} / {kept_bytes / 1024:,.0f} | "
+            f"{kept_bytes * 100_000 / 1e9:,.1f} |"
+        )
+    return lines
+
+
+def sizes(args: argparse.Namespace, work_dir: Path) -> None:
+    dsn = asyncio.run(db.recreate(args.dsn, args.database))
+    plugin = work_dir / "plugins" / "tool"
+    plugin.mkdir(parents=True)
+    (plugin / "main.py").write_text("print('tool')\n")
+    env = {
+        "REGISTRY_PLUGIN_ALLOWLIST": f"file://{work_dir / 'plugins'}/",
+        "REGISTRY_RECONCILE_POLL_S": "0.2",
+    }
+    process = registry_proc.start(dsn, work_dir, env)
+    try:
+        process.wait_healthy()
+        lines = asyncio.run(_churn(process.url, dsn, plugin, args.workspaces, args.flaps))
+    finally:
+        process.stop()
+    print("\n".join(lines))
+
+
+# scale
+
+# Skewed as fleets are: a tenth of the events and runs spread over every workspace, the rest
+# over a noisy tenth of the fleet, which is where retention has something to delete.
+WORKSPACE_OF_G = (
+    "md5($1 || ':' || (CASE WHEN g % 10 = 0 THEN 1 + (g / 10) % $2"
+    " ELSE 1 + g % ($2 / 10) END)::text)::uuid"
+)
+
+SEED_EVENTS = f"""
+INSERT INTO workspace_events (workspace_id, kind, from_status, to_status, cause, actor, seq, at)
+SELECT {WORKSPACE_OF_G}, 'status',
+       CASE WHEN g % 2 = 0 THEN 'online' ELSE 'offline' END,
+       CASE WHEN g % 2 = 0 THEN 'offline' ELSE 'online' END,
+       'heartbeat', 'runtime', g,
+       now() - make_interval(secs => ($3::bigint - g) * $4::float8)
+FROM generate_series($5::bigint, $6::bigint) AS g
+"""
+SEED_RUNS = f"""
+WITH runs AS (
+    INSERT INTO reconciles (workspace_id, trigger, status, attempt, created_at, next_attempt_at,
+                            started_at, finished_at)
+    SELECT {WORKSPACE_OF_G}, 'online_transition', 'succeeded', 1,
+           at.t, at.t, at.t, at.t + interval '1 second'
+    FROM generate_series($3::bigint, $4::bigint) AS g,
+         LATERAL (SELECT now() - make_interval(secs => ($5::bigint - g) * $6::float8)) AS at(t)
+    RETURNING id, created_at
+)
+INSERT INTO reconcile_steps (reconcile_id, attempt, plugin, action, status, source, sha,
+                             started_at, finished_at)
+SELECT id, 1, 'tool', 'install', 'succeeded', 'file:///srv/plugins/tool', md5(id::text),
+       created_at, created_at
+FROM runs
+"""
+CHUNK = 500_000
+
+
+async def _seed_history(dsn: str, fleet: Fleet, events: int, runs: int, span_s: float) -> None:
+    """Events and runs spread evenly over `span_s` back from now, newest last."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        for first in range(1, events + 1, CHUNK):
+            last = min(events, first + CHUNK - 1)
+            await conn.execute(
+                SEED_EVENTS, fleet.salt, fleet.size, events, span_s / events, first, last
+            )
+            print(f"  events {last:,}/{events:,}", flush=True)
+        for first in range(1, runs + 1, CHUNK):
+            last = min(runs, first + CHUNK - 1)
+            await conn.execute(SEED_RUNS, fleet.salt, fleet.size, first, last, runs, span_s / runs)
+            print(f"  runs {last:,}/{runs:,}", flush=True)
+        await conn.execute("VACUUM ANALYZE")
+    finally:
+        await conn.close()
+
+
+async def _heartbeats(url: str, fleet: Fleet, stop: asyncio.Event, rate: float) -> int:
+    """Heartbeats from random workspaces at about `rate` per second until `stop`."""
+    sent = 0
+    per_tick = max(1, int(rate / 10))
+    async with aiohttp.ClientSession() as session:
+
+        async def one() -> None:
+            n = random.randint(1, fleet.size)
+            async with session.post(
+                f"{url}/registry/heartbeat",
+                data=fleet.heartbeat_body(n),
+                headers={
+                    "Authorization": f"Bearer {fleet.token(n)}",
+                    "Content-Type": "application/json",
+                },
+            ) as response:
+                await response.read()
+
+        while not stop.is_set():
+            started = time.monotonic()
+            await asyncio.gather(*(one() for _ in range(per_tick)))
+            sent += per_tick
+            await asyncio.sleep(max(0.0, 0.1 - (time.monotonic() - started)))
+    return sent
+
+
+async def _latencies(
+    session: aiohttp.ClientSession, path_of: Callable[[], str], samples: int
+) -> tuple[Latencies, int]:
+    timings, errors = [], 0
+    for _ in range(samples):
+        path = path_of()
+        started = time.perf_counter()
+        async with session.get(path) as response:
+            await response.read()
+            if response.status != 200:
+                errors += 1
+        timings.append(time.perf_counter() - started)
+    return Latencies.of(timings), errors
+
+
+async def _stream_first_frame(url: str, after: int, workspace_id: str | None) -> float:
+    """From opening /events with Last-Event-ID to its first event frame."""
+    params = {"workspace_id": workspace_id} if workspace_id else {}
+    started = time.perf_counter()
+    async with (
+        aiohttp.ClientSession(headers=ADMIN) as session,
+        session.get(
+            f"{url}/events", params=params, headers={"Last-Event-ID": str(after)}
+        ) as response,
+    ):
+        async for line in response.content:
+            if line.startswith(b"data:"):
+                return time.perf_counter() - started
+    return float("nan")
+
+
+def _routes(fleet: Fleet, recent: int, deep_cursor: str) -> list[tuple[str, Callable[[], str]]]:
+    ids = [str(fleet.workspace_id(n)) for n in range(1, fleet.size + 1)]
+
+    def some() -> str:
+        return random.choice(ids)
+
+    return [
+        ("GET /workspaces/{id}", lambda: f"/workspaces/{some()}"),
+        ("GET /workspaces/{id}/events", lambda: f"/workspaces/{some()}/events?limit=100"),
+        (
+            "GET /internal/workspaces/{id}/reconciles",
+            lambda: f"/internal/workspaces/{some()}/reconciles",
+        ),
+        ("GET /events/history (fleet, recent)", lambda: f"/events/history?after={recent}"),
+        (
+            "GET /events/history?workspace_id",
+            lambda: f"/events/history?workspace_id={some()}&limit=100",
+        ),
+        ("GET /fleet", lambda: "/fleet"),
+        ("GET /metrics", lambda: "/metrics"),
+        ("GET /workspaces (first page)", lambda: "/workspaces?limit=100"),
+        ("GET /workspaces (deep page)", lambda: f"/workspaces?limit=100&cursor={deep_cursor}"),
+        ("GET /workspaces?status=failed (rare)", lambda: "/workspaces?status=failed&limit=100"),
+    ]
+
+
+PRUNE_BUDGET_S = 60.0
+
+
+async def _history_rows(conn: asyncpg.Connection) -> dict[str, int]:
+    return {table: rows for table, (rows, _) in (await _table_sizes(conn)).items()}
+
+
+async def _measure(url: str, dsn: str, fleet: Fleet, events: int, samples: int) -> list[str]:
+    conn = await asyncpg.connect(dsn)
+    deep_cursor = str(
+        await conn.fetchval(
+            "SELECT id FROM workspaces ORDER BY id OFFSET $1 LIMIT 1", fleet.size * 9 // 10
+        )
+    )
+    recent = events - 50
+    lines = [
+        f"{fleet.size:,} workspaces, {events:,} events; ~200 heartbeats/s flowing; "
+        f"{samples} requests per route, one at a time",
+        "",
+        "| route | p50 ms | p99 ms | errors | verdict (p99 <= 50 ms) |",
+        "|---|---|---|---|---|",
+    ]
+    stop = asyncio.Event()
+    beats = asyncio.create_task(_heartbeats(url, fleet, stop, rate=200.0))
+    try:
+        async with aiohttp.ClientSession(base_url=url, headers=ADMIN) as session:
+            for name, path_of in _routes(fleet, recent, deep_cursor):
+                await _latencies(session, path_of, 5)  # warm the plan caches
+                latency, errors = await _latencies(session, path_of, samples)
+                ok = latency.p99_s <= TARGET_P99_S and errors == 0
+                lines.append(
+                    f"| {name} | {latency.p50_s * 1e3:.2f} | {latency.p99_s * 1e3:.2f} | "
+                    f"{errors} | {'ok' if ok else 'MISSED'} |"
+                )
+        some_id = str(fleet.workspace_id(1))
+        for name, after, workspace_id in (
+            ("GET /events (SSE resume, first frame)", recent, None),
+            ("GET /events?workspace_id (SSE, first frame)", 0, some_id),
+        ):
+            firsts = [await _stream_first_frame(url, after, workspace_id) for _ in range(20)]
+            lines.append(
+                f"| {name} | {statistics.median(firsts) * 1e3:.2f} | "
+                f"{max(firsts) * 1e3:.2f} (max of 20) | 0 | - |"
+            )
+        # The pruner, with heartbeats still flowing: everything past the 14-day retention,
+        # for at most PRUNE_BUDGET_S (a whole pass over millions of rows takes minutes, by
+        # design: small batches with pauses).
+        policy = RetentionPolicy.from_settings(Settings())
+        rows_before = await _history_rows(conn)
+        started = time.perf_counter()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(prune(conn, policy), PRUNE_BUDGET_S)
+        elapsed = time.perf_counter() - started
+        rows_after = await _history_rows(conn)
+        deleted = {table: rows_before[table] - rows_after[table] for table in rows_before}
+        total = sum(deleted.values())
+        pruned = ", ".join(f"{t} {n:,}" for t, n in deleted.items())
+        lines += [
+            "",
+            f"prune (batch {policy.batch}, pause {policy.pause_s * 1e3:g} ms): {total:,} rows "
+            f"in {elapsed:.1f} s = {total / elapsed:,.0f} rows/s ({pruned})",
+        ]
+    finally:
+        stop.set()
+        sent = await beats
+        await conn.close()
+    lines.append(f"heartbeats sent meanwhile: {sent:,}")
+    return lines
+
+
+def scale(args: argparse.Namespace, work_dir: Path) -> None:
+    fleet = Fleet.new(args.workspaces)
+    dsn = asyncio.run(db.recreate(args.dsn, args.database))
+    # The schema first: a registry process applies the migrations.
+    process = registry_proc.start(dsn, work_dir, {"REGISTRY_PRUNE_INTERVAL_S": "86400"})
+    process.wait_healthy()
+    process.stop()
+    started = time.monotonic()
+    asyncio.run(seed(dsn, fleet, status="online", heartbeat_age_s=1.0))
+    # 20 days of history: the oldest 30% is past the 14-day retention.
+    asyncio.run(_seed_history(dsn, fleet, args.events, args.runs, 20 * DAY_S))
+    print(f"seeded in {time.monotonic() - started:.0f} s", flush=True)
+    env = {
+        "REGISTRY_PRUNE_INTERVAL_S": "86400",  # the bench runs the pruner itself
+        # Seeded heartbeats are a second old: nobody expires during the run.
+        "REGISTRY_OFFLINE_AFTER_S": "3600",
+    }
+    process = registry_proc.start(dsn, work_dir, env)
+    try:
+        process.wait_healthy(within_s=120)
+        lines = asyncio.run(_measure(process.url, dsn, fleet, args.events, args.samples))
+    finally:
+        process.stop()
+    print("\n".join(lines))
+
+
+RUNS: dict[str, Callable[[argparse.Namespace, Path], None]] = {"sizes": sizes, "scale": scale}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m bench.history", description=__doc__.split("\n", 1)[0]
+    )
+    parser.add_argument("run", choices=tuple(RUNS))
+    parser.add_argument("--dsn", default=db.DEFAULT_SERVER_DSN, help="a server DSN (any database)")
+    parser.add_argument("--database", default="bench_history", help="created and dropped")
+    parser.add_argument("--workspaces", type=int, help="default: 200 (sizes), 100000 (scale)")
+    parser.add_argument("--flaps", type=int, default=10, help="sizes: flaps per workspace")
+    parser.add_argument("--events", type=int, default=10_000_000, help="scale: event rows")
+    parser.add_argument("--runs", type=int, default=2_000_000, help="scale: finished runs")
+    parser.add_argument("--samples", type=int, default=200, help="scale: requests per route")
+    args = parser.parse_args(argv)
+    if args.workspaces is None:
+        args.workspaces = 200 if args.run == "sizes" else 100_000
+    db.check_name(args.database)
+    return args
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    try:
+        with tempfile.TemporaryDirectory(prefix=f"bench-history-{args.run}-") as tmp:
+            RUNS[args.run](args, Path(tmp))
+    finally:
+        asyncio.run(db.drop(args.dsn, args.database))
+
+
+if __name__ == "__main__":
+    main()
