@@ -487,7 +487,7 @@ async def test_fleet_guard_ack_from_the_cli(url: str, db: asyncpg.Connection) ->
 
     acked = await cli(url, "fleet", "guard", "ack", token=secret["secret"])
 
-    assert (not_holding.code, not_holding.err.split(":")[1]) == (1, " 409 guard_not_holding")
+    assert (not_holding.code, not_holding.err.split(":")[1]) == (4, " 409 guard_not_holding")
     assert acked.code == 0, acked
     assert "acknowledged by pager" in acked.out
     assert await db.fetchval("SELECT acked_by FROM fleet_guard") == "pager"
