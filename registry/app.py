@@ -21,6 +21,7 @@ from registry.db.pool import create_heartbeat_pool, create_pool
 from registry.db.reconciles import RestartBudget
 from registry.drift import DriftChecker
 from registry.errors import error_middleware
+from registry.event_feed import EventFeed
 from registry.events import EventHub
 from registry.fleet_gauges import FleetGauges
 from registry.http_metrics import http_metrics_middleware
@@ -43,6 +44,7 @@ from registry.liveness import LivenessSweeper
 from registry.logs import echo_request_id, request_id_middleware
 from registry.metrics import Metrics
 from registry.plugins import FetchLimits, SourceSettings
+from registry.plugins.staging import StagingArea
 from registry.reconcile.runner import ReconcileConfig, Reconciler, TreeCacheConfig
 from registry.reconcile.worker import ReconcileWorker, new_owner_id
 from registry.refusals import RefusalLog
@@ -145,9 +147,12 @@ def source_settings(settings: Settings) -> SourceSettings:
     )
 
 
-def reconcile_config(settings: Settings, sources: SourceSettings) -> ReconcileConfig:
+def reconcile_config(
+    settings: Settings, sources: SourceSettings, staging: StagingArea
+) -> ReconcileConfig:
     return ReconcileConfig(
         plugins_dir=settings.resolved_plugins_dir,
+        staging_dir=staging.path,
         sources=sources,
         limits=FetchLimits(
             max_bytes=settings.fetch_max_bytes,
@@ -178,6 +183,9 @@ async def _background(app: web.Application) -> AsyncIterator[None]:
         # closes last, after the scheduler has drained the reconciles delivering through it.
         http = aiohttp.ClientSession()
         opened.push_async_callback(_close_http, http)
+        # Removed once the scheduler has drained the reconciles staging in it.
+        staging = await _open_staging(settings)
+        opened.push_async_callback(asyncio.to_thread, staging.close)
         # Once the scheduler has closed (it cancels shielded terminal writes too), the worker
         # gives back whatever runs it still holds; it exists only once built, hence the list.
         built: list[ReconcileWorker] = []
@@ -192,7 +200,7 @@ async def _background(app: web.Application) -> AsyncIterator[None]:
                 pool,
                 scheduler,
                 http,
-                reconcile_config(settings, app[SOURCES]),
+                reconcile_config(settings, app[SOURCES], staging),
                 owner,
                 app[METRICS],
             ),
@@ -206,7 +214,13 @@ async def _background(app: web.Application) -> AsyncIterator[None]:
         sweeper = LivenessSweeper(
             pool, settings, app[METRICS], refused=lambda: ingest.unreachable_batches
         )
-        hub = EventHub(pool, app[DSN])
+        feed = EventFeed(
+            pool,
+            poll_s=settings.event_poll_s,
+            queue_size=settings.event_subscriber_queue,
+            max_subscribers=settings.event_max_subscribers,
+        )
+        hub = EventHub(pool, app[DSN], feed)
         pruner = Pruner(pool, settings, app[METRICS])
         drift = DriftChecker(pool, settings, worker.wake)
         app[RECONCILER] = worker
@@ -219,6 +233,7 @@ async def _background(app: web.Application) -> AsyncIterator[None]:
             ("liveness-sweeper", sweeper.run_forever, sweeper.stop),
             ("event-sequencer", hub.run_sequencer, hub.stop),
             ("event-listener", hub.run_listener, hub.stop),
+            ("event-feed", feed.run, feed.stop),
             ("retention-pruner", pruner.run_forever, pruner.stop),
             ("drift-checker", drift.run_forever, drift.stop),
             (
@@ -241,6 +256,17 @@ async def _background(app: web.Application) -> AsyncIterator[None]:
         # that the closing scheduler would refuse; running reconciles get the grace period to
         # finish, then are cancelled and hand their runs back as queued intents; then the
         # session closes.
+
+
+async def _open_staging(settings: Settings) -> StagingArea:
+    staging = await asyncio.to_thread(StagingArea.open, settings.resolved_staging_dir)
+    if staging.swept:
+        log.info(
+            "staging: removed %d directories left by stopped processes in %s",
+            len(staging.swept),
+            staging.root,
+        )
+    return staging
 
 
 async def _stop_loops(loops: list[tuple[aiojobs.Job[None], Callable[[], None]]]) -> None:

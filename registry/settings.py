@@ -29,6 +29,8 @@ class Settings:
     admin_token: str | None = None
     data_dir: Path = field(default_factory=default_data_dir)
     plugins_dir: Path | None = None  # None: data_dir/plugins
+    # Where plugins are fetched before delivery (never TMPDIR); None: data_dir/staging.
+    staging_dir: Path | None = None
     # Source prefixes that may be installed; empty denies every plugin source.
     plugin_allowlist: tuple[str, ...] = ()
     github_base: str = "https://github.com"
@@ -130,6 +132,12 @@ class Settings:
     prune_interval_s: float = 60.0
     prune_batch: int = 1000
     prune_pause_s: float = 0.05
+    # The live event stream (GET /events): subscribers per process (503 beyond), the frames
+    # one subscriber may fall behind before it is dropped (and told), and how often the one
+    # reader of the process looks for new events when no notification woke it.
+    event_max_subscribers: int = 1000
+    event_subscriber_queue: int = 1000
+    event_poll_s: float = 1.0
 
     @property
     def resolved_offline_after_s(self) -> float:
@@ -140,6 +148,10 @@ class Settings:
     @property
     def resolved_plugins_dir(self) -> Path:
         return self.plugins_dir if self.plugins_dir is not None else self.data_dir / "plugins"
+
+    @property
+    def resolved_staging_dir(self) -> Path:
+        return self.staging_dir if self.staging_dir is not None else self.data_dir / "staging"
 
     @property
     def resolved_tree_cache_dir(self) -> Path:
@@ -213,6 +225,7 @@ class Settings:
             "tombstone_retention_s",
             "prune_interval_s",
             "tree_cache_idle_s",
+            "event_poll_s",
         ):
             value = getattr(self, name)
             need(math.isfinite(value) and value > 0, f"{name} must be a positive number")
@@ -246,6 +259,10 @@ class Settings:
         need(
             math.isfinite(self.metrics_cache_s) and self.metrics_cache_s >= 0,
             "metrics_cache_s must be zero or positive",
+        )
+        need(
+            self.event_max_subscribers > 0 and self.event_subscriber_queue > 0,
+            "event_max_subscribers and event_subscriber_queue must be positive",
         )
         need(
             math.isfinite(self.prune_pause_s) and self.prune_pause_s >= 0,
@@ -366,6 +383,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "admin_token": _text,
     "data_dir": Path,
     "plugins_dir": Path,
+    "staging_dir": Path,
     "plugin_allowlist": _prefix_list,
     "github_base": _text,
     "gitea_scheme": _text,
@@ -425,4 +443,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "prune_interval_s": _float,
     "prune_batch": _positive_int,
     "prune_pause_s": _float,
+    "event_max_subscribers": _positive_int,
+    "event_subscriber_queue": _positive_int,
+    "event_poll_s": _float,
 }

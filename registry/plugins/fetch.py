@@ -20,6 +20,7 @@ from pathlib import Path
 from registry.plugins._threads import run_blocking
 from registry.plugins.errors import FetchFailed
 from registry.plugins.sources import PluginSource, SourceSettings, check_allowed, is_commit_sha
+from registry.plugins.transfer import TransferCaps, TransferWatch, limit_writes
 
 __all__ = [
     "FetchLimits",
@@ -366,6 +367,10 @@ _GIT_CONFIG_ARGS = (
     # A fetched object that is corrupt or malformed is refused, not stored and served.
     "-c",
     "transfer.fsckObjects=true",
+    # Always keep the fetched pack as one file, never explode it into loose objects: the
+    # file-size limit of a fetch (registry/plugins/transfer.py) then bounds the download.
+    "-c",
+    "fetch.unpackLimit=1",
 )
 
 _PEELED = "^{}"
@@ -409,7 +414,13 @@ class _GitResult:
 
 
 async def _spawn_git(
-    args: list[str], *, git_dir: Path | None, cwd: Path, stdin: int, capture_stderr: bool
+    args: list[str],
+    *,
+    git_dir: Path | None,
+    cwd: Path,
+    stdin: int,
+    capture_stderr: bool,
+    max_file_bytes: int | None = None,
 ) -> asyncio.subprocess.Process:
     command = ["git", *_GIT_CONFIG_ARGS]
     if git_dir is not None:
@@ -426,6 +437,7 @@ async def _spawn_git(
         env=_git_env(),
         cwd=cwd,
         start_new_session=True,
+        preexec_fn=None if max_file_bytes is None else limit_writes(max_file_bytes),
     )
 
 
@@ -445,6 +457,31 @@ async def _git(args: list[str], *, git_dir: Path | None, cwd: Path) -> _GitResul
     finally:
         await _reap(proc)
     assert proc.returncode is not None
+    return _GitResult(proc.returncode, stdout, stderr)
+
+
+async def _git_fetch(args: list[str], *, git_dir: Path, caps: TransferCaps) -> _GitResult:
+    """`git fetch` into ``git_dir``, stopped as soon as it outgrows ``caps``."""
+    proc = await _spawn_git(
+        ["fetch", *args],
+        git_dir=git_dir,
+        cwd=git_dir,
+        stdin=asyncio.subprocess.DEVNULL,
+        capture_stderr=True,
+        max_file_bytes=caps.file_bytes,
+    )
+    watch = TransferWatch(git_dir, caps)
+    try:
+        async with asyncio.TaskGroup() as group:
+            watcher = group.create_task(watch.run(proc.pid))
+            stdout, stderr = await proc.communicate()
+            watcher.cancel()
+    finally:
+        await _reap(proc)
+    assert proc.returncode is not None
+    over = watch.verdict(proc.returncode)
+    if over is not None:
+        raise FetchFailed(f"fetch stopped at the size cap: {over}", code="fetch_too_large")
     return _GitResult(proc.returncode, stdout, stderr)
 
 
@@ -511,10 +548,12 @@ async def _rev_parse(git_dir: Path, expr: str) -> str | None:
     return result.stdout.decode("ascii", "replace").strip()
 
 
-async def _fetch_commit(git_dir: Path, source: PluginSource, sha: str, refname: str | None) -> None:
-    base = ["fetch", "--quiet", "--no-tags", "--no-recurse-submodules", "--depth=1", "--"]
-    result = await _git(
-        [*base, source.location, f"+{sha}:{_FETCHED_REF}"], git_dir=git_dir, cwd=git_dir
+async def _fetch_commit(
+    git_dir: Path, source: PluginSource, sha: str, refname: str | None, caps: TransferCaps
+) -> None:
+    base = ["--quiet", "--no-tags", "--no-recurse-submodules", "--depth=1", "--"]
+    result = await _git_fetch(
+        [*base, source.location, f"+{sha}:{_FETCHED_REF}"], git_dir=git_dir, caps=caps
     )
     if result.returncode == 0:
         if await _rev_parse(git_dir, f"{sha}^{{commit}}") != sha:
@@ -527,8 +566,8 @@ async def _fetch_commit(git_dir: Path, source: PluginSource, sha: str, refname: 
         raise FetchFailed(f"commit {sha} not found in {source.raw}", code="ref_not_found")
     # Servers without allow*SHA1InWant only serve advertised refs: fetch the ref and make
     # sure it still points at the commit we resolved.
-    result = await _git(
-        [*base, source.location, f"+{refname}:{_FETCHED_REF}"], git_dir=git_dir, cwd=git_dir
+    result = await _git_fetch(
+        [*base, source.location, f"+{refname}:{_FETCHED_REF}"], git_dir=git_dir, caps=caps
     )
     if result.returncode != 0:
         raise _remote_failure(result, source)
@@ -670,7 +709,8 @@ async def _stage_git(
                     sha, refname = await _resolve_git(source, git_dir)
                 else:
                     sha, refname = pinned.sha, pinned.refname
-                await _fetch_commit(git_dir, source, sha, refname)
+                caps = TransferCaps.for_tree(limits.max_bytes, limits.max_files)
+                await _fetch_commit(git_dir, source, sha, refname, caps)
                 await _materialise(git_dir, sha, source.subdir, dest, limits)
                 digest = await run_blocking(
                     lambda stop: _TreeWalk(limits, None, stop, None).run(dest)

@@ -49,6 +49,8 @@ class TreeCacheConfig:
 @dataclass(frozen=True, slots=True)
 class ReconcileConfig:
     plugins_dir: Path
+    # This process's staging directory (registry/plugins/staging.py), never TMPDIR.
+    staging_dir: Path
     sources: SourceSettings
     limits: FetchLimits
     timeout_s: float
@@ -263,7 +265,11 @@ class Reconciler:
         # stage() checks the allowlist itself: every install path passes through it.
         source = parse_source(planned.source, self._config.sources)
         try:
-            work_dir = Path(await asyncio.to_thread(tempfile.mkdtemp, prefix="registry-stage-"))
+            work_dir = Path(
+                await asyncio.to_thread(
+                    tempfile.mkdtemp, prefix="reconcile-", dir=self._config.staging_dir
+                )
+            )
         except OSError as exc:  # a full disk, say: this step fails with its own code
             raise FetchFailed(
                 f"cannot make a staging directory: {exc}", code="stage_failed", transient=True
