@@ -45,6 +45,7 @@ from registry.logs import echo_request_id, request_id_middleware
 from registry.metrics import Metrics
 from registry.plugins import FetchLimits, SourceSettings
 from registry.plugins.staging import StagingArea
+from registry.query import strict_query_middleware
 from registry.reconcile.runner import ReconcileConfig, Reconciler, TreeCacheConfig
 from registry.reconcile.worker import ReconcileWorker, new_owner_id
 from registry.refusals import RefusalLog
@@ -78,6 +79,7 @@ def create_app(settings: Settings, dsn: str) -> web.Application:
             # After the error middleware, which renders its 503.
             admission.middleware(),
             admin_auth_middleware,
+            strict_query_middleware,
         ],
         client_max_size=settings.max_body_bytes,
     )

@@ -56,6 +56,7 @@ ROUTE_ROLES: Mapping[str, Role] = MappingProxyType(
     {
         "get_workspaces": Role.READ,
         "get_workspace": Role.READ,
+        "get_workspace_by_name": Role.READ,
         "get_workspace_events": Role.READ,
         "get_events": Role.READ,
         "get_event_history": Role.READ,
@@ -64,6 +65,8 @@ ROUTE_ROLES: Mapping[str, Role] = MappingProxyType(
         "get_reconcile": Role.READ,
         "post_workspaces": Role.OPERATE,
         "put_workspace_plugins": Role.OPERATE,
+        "patch_workspace_labels": Role.OPERATE,
+        "put_workspace_labels": Role.OPERATE,
         "post_pause": Role.OPERATE,
         "post_resume": Role.OPERATE,
         "delete_workspace": Role.OPERATE,

@@ -22,7 +22,7 @@ from typing import Any
 
 import shtab
 
-from registry import __version__, cli_operate, cli_tokens
+from registry import __version__, cli_labels, cli_operate, cli_tokens
 from registry import cli_format as fmt
 from registry.buildinfo import build_info
 from registry.cli_base import (
@@ -52,12 +52,10 @@ from registry.embedded_pg import EmbeddedPostgresError, start_embedded_postgres
 from registry.logs import configure_logging
 from registry.settings import Settings, SettingsError, default_data_dir
 from registry.startup import StartupError, serve
-from registry.statuses import Status
 
 log = logging.getLogger("registry")
 
 SERVER_COMMANDS = ("serve", "migrate")
-STATUSES = tuple(s.value for s in Status)
 
 
 EXAMPLES = """\
@@ -136,6 +134,7 @@ def _add_client_commands(commands: Any) -> Any:
     create.add_argument(
         "--workspace-url", help="where the workspace's runtime is reached (http delivery)"
     )
+    cli_labels.add_create_labels(create)
 
     listing = client_parser(
         actions,
@@ -145,7 +144,7 @@ def _add_client_commands(commands: Any) -> Any:
         examples="  registry workspaces list --all -o name\n"
         "  registry workspaces list --status offline -o wide",
     )
-    listing.add_argument("--status", choices=STATUSES)
+    cli_labels.add_list_filters(listing)
     listing.add_argument("--limit", type=positive_int, help="page size (API default 100)")
     listing.add_argument("--cursor", help="continue after this next_cursor")
     listing.add_argument("--all", action="store_true", help="follow next_cursor to the end")
@@ -160,6 +159,16 @@ def _add_client_commands(commands: Any) -> Any:
         help="table (fits 100 columns), wide, json, or name (one per line)",
     )
 
+    cli_labels.add_labels_command(
+        client_parser(
+            actions,
+            "labels",
+            "show or change a workspace's labels",
+            _labels,
+            examples="  registry workspaces labels ws-a env=prod tier-\n"
+            "  registry workspaces labels ws-a env=prod --replace",
+        )
+    )
     show = client_parser(actions, "show", "a workspace: status, plugins, last reconcile", _show)
     show.add_argument("id", type=workspace_id)
     for action, help_text, run in (
@@ -349,12 +358,17 @@ def _data_dir_from_env() -> Path:
 
 async def _run(run: Command, url: str, token: str, args: argparse.Namespace) -> int:
     async with Client(url, token) as api:
+        await cli_labels.resolve_workspace_refs(api, args)
         return await run(api, args)
 
 
 async def _create(api: Client, args: argparse.Namespace) -> int:
     result = await api.create_workspace(
-        args.name, plugins=args.plugins, delivery=args.delivery, url=args.workspace_url
+        args.name,
+        plugins=args.plugins,
+        delivery=args.delivery,
+        url=args.workspace_url,
+        labels=cli_labels.create_labels(args),
     )
     if args.json:
         note("the token is shown only this once: store it now")
@@ -363,7 +377,7 @@ async def _create(api: Client, args: argparse.Namespace) -> int:
 
 
 async def _list(api: Client, args: argparse.Namespace) -> int:
-    filters = {"status": args.status, "include_removed": args.include_removed or None}
+    filters = cli_labels.list_params(args)
     page = await api.list_workspaces(**filters, limit=args.limit, cursor=args.cursor)
     if args.all:
         collected = list(page["workspaces"])
@@ -377,6 +391,12 @@ async def _list(api: Client, args: argparse.Namespace) -> int:
     print(fmt.workspace_list(page, output), flush=True)
     if page.get("next_cursor") and output != "json":
         note(f"more workspaces: --cursor {page['next_cursor']} (or --all)")
+    return EXIT_OK
+
+
+async def _labels(api: Client, args: argparse.Namespace) -> int:
+    view = await cli_labels.run_labels(api, args)
+    emit(args, view, cli_labels.format_labels(view.get("labels")))
     return EXIT_OK
 
 

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
+from urllib.parse import quote
 
 import aiohttp
 
@@ -132,9 +133,17 @@ class Client:
     # Management API.
 
     async def create_workspace(
-        self, name: str, *, plugins: list[JSON], delivery: str | None, url: str | None
+        self,
+        name: str,
+        *,
+        plugins: list[JSON],
+        delivery: str | None,
+        url: str | None,
+        labels: dict[str, str] | None = None,
     ) -> JSON:
         body: JSON = {"name": name, "plugins": plugins}
+        if labels is not None:
+            body["labels"] = labels
         if delivery is not None:
             body["delivery"] = delivery
         if url is not None:
@@ -156,6 +165,21 @@ class Client:
             if value is not None
         }
         result: JSON = await self._call("GET", "/workspaces", params=params)
+        return result
+
+    async def workspace_by_name(self, name: str) -> JSON:
+        result: JSON = await self._call("GET", f"/workspaces/by-name/{quote(name, safe='')}")
+        return result
+
+    async def change_labels(
+        self, workspace_id: str, labels: dict[str, str | None], *, replace: bool
+    ) -> JSON:
+        """PUT (the whole set) or PATCH (a merge; None removes); the workspace after it."""
+        result: JSON = await self._call(
+            "PUT" if replace else "PATCH",
+            f"/workspaces/{workspace_id}/labels",
+            json={"labels": labels},
+        )
         return result
 
     async def get_workspace(self, workspace_id: str) -> JSON:

@@ -181,6 +181,7 @@ def workspace(view: JSON) -> str:
             [
                 ("id", view["id"]),
                 ("name", view["name"]),
+                ("labels", _labels(view.get("labels"))),
                 ("status", f"{view['status']} since {when(view.get('status_changed_at'))}"),
                 ("delivery", view["delivery"]),
                 ("url", view.get("url")),

@@ -208,3 +208,21 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             return _error_response(CLIENT_GONE_STATUS, "client_gone", "the client hung up")
         log.exception("unhandled error in %s %s", request.method, request.path)
         return _error_response(500, "internal_error", "internal error")
+
+
+class AlreadyExists(Conflict):
+    """A create whose name a live workspace has: the body names it, so a provisioning script
+    that retries a create it is not sure went through can carry on with that workspace."""
+
+    code = "already_exists"
+
+    def __init__(self, message: str, *, workspace_id: object, field: str = "name") -> None:
+        super().__init__(message, field=field)
+        self.workspace_id = workspace_id
+
+    def body(self) -> dict[str, object]:
+        body = super().body()
+        error = body["error"]
+        assert isinstance(error, dict)
+        error["workspace_id"] = self.workspace_id
+        return body

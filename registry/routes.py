@@ -7,6 +7,7 @@ from aiohttp import web
 from registry.handlers import (
     events,
     guard,
+    labels,
     openapi,
     operations,
     operator,
@@ -31,7 +32,11 @@ def setup_routes(app: web.Application) -> None:
         ("POST", "/registry/register", runtime.post_register),
         ("POST", "/workspaces", workspaces.post_workspaces),
         ("GET", "/workspaces", workspaces.get_workspaces),
+        # Any name, braces and slashes included (percent-encoded by the client).
+        ("GET", "/workspaces/by-name/{name:.+}", labels.get_workspace_by_name),
         ("GET", "/workspaces/{id}", workspaces.get_workspace),
+        ("PATCH", "/workspaces/{id}/labels", labels.patch_workspace_labels),
+        ("PUT", "/workspaces/{id}/labels", labels.put_workspace_labels),
         ("DELETE", "/workspaces/{id}", operator.delete_workspace),
         ("POST", "/workspaces/{id}/pause", operator.post_pause),
         ("POST", "/workspaces/{id}/resume", operator.post_resume),

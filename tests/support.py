@@ -75,7 +75,8 @@ class Registry:
     async def create_workspace(
         self, plugins: list[dict[str, str]] | None = None, **fields: Any
     ) -> Workspace:
-        body = {"name": "agent", "plugins": plugins or [], **fields}
+        # Names are unique among live workspaces: each one gets its own unless the test names it.
+        body = {"name": f"agent-{uuid.uuid4().hex[:12]}", "plugins": plugins or [], **fields}
         response = await self.client.post("/workspaces", json=body, headers=ADMIN)
         assert response.status == 201, await response.text()
         data = await response.json()

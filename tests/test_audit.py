@@ -71,6 +71,12 @@ ACTIONS: list[tuple[str, str, Act, str]] = [
         request("PUT", "/workspaces/{ws}/plugins", lambda s: {"plugins": []}),
         "alice",
     ),
+    (
+        "labels_set",
+        "audit",
+        request("PATCH", "/workspaces/{ws}/labels", {"labels": {"env": "prod"}}),
+        "alice",
+    ),
     ("paused", "status", request("POST", "/workspaces/{ws}/pause"), "alice"),
     ("resumed", "status", request("POST", "/workspaces/{paused}/resume"), "alice"),
     ("removed", "status", request("DELETE", "/workspaces/{ws}"), "alice"),

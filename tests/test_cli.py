@@ -386,7 +386,7 @@ async def test_a_registry_that_is_not_there_is_a_clear_error() -> None:
 @pytest.mark.parametrize(
     "argv",
     [
-        ["workspaces", "show", "not-a-uuid"],
+        ["workspaces", "show", " "],
         ["events", "--limit", "0"],
         ["workspaces", "list", "--limit", "0"],
         ["reconcile"],

@@ -26,6 +26,9 @@ CLI_COMMANDS = {
     "post_workspaces": "workspaces create",
     "get_workspaces": "workspaces list",
     "get_workspace": "workspaces show",
+    "get_workspace_by_name": "workspaces show",  # a name where the id goes
+    "patch_workspace_labels": "workspaces labels",
+    "put_workspace_labels": "workspaces labels",  # --replace
     "delete_workspace": "workspaces delete",
     "post_pause": "workspaces pause",
     "post_resume": "workspaces resume",

@@ -26,7 +26,8 @@ async def silent_fleet(db: asyncpg.Connection, n: int, silent: int) -> list[uuid
     """n online workspaces, the first `silent` of them not heard from for a minute."""
     ids: list[uuid.UUID] = [
         await db.fetchval(
-            "INSERT INTO workspaces (name, token_hash) VALUES ('w', $1) RETURNING id",
+            "INSERT INTO workspaces (name, token_hash) VALUES ($1, $2) RETURNING id",
+            f"w-{i}",
             f"token-{i}".encode(),
         )
         for i in range(n)

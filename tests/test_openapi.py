@@ -379,6 +379,45 @@ async def test_every_documented_response_is_produced_and_conforms(
     response = await client.post("/workspaces", data=oversize(registry), headers=ADMIN)
     assert response.status == 413
     await check(response, "post_workspaces")
+    taken = await client.post("/workspaces", json=create, headers=ADMIN)
+    assert taken.status == 409
+    assert (await check(taken, "post_workspaces"))["error"]["workspace_id"] == workspace.id
+
+    # GET /workspaces/by-name/{name}
+    shown = await check(
+        await client.get("/workspaces/by-name/seo-agent", headers=ADMIN), "get_workspace_by_name"
+    )
+    assert shown["id"] == workspace.id
+    for path, headers, status in [
+        ("/workspaces/by-name/seo-agent", NO_AUTH, 401),
+        ("/workspaces/by-name/nobody", ADMIN, 404),
+    ]:
+        response = await client.get(path, headers=headers)
+        assert response.status == status
+        await check(response, "get_workspace_by_name")
+
+    # PATCH and PUT /workspaces/{id}/labels
+    for operation_id, method, body in [
+        ("patch_workspace_labels", "PATCH", {"labels": {"env": "prod", "gone": None}}),
+        ("put_workspace_labels", "PUT", {"labels": {"env": "prod"}}),
+    ]:
+        assert not conformance.request_errors(operation_id, body)
+        path = f"/workspaces/{other.id}/labels"
+        shown = await check(
+            await client.request(method, path, json=body, headers=ADMIN), operation_id
+        )
+        assert shown["labels"] == {"env": "prod"}
+        for target, sent, headers, status in [
+            (path, {"labels": {"Bad_": "x"}}, ADMIN, 400),
+            (path, body, NO_AUTH, 401),
+            (f"/workspaces/{missing_id}/labels", body, ADMIN, 404),
+        ]:
+            response = await client.request(method, target, json=sent, headers=headers)
+            assert response.status == status
+            await check(response, operation_id)
+        response = await client.request(method, path, data=oversize(registry), headers=ADMIN)
+        assert response.status == 413
+        await check(response, operation_id)
 
     # GET /workspaces/{id}, provisioning.
     shown = await check(
@@ -574,7 +613,17 @@ async def test_every_documented_response_is_produced_and_conforms(
         await client.get(f"/workspaces?cursor={listed['next_cursor']}", headers=ADMIN),
         "get_workspaces",
     )
+    listed = await check(
+        await client.get(
+            "/workspaces?status=online,paused&plugins_sync=synced,out_of_sync&has=refusal"
+            "&selector=env%3Dprod,tier!%3Dcanary&name_prefix=seo&include_removed=true",
+            headers=ADMIN,
+        ),
+        "get_workspaces",
+    )
     for query, headers, status in [
+        ("?selector=env%3D%3D%3D", ADMIN, 400),
+        ("?plugin_sync=failed", ADMIN, 400),
         ("?status=asleep", ADMIN, 400),
         ("?cursor=nope", ADMIN, 400),
         ("?limit=501", ADMIN, 400),
@@ -625,6 +674,16 @@ async def test_every_documented_response_is_produced_and_conforms(
         assert response.status == status
         await check(response, "delete_workspace")
 
+    for operation_id, method in [
+        ("patch_workspace_labels", "PATCH"),
+        ("put_workspace_labels", "PUT"),
+    ]:
+        response = await client.request(
+            method, f"/workspaces/{removed.id}/labels", json={"labels": {}}, headers=ADMIN
+        )
+        assert response.status == 409
+        await check(response, operation_id)
+
     # GET /workspaces/{id}/events
     history = await check(
         await client.get(f"/workspaces/{workspace.id}/events?limit=500", headers=ADMIN),
@@ -670,7 +729,7 @@ async def test_every_documented_response_is_produced_and_conforms(
     fleet_history = await check(
         await client.get("/events/history?limit=500", headers=ADMIN), "get_event_history"
     )
-    assert {e["workspace_name"] for e in fleet_history["events"]} >= {"agent"}
+    assert "seo-agent" in {e["workspace_name"] for e in fleet_history["events"]}
     await registry.db.execute("UPDATE retention_state SET events_pruned_through = 2")
     for path, headers, status in [
         (f"/events/history?workspace_id={workspace.id}", ADMIN, 200),
@@ -793,6 +852,21 @@ async def test_every_documented_response_is_produced_and_conforms(
             ("get_tokens", "GET", "/tokens", None, ADMIN),
             ("delete_token", "DELETE", "/tokens/someone", None, ADMIN),
             ("post_guard_ack", "POST", "/fleet/guard/ack", None, ADMIN),
+            ("get_workspace_by_name", "GET", "/workspaces/by-name/seo-agent", None, ADMIN),
+            (
+                "patch_workspace_labels",
+                "PATCH",
+                f"/workspaces/{other.id}/labels",
+                {"labels": {}},
+                ADMIN,
+            ),
+            (
+                "put_workspace_labels",
+                "PUT",
+                f"/workspaces/{other.id}/labels",
+                {"labels": {}},
+                ADMIN,
+            ),
         ]:
             response = await client.request(method, path, json=body, headers=headers)
             assert response.status == 503, f"{operation_id}: {await response.text()}"

@@ -236,6 +236,8 @@ async def _observed(
     try:
         token_hash = hash_token(bearer_token(request))
         parsed = parse(await v.read_json_object(request), token_hash)
+        # Unknown query parameters too, reported as `?name` beside the body's fields.
+        parsed.ignored.extend(f"?{name}" for name in sorted(set(request.query)))
         response = await _answer(request, parsed, kind)
         code, outcome = 200, "ok"
         return response
