@@ -22,7 +22,7 @@ from typing import Any
 
 import shtab
 
-from registry import __version__, cli_labels, cli_operate
+from registry import __version__, cli_labels, cli_operate, cli_tokens
 from registry import cli_format as fmt
 from registry.buildinfo import build_info
 from registry.cli_base import (
@@ -94,6 +94,7 @@ def _parser() -> argparse.ArgumentParser:
     workspace_actions = _add_client_commands(commands)
     cli_operate.add_workspace_commands(workspace_actions)
     cli_operate.add_commands(commands)
+    cli_tokens.add_commands(commands, client_parser)
     completion = commands.add_parser(
         "completion",
         help="print a shell completion script (bash or zsh)",

@@ -144,13 +144,17 @@ async def sweep(
             now=before.now,
         )
         holding = judgement.holding
+        limit = judgement.limit
+        if holding and before.acknowledged:
+            # An operator said the silence is real (POST /fleet/guard/ack): expire it all.
+            limit = count.silent
         expired = await transitions.expire_silent(
             conn,
             statuses=LIVE,
             silent_for_s=policy.offline_after_s,
             to=Status.OFFLINE,
             cause="heartbeat_timeout",
-            limit=judgement.limit,
+            limit=limit,
             window=policy.live_window,
             counted_from=counted_from,
         )

@@ -126,6 +126,10 @@ ALLOWED_PARAMETERS: dict[str, frozenset[str]] = {
     "get_workspace_reconciles": frozenset({"limit"}),
     "post_plugins_reconcile": frozenset(),
     "get_reconcile": frozenset(),
+    "post_tokens": frozenset(),
+    "get_tokens": frozenset({"include_revoked"}),
+    "delete_token": frozenset(),
+    "post_guard_ack": frozenset(),
 }
 # Liberal on the runtime path: a runtime's unknown parameters are ignored and reported like
 # its unknown body fields (registry/handlers/runtime.py), never refused.

@@ -6,12 +6,14 @@ from aiohttp import web
 
 from registry.handlers import (
     events,
+    guard,
     labels,
     openapi,
     operations,
     operator,
     reconciles,
     runtime,
+    tokens,
     workspaces,
 )
 
@@ -48,6 +50,11 @@ def setup_routes(app: web.Application) -> None:
         ("GET", "/internal/workspaces/{id}/reconciles", reconciles.get_workspace_reconciles),
         ("POST", "/internal/plugins/reconcile", reconciles.post_plugins_reconcile),
         ("GET", "/internal/reconciles/{id}", reconciles.get_reconcile),
+        # Issue 14: API tokens and the guard's acknowledgement.
+        ("POST", "/tokens", tokens.post_tokens),
+        ("GET", "/tokens", tokens.get_tokens),
+        ("DELETE", "/tokens/{id}", tokens.delete_token),
+        ("POST", "/fleet/guard/ack", guard.post_guard_ack),
     ]
     for method, path, handler in table:
         if path in PROBES:

@@ -217,12 +217,20 @@ def _silence_reason(state: Recorded) -> str | None:
             "(an outage of the database or of the registry): its silence counts from then, so "
             "it goes offline only if it does not call in within its window"
         )
+    if guard is not None and guard.acknowledged:
+        return (
+            f"would be offline: {silent}; the mass-expiry guard holds (since "
+            f"{_ago(guard.since, state.now)}), but {guard.acked_by} acknowledged it "
+            f"{_ago(guard.acked_at, state.now)}: the liveness sweeper takes it offline at its "
+            "next sweep"
+        )
     if guard is not None and guard.holding:
         return (
-            f"{silent}, but held {state.workspace.status} by the mass-expiry guard (holding "
-            f"since {_ago(guard.since, state.now)}: {guard.stale} of {guard.live} live "
+            f"would be offline: {silent}; held {state.workspace.status} by the mass-expiry guard "
+            f"since {_ago(guard.since, state.now)} ({guard.stale} of {guard.live} live "
             f"workspaces silent, {guard.expired} taken offline within the window); it goes offline "
-            "at the guard's slow rate or once the guard lets go"
+            "at the guard's slow rate, once the guard lets go, or once an operator acknowledges "
+            "the guard (POST /fleet/guard/ack)"
         )
     return (
         f"{silent}: the liveness sweeper takes it offline at its next sweep (a registry that "

@@ -149,6 +149,7 @@ TABLES = (
     "declared_plugins",
     "workspaces",
     "fleet_expirations",
+    "api_tokens",
 )
 
 
@@ -160,6 +161,7 @@ async def db(dsn: str) -> AsyncIterator[asyncpg.Connection]:
     await conn.execute(
         "UPDATE fleet_guard SET holding = false, since = NULL, live = 0, stale = 0, expired = 0,"
         " silence_counted_from = NULL, silent_changed_at = NULL, released_at = NULL,"
+        " acked_at = NULL, acked_by = NULL,"
         # Swept just now, as far as the next sweep can tell: a row left from an earlier test
         # would read as an outage (nobody swept for long), and count silence afresh.
         " updated_at = now()"

@@ -38,6 +38,10 @@ CLI_COMMANDS = {
     "get_event_history": "events",
     "get_events": "events",  # --follow
     "get_fleet": "fleet",
+    "post_guard_ack": "fleet guard ack",
+    "post_tokens": "tokens create",
+    "get_tokens": "tokens list",
+    "delete_token": "tokens revoke",
     "post_workspace_reconcile": "reconcile run",
     "get_workspace_reconciles": "reconcile history",
     "get_reconcile": "reconcile show",

@@ -31,7 +31,7 @@ from referencing import Resource
 from referencing.jsonschema import DRAFT202012
 
 import registry as registry_package
-from registry.auth import PUBLIC_ROUTES, WORKSPACE_TOKEN_ROUTES
+from registry.auth import PUBLIC_ROUTES, WORKSPACE_TOKEN_ROUTES, required_role
 from registry.handlers import operations as operations_handlers
 from registry.plugins import SourceSettings, parse_source
 from registry.plugins.sources import default_plugin_name, validate_plugin_name
@@ -203,6 +203,9 @@ def test_security_matches_the_auth_rules() -> None:
         else:
             expected = [{"adminToken": []}]
         assert operation.get("security") == expected, f"{method} {path}"
+        # The role documented is the role the gate enforces.
+        role = required_role(name).value if expected == [{"adminToken": []}] else None
+        assert operation.get("x-required-role") == role, f"{method} {path}"
         assert operation.get("description"), f"{method} {path} has no description"
         if expected:
             assert "401" in operation["responses"], f"{method} {path} does not list 401"
@@ -747,6 +750,71 @@ async def test_every_documented_response_is_produced_and_conforms(
     assert response.status == 401
     await check(response, "get_fleet")
 
+    # POST /tokens, GET /tokens: the secret shown once, never listed.
+    token_request = {"name": "conformance-reader", "role": "read"}
+    assert not conformance.request_errors("post_tokens", token_request)
+    made = await check(
+        await client.post("/tokens", json=token_request, headers=ADMIN), "post_tokens"
+    )
+    reader = bearer(made["secret"])
+    for body, headers, status in [
+        ({"name": "no-role"}, ADMIN, 400),
+        (token_request, NO_AUTH, 401),
+        (token_request, reader, 403),
+        (token_request, ADMIN, 409),
+    ]:
+        response = await client.post("/tokens", json=body, headers=headers)
+        assert response.status == status, await response.text()
+        await check(response, "post_tokens")
+    response = await client.post("/tokens", data=oversize(registry), headers=ADMIN)
+    assert response.status == 413
+    await check(response, "post_tokens")
+    listed = await check(await client.get("/tokens", headers=ADMIN), "get_tokens")
+    assert [t["name"] for t in listed["tokens"]] == ["conformance-reader"]
+    assert made["secret"] not in json.dumps(listed)
+    for query, headers, status in [
+        ("?include_revoked=maybe", ADMIN, 400),
+        ("", NO_AUTH, 401),
+        ("", reader, 403),
+    ]:
+        response = await client.get(f"/tokens{query}", headers=headers)
+        assert response.status == status
+        await check(response, "get_tokens")
+    # Every operation that needs more than `read` refuses the read token with its 403.
+    for (method, path), operation in conformance.operations.items():
+        if operation.get("x-required-role") in ("operate", "admin"):
+            target = path.replace("{id}", missing_id)
+            response = await client.request(method, target, json={}, headers=reader)
+            assert response.status == 403, f"{method} {path}: {await response.text()}"
+            await check(response, operation["operationId"])
+
+    # POST /fleet/guard/ack: a 409 while the guard is not holding, 200 while it holds.
+    for body, headers, status in [
+        (None, ADMIN, 409),
+        ({"please": True}, ADMIN, 400),
+        (None, NO_AUTH, 401),
+    ]:
+        response = await client.post("/fleet/guard/ack", json=body, headers=headers)
+        assert response.status == status, await response.text()
+        await check(response, "post_guard_ack")
+    response = await client.post("/fleet/guard/ack", data=oversize(registry), headers=ADMIN)
+    assert response.status == 413
+    await check(response, "post_guard_ack")
+    await registry.db.execute("UPDATE fleet_guard SET holding = true, since = now()")
+    acked = await check(await client.post("/fleet/guard/ack", headers=ADMIN), "post_guard_ack")
+    assert acked["mass_expiry_guard"]["acknowledged_by"] == "admin"
+    await registry.db.execute("UPDATE fleet_guard SET holding = false, since = NULL")
+
+    # DELETE /tokens/{id}: by name; then it is gone.
+    for target, headers, status in [
+        ("conformance-reader", NO_AUTH, 401),
+        ("conformance-reader", ADMIN, 204),
+        ("never-made", ADMIN, 404),
+    ]:
+        response = await client.delete(f"/tokens/{target}", headers=headers)
+        assert response.status == status
+        await check(response, "delete_token")
+
     # 503 with Retry-After wherever the database is needed.
     with database_down(monkeypatch):
         for operation_id, method, path, body, headers in [
@@ -780,6 +848,10 @@ async def test_every_documented_response_is_produced_and_conforms(
             ("get_events", "GET", "/events", None, ADMIN),
             ("get_event_history", "GET", "/events/history", None, ADMIN),
             ("get_fleet", "GET", "/fleet", None, ADMIN),
+            ("post_tokens", "POST", "/tokens", token_request, ADMIN),
+            ("get_tokens", "GET", "/tokens", None, ADMIN),
+            ("delete_token", "DELETE", "/tokens/someone", None, ADMIN),
+            ("post_guard_ack", "POST", "/fleet/guard/ack", None, ADMIN),
             ("get_workspace_by_name", "GET", "/workspaces/by-name/seo-agent", None, ADMIN),
             (
                 "patch_workspace_labels",

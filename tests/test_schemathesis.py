@@ -86,6 +86,10 @@ async def prepare(url: str, plugin_sources: Path) -> dict[str, str]:
         pause_id, _ = await _create(session, url)
         rotate_id, _ = await _create(session, url)
         doomed_id, _ = await _create(session, url)
+        async with session.post(
+            f"{url}/tokens", json={"name": "st-doomed", "role": "read"}, headers=ADMIN
+        ) as made:
+            assert made.status == 201, await made.text()
     return {
         "ST_HOOKS": str(HOOKS),
         "ST_ADMIN_TOKEN": ADMIN_TOKEN,
@@ -96,6 +100,7 @@ async def prepare(url: str, plugin_sources: Path) -> dict[str, str]:
         "ST_ROTATE_ID": rotate_id,
         "ST_DOOMED_ID": doomed_id,
         "ST_RECONCILE_ID": reconcile_id,
+        "ST_DOOMED_TOKEN": "st-doomed",
     }
 
 

@@ -123,6 +123,7 @@ async def create_workspace(
     url: str | None,
     plugins: list[DeclaredPlugin],
     labels: dict[str, str] | None = None,
+    actor: str,
 ) -> Workspace:
     """Insert a provisioning workspace, its declared plugins and its creation event; raises
     NameTaken if a live workspace has the name."""
@@ -142,21 +143,21 @@ async def create_workspace(
                 labels or {},
             )
             if row is not None:
-                return await _created(conn, Workspace.from_record(row), plugins)
+                return await _created(conn, Workspace.from_record(row), plugins, actor)
             existing = await live_id_by_name(conn, name)
             if existing is not None:
                 raise NameTaken(existing)
 
 
 async def _created(
-    conn: Connection, workspace: Workspace, plugins: list[DeclaredPlugin]
+    conn: Connection, workspace: Workspace, plugins: list[DeclaredPlugin], actor: str
 ) -> Workspace:
     """The rest of a create, in its transaction: declared plugins and the creation event."""
     await conn.execute(
         INSERT_DECLARED, workspace.id, [p.name for p in plugins], [p.source for p in plugins]
     )
     await insert_status_event(
-        conn, workspace.id, None, Status.PROVISIONING, cause="created", actor="admin"
+        conn, workspace.id, None, Status.PROVISIONING, cause="created", actor=actor
     )
     return workspace
 
@@ -356,7 +357,7 @@ async def rotate_token(
     token_hash: bytes,
     *,
     grace_s: float,
-    actor: str = "admin",
+    actor: str,
 ) -> datetime | None:
     """Replace the token; returns until when the previous one works, None if not rotated."""
     value = await conn.fetchval(ROTATE_TOKEN, workspace_id, token_hash, grace_s, actor)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
+from typing import Any
 
 import asyncpg
 from aiohttp import web
@@ -173,18 +174,20 @@ async def get_fleet(request: web.Request) -> web.Response:
     async with request.app[POOL].acquire() as conn:
         guard = await fleet.read_guard(conn)
         counts = await fleet.status_counts(conn)
-    return json_response(
-        {
-            "statuses": counts,
-            "mass_expiry_guard": {
-                "holding": guard.holding,
-                "since": guard.since,
-                "live": guard.live,
-                "silent": guard.stale,
-                "expired": guard.expired,
-                "updated_at": guard.updated_at,
-                "silence_counted_from": guard.silence_counted_from,
-                "released_at": guard.released_at,
-            },
-        }
-    )
+    return json_response({"statuses": counts, "mass_expiry_guard": guard_view(guard)})
+
+
+def guard_view(guard: fleet.Guard) -> dict[str, Any]:
+    return {
+        "holding": guard.holding,
+        "since": guard.since,
+        "live": guard.live,
+        "silent": guard.stale,
+        "expired": guard.expired,
+        "updated_at": guard.updated_at,
+        "silence_counted_from": guard.silence_counted_from,
+        "released_at": guard.released_at,
+        "acknowledged": guard.acknowledged,
+        "acknowledged_at": guard.acked_at if guard.acknowledged else None,
+        "acknowledged_by": guard.acked_by if guard.acknowledged else None,
+    }

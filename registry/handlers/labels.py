@@ -6,7 +6,9 @@ import uuid
 
 from aiohttp import web
 
+from registry import audit
 from registry import validation as v
+from registry.auth import actor
 from registry.db import Connection, workspaces
 from registry.errors import Conflict, NotFound, workspace_not_found, workspace_removed
 from registry.handlers.workspaces import workspace_response
@@ -20,7 +22,8 @@ async def patch_workspace_labels(request: web.Request) -> web.Response:
     body = await v.read_json_object(request)
     v.reject_unknown_fields(body, ("labels",))
     sets, removes = parse_patch(v.required(body, "labels"))
-    async with request.app[POOL].acquire() as conn, conn.transaction():
+    entry = audit.Entry(actor(request), "labels_set", workspace_id)
+    async with audit.audited(request.app[POOL], entry) as conn:
         labels = await workspaces.merge_labels(conn, workspace_id, sets, removes)
         if labels is None:
             raise await _missing(conn, workspace_id)
@@ -34,6 +37,7 @@ async def patch_workspace_labels(request: web.Request) -> web.Response:
                 field="labels",
                 code="too_many_labels",
             )
+        entry.detail = {"labels": labels}
     return await workspace_response(request, workspace_id)
 
 
@@ -43,7 +47,8 @@ async def put_workspace_labels(request: web.Request) -> web.Response:
     body = await v.read_json_object(request)
     v.reject_unknown_fields(body, ("labels",))
     labels = parse_labels(v.required(body, "labels"))
-    async with request.app[POOL].acquire() as conn:
+    entry = audit.Entry(actor(request), "labels_set", workspace_id, {"labels": labels})
+    async with audit.audited(request.app[POOL], entry) as conn:
         if await workspaces.replace_labels(conn, workspace_id, labels) is None:
             raise await _missing(conn, workspace_id)
     return await workspace_response(request, workspace_id)

@@ -1,4 +1,4 @@
-"""Management API: create and inspect workspaces (admin token)."""
+"""Management API: create and inspect workspaces, set their plugins (roles: registry/auth.py)."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ from typing import Any
 
 from aiohttp import web
 
-from registry import query
+from registry import audit, query
 from registry import validation as v
-from registry.auth import hash_token, new_workspace_token
+from registry.auth import actor, hash_token, new_workspace_token
 from registry.db import Connection, actions, events, fleet, reconciles, workspaces
 from registry.db.clock import db_now
 from registry.db.filters import list_filtered
@@ -92,6 +92,7 @@ async def post_workspaces(request: web.Request) -> web.Response:
     url = v.http_url(body, "url")
     plugins = parse_declared_plugins(body, request.app[SOURCES])
     token = new_workspace_token()
+    who = actor(request)
     async with request.app[POOL].acquire() as conn:
         try:
             workspace = await workspaces.create_workspace(
@@ -102,6 +103,7 @@ async def post_workspaces(request: web.Request) -> web.Response:
                 url=url,
                 plugins=plugins,
                 labels=labels,
+                actor=who,
             )
         except workspaces.NameTaken as exc:
             raise AlreadyExists(
@@ -111,6 +113,7 @@ async def post_workspaces(request: web.Request) -> web.Response:
         view = await _workspace_view(
             conn, workspace.id, request.app[SETTINGS], request.app[SOURCES]
         )
+    audit.log(audit.Entry(who, "created", workspace.id, {"name": name, **_plugins(plugins)}))
     # The only time the token is shown: only its hash is kept.
     return json_response({"workspace": view, "token": token}, status=201)
 
@@ -264,6 +267,11 @@ async def lock_existing_workspace(conn: Connection, workspace_id: uuid.UUID) -> 
     return Status(status)
 
 
+def _plugins(plugins: list[DeclaredPlugin]) -> dict[str, Any]:
+    """A declared set as audit detail."""
+    return {"plugins": [{"name": p.name, "source": p.source} for p in plugins]}
+
+
 async def put_workspace_plugins(request: web.Request) -> web.Response:
     """Replace the declared set; a live workspace is reconciled (removals uninstall)."""
     workspace_id = v.path_uuid(request)
@@ -272,6 +280,7 @@ async def put_workspace_plugins(request: web.Request) -> web.Response:
     v.required(body, "plugins")
     plugins = parse_declared_plugins(body, request.app[SOURCES])
     queued = False
+    entry = audit.Entry(actor(request), "plugins_set", workspace_id, _plugins(plugins))
     async with request.app[POOL].acquire() as conn:
         async with conn.transaction():
             status = await lock_existing_workspace(conn, workspace_id)
@@ -279,9 +288,11 @@ async def put_workspace_plugins(request: web.Request) -> web.Response:
             if status in LIVE:
                 await reconciles.queue_reconcile(conn, workspace_id, "declared_changed")
                 queued = True
+            await audit.record(conn, entry)
         view = await _workspace_view(
             conn, workspace_id, request.app[SETTINGS], request.app[SOURCES]
         )
+    audit.log(entry)
     if queued:
         request.app[RECONCILER].wake()
     return json_response(view)

@@ -167,7 +167,9 @@ class Reconciler:
         if finished.status == "lost":
             log.warning("reconcile lease lost before the outcome was written", extra=context)
         else:
-            log.info("reconcile %s %s", outcome.status, outcome.error or "", extra=context)
+            # A run that ended failed is worth a warning; each failed step logged its own.
+            level = logging.WARNING if outcome.status == "failed" else logging.INFO
+            log.log(level, "reconcile %s %s", outcome.status, outcome.error or "", extra=context)
 
     async def _release(self, claim: Claim) -> None:
         async with self._pool.acquire() as conn:
@@ -200,6 +202,20 @@ class Reconciler:
             async with self._pool.acquire() as conn:
                 await reconciles.insert_step(conn, claim.id, step)
             if error is not None:
+                # Separate fields, so a log query can group failures by code or plugin.
+                log.warning(
+                    "reconcile step failed: %s",
+                    error.message,
+                    extra={
+                        "workspace_id": str(claim.workspace_id),
+                        "reconcile_id": str(claim.id),
+                        "code": error.code,
+                        "plugin": planned.plugin,
+                        "source": planned.source,
+                        "action": step.action,
+                        "transient": error.transient,
+                    },
+                )
                 failures.append(f"{planned.plugin}: {error.code}: {error.message}")
                 transient = transient and error.transient
         if failures:
