@@ -61,11 +61,12 @@ SERVER_COMMANDS = ("serve", "migrate")
 EXAMPLES = """\
 examples:
   registry serve                                   # embedded PostgreSQL, 127.0.0.1:8080
-  registry workspaces create ws-a --plugin git+https://github.com/acme/tools#main
-  registry workspaces list --status offline -o wide
-  registry workspaces show "$ID"
-  registry wait "$ID" --for plugins_sync=synced --timeout 2m
-  registry reconcile run "$ID"                     # and wait for the outcome
+  registry workspaces create ws-a --label env=prod --plugin git+https://github.com/acme/tools#main
+  registry workspaces list --status offline,failed -l env=prod -o wide
+  registry workspaces show ws-a                    # a name or an id, everywhere
+  registry wait ws-a --for plugins_sync=synced --timeout 2m
+  registry reconcile run ws-a                      # and wait for the outcome
+  registry tokens create ci --role operate         # shown once
   registry events --follow
   registry --url registry.internal:8080 fleet
   source <(registry completion bash)
@@ -189,7 +190,7 @@ def _add_client_commands(commands: Any) -> Any:
         "run",
         "reconcile a workspace's plugins and wait for the outcome",
         _reconcile,
-        examples='  registry reconcile run "$ID" --refresh --timeout 2m',
+        examples="  registry reconcile run ws-a --refresh --timeout 2m",
     )
     run_now.add_argument("id", type=workspace_id)
     run_now.add_argument(
@@ -210,7 +211,7 @@ def _add_client_commands(commands: Any) -> Any:
         "events",
         "the fleet's (or a workspace's) event history, or --follow the live stream",
         _events,
-        examples='  registry events --limit 50\n  registry events --workspace "$ID" --follow',
+        examples="  registry events --limit 50\n  registry events --workspace ws-a --follow",
     )
     events.add_argument("--workspace", type=workspace_id, metavar="ID")
     events.add_argument("--follow", action="store_true", help="stream events until Ctrl-C")

@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shlex
 import uuid
 from pathlib import Path
 
 import pytest
 
-from registry.cli import main
+from registry.cli import EXAMPLES, _parser, _with_reconcile_run, main
 from tests.processes import RegistryProcess, free_port
 from tests.support import write_tree
 from tests.test_cli import cli, create, heartbeat, ok, registry_env, registry_process, url
@@ -243,3 +244,15 @@ def test_completion_scripts_know_the_commands(
     script = capsys.readouterr().out
     for word in ("workspaces", "reconcile", "fanout", "--include-removed", "--workspace-url"):
         assert word in script, word
+
+
+def test_the_help_examples_are_valid_commands() -> None:
+    """Every example `registry --help` shows parses (they are what users copy)."""
+    examples = [
+        shlex.split(line.split("#")[0] if " # " in line else line)[1:]
+        for line in EXAMPLES.splitlines()
+        if line.strip().startswith("registry ")
+    ]
+    assert len(examples) >= 8
+    for argv in examples:
+        _parser().parse_args(_with_reconcile_run(argv))
