@@ -9,6 +9,7 @@ import json
 import re
 import socket
 import struct
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -127,7 +128,9 @@ async def exchange(port: int, request: bytes) -> Answer:
 async def workspace_token(registry: RegistryProcess) -> tuple[str, str]:
     async with (
         aiohttp.ClientSession() as session,
-        session.post(f"{registry.url}/workspaces", json={"name": "w"}, headers=ADMIN) as created,
+        session.post(
+            f"{registry.url}/workspaces", json={"name": f"w-{uuid.uuid4()}"}, headers=ADMIN
+        ) as created,
     ):
         assert created.status == 201
         body = await created.json()

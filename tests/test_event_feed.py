@@ -90,8 +90,9 @@ async def numbered(db: asyncpg.Connection, workspace_id: str, count: int) -> lis
 async def workspace(db: asyncpg.Connection) -> str:
     workspace_id = uuid.uuid4()
     await db.execute(
-        "INSERT INTO workspaces (id, name, token_hash) VALUES ($1, 'w', $2)",
+        "INSERT INTO workspaces (id, name, token_hash) VALUES ($1, $2, $3)",
         workspace_id,
+        f"w-{workspace_id}",  # names are unique among live workspaces
         uuid.uuid4().bytes,
     )
     return str(workspace_id)
