@@ -24,7 +24,7 @@ SEED = f"""
 INSERT INTO workspaces (id, name, status, status_changed_at, token_hash, last_heartbeat_at,
                         error_rate, active_tasks, runtime_state)
 SELECT {SQL_ID.format(salt="$1::text", n="n::text")},
-       'bench-' || n,
+       'bench-' || left($1::text, 8) || '-' || n,
        $4::text,
        now() - interval '1 hour',
        {SQL_TOKEN_HASH.format(salt="$1::text", n="n::text")},

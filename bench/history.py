@@ -3,6 +3,8 @@
     .venv/bin/python -m bench.history sizes [--workspaces 200] [--flaps 10]
     .venv/bin/python -m bench.history scale [--workspaces 100000] [--events 10000000]
                                             [--runs 2000000] [--samples 200]
+    .venv/bin/python -m bench.history tombstones [--workspaces 100000] [--samples 200]
+    .venv/bin/python -m bench.history double-write [--events 10000000]
 
 `sizes` drives real churn through a registry process (workspaces with a plugin flap
 offline → online, each flap a reconcile), then prints rows and bytes (heap, TOAST and
@@ -13,6 +15,10 @@ the default retention at a few churn rates, and what 100k of them keep.
 with a step each, the oldest 30% past retention), starts a registry, keeps heartbeats
 flowing, and prints p50/p99 of every read route, then the pruner's rate (rows/s) with the
 heartbeats still flowing.
+
+`tombstones` times /fleet, /metrics (uncached), a list page and a sweep with N live
+workspaces, then again beside 10 N removed ones. `double-write` measures the WAL and time of
+numbering events after their insert (the sequencer) against numbering them at insert.
 """
 
 from __future__ import annotations
@@ -20,6 +26,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import random
 import statistics
 import tempfile
@@ -33,6 +40,8 @@ import asyncpg
 from bench import db, registry_proc
 from bench.fleet import Fleet, seed
 from bench.stats import Latencies
+from registry.db.events import SEQUENCE_PENDING
+from registry.liveness import SweepPolicy, sweep
 from registry.retention import RetentionPolicy, prune
 from registry.settings import Settings
 
@@ -421,7 +430,143 @@ def scale(args: argparse.Namespace, work_dir: Path) -> None:
     print("\n".join(lines))
 
 
-RUNS: dict[str, Callable[[argparse.Namespace, Path], None]] = {"sizes": sizes, "scale": scale}
+# tombstones
+
+QUIET_SWEEP = SweepPolicy(
+    offline_after_s=3600,
+    provision_timeout_s=3600,
+    mass_expiry_share=0.5,
+    mass_expiry_min_fleet=10,
+    mass_expiry_rate=0.1,
+)
+
+
+async def _sweep_times(dsn: str, rounds: int) -> list[float]:
+    """Sweeps over a fleet where nobody is stale: what every 5-s sweep costs."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        timings = []
+        for _ in range(rounds):
+            started = time.perf_counter()
+            await sweep(conn, QUIET_SWEEP)
+            timings.append(time.perf_counter() - started)
+        return timings
+    finally:
+        await conn.close()
+
+
+async def _fleet_routes(url: str, samples: int) -> dict[str, Latencies]:
+    async with aiohttp.ClientSession(base_url=url, headers=ADMIN) as session:
+        measured = {}
+        for path in ("/fleet", "/metrics", "/workspaces?limit=100"):
+            path_of = functools.partial(str, path)
+            await _latencies(session, path_of, 3)
+            measured[path], _ = await _latencies(session, path_of, samples)
+        return measured
+
+
+def _tombstone_phase(dsn: str, work_dir: Path, samples: int) -> dict[str, float]:
+    env = {"REGISTRY_METRICS_CACHE_S": "0", "REGISTRY_OFFLINE_AFTER_S": "3600"}
+    process = registry_proc.start(dsn, work_dir, env)
+    try:
+        process.wait_healthy(within_s=120)
+        routes = asyncio.run(_fleet_routes(process.url, samples))
+    finally:
+        process.stop()
+    figures = {path: latency.p50_s for path, latency in routes.items()}
+    figures["sweep"] = statistics.median(asyncio.run(_sweep_times(dsn, samples)))
+    return figures
+
+
+def tombstones(args: argparse.Namespace, work_dir: Path) -> None:
+    """/fleet, /metrics, a list page and a sweep with N live workspaces, then with 10 N
+    tombstones beside them: removed workspaces must cost the hot paths nothing."""
+    live, removed = Fleet.new(args.workspaces), Fleet.new(args.workspaces * 10)
+    dsn = asyncio.run(db.recreate(args.dsn, args.database))
+    process = registry_proc.start(dsn, work_dir, {})  # the schema first
+    process.wait_healthy()
+    process.stop()
+    asyncio.run(seed(dsn, live, status="online", heartbeat_age_s=1.0))
+    alone = _tombstone_phase(dsn, work_dir, args.samples)
+    asyncio.run(seed(dsn, removed, status="removed", heartbeat_age_s=86400.0))
+    beside = _tombstone_phase(dsn, work_dir, args.samples)
+    print(
+        f"{live.size:,} live workspaces alone, then beside {removed.size:,} removed ones "
+        f"(p50 of {args.samples}; target: within 20%)\n"
+    )
+    print("| | live alone (ms) | with tombstones (ms) | ratio |")
+    print("|---|---|---|---|")
+    for name in alone:
+        ratio = beside[name] / alone[name]
+        print(
+            f"| {name} | {alone[name] * 1e3:.2f} | {beside[name] * 1e3:.2f} | {ratio:.2f} "
+            f"{'ok' if ratio <= 1.2 else 'MISSED'} |"
+        )
+
+
+# double-write
+
+INSERT_UNSEQUENCED = """
+INSERT INTO workspace_events (workspace_id, kind, cause, actor)
+SELECT gen_random_uuid(), 'status', 'bench', 'bench' FROM generate_series(1, $1)
+"""
+INSERT_SEQUENCED = """
+INSERT INTO workspace_events (workspace_id, kind, cause, actor, seq)
+SELECT gen_random_uuid(), 'status', 'bench', 'bench',
+       (SELECT COALESCE(max(seq), 0) FROM workspace_events) + g
+FROM generate_series(1, $1) AS g
+"""
+
+
+async def _wal_of(conn: asyncpg.Connection, *statements: tuple[str, int]) -> tuple[int, float]:
+    """WAL bytes and seconds the statements took, each in its own transaction."""
+    await conn.execute("CHECKPOINT")
+    start = await conn.fetchval("SELECT pg_current_wal_lsn()")
+    started = time.perf_counter()
+    for sql, arg in statements:
+        await conn.execute(sql, arg)
+    elapsed = time.perf_counter() - started
+    wal = await conn.fetchval("SELECT pg_current_wal_lsn() - $1::pg_lsn", start)
+    return int(wal), elapsed
+
+
+def double_write(args: argparse.Namespace, work_dir: Path) -> None:
+    """What numbering events after their insert costs (the sequencer's UPDATE, which makes
+    resume-after-id safe against late commits) against an insert that numbers at once."""
+    dsn = asyncio.run(db.recreate(args.dsn, args.database))
+    process = registry_proc.start(dsn, work_dir, {})  # the schema first
+    process.wait_healthy()
+    process.stop()
+    n, batch = args.events, 1000
+
+    async def run() -> list[str]:
+        conn = await asyncpg.connect(dsn)
+        try:
+            # Batches of 1,000, as the sequencer numbers them.
+            twice = [(INSERT_UNSEQUENCED, batch), (SEQUENCE_PENDING, batch)] * (n // batch)
+            once = [(INSERT_SEQUENCED, batch)] * (n // batch)
+            wal_twice, s_twice = await _wal_of(conn, *twice)
+            wal_once, s_once = await _wal_of(conn, *once)
+        finally:
+            await conn.close()
+        return [
+            f"{n:,} events in batches of {batch}:",
+            f"  insert + sequence update: {wal_twice / n:,.0f} B of WAL per event, "
+            f"{s_twice / n * 1e6:,.1f} µs per event",
+            f"  numbered at insert:       {wal_once / n:,.0f} B of WAL per event, "
+            f"{s_once / n * 1e6:,.1f} µs per event",
+            f"  ratio: WAL {wal_twice / wal_once:.2f}x, time {s_twice / s_once:.2f}x",
+        ]
+
+    print("\n".join(asyncio.run(run())))
+
+
+RUNS: dict[str, Callable[[argparse.Namespace, Path], None]] = {
+    "sizes": sizes,
+    "scale": scale,
+    "tombstones": tombstones,
+    "double-write": double_write,
+}
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -439,6 +584,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.workspaces is None:
         args.workspaces = 200 if args.run == "sizes" else 100_000
+    if args.run == "double-write" and args.events == parser.get_default("events"):
+        args.events = 1_000_000
     db.check_name(args.database)
     return args
 

@@ -11,6 +11,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -67,10 +68,14 @@ def stop_process(process: subprocess.Popen[bytes], within_s: float = 20.0) -> in
 
 
 def spawn(
-    dsn: str, work_dir: Path, env: dict[str, str]
+    dsn: str,
+    work_dir: Path,
+    env: dict[str, str],
+    preexec_fn: Callable[[], None] | None = None,
 ) -> tuple[subprocess.Popen[bytes], str, Path]:
     """`python -m registry serve` on a free port; returns the process, its URL and its log.
-    The benchmark and the tests start registries this one way."""
+    The benchmark and the tests start registries this one way. `preexec_fn` runs in the child
+    before it starts (e.g. to lower its resource limits)."""
     port = free_port()
     log_path = work_dir / f"registry-{port}.log"
     environment = {
@@ -86,6 +91,8 @@ def spawn(
             env=environment,
             stdout=log,
             stderr=subprocess.STDOUT,
+            # Runs between fork and exec: only calls that are safe there (setrlimit).
+            preexec_fn=preexec_fn,
         )
     return process, f"http://127.0.0.1:{port}", log_path
 

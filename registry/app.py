@@ -14,16 +14,23 @@ import aiojobs
 import asyncpg
 from aiohttp import web
 
+from registry.admission import Admission
 from registry.auth import admin_auth_middleware
 from registry.db.heartbeats import BeatPolicy
 from registry.db.pool import create_heartbeat_pool, create_pool
 from registry.db.reconciles import RestartBudget
+from registry.drift import DriftChecker
 from registry.errors import error_middleware
+from registry.event_feed import EventFeed
 from registry.events import EventHub
+from registry.fleet_gauges import FleetGauges
+from registry.http_metrics import http_metrics_middleware
 from registry.ingest import HeartbeatIngest
 from registry.keys import (
+    ADMISSION,
     DSN,
     EVENT_HUB,
+    FLEET_GAUGES,
     IGNORED_FIELDS,
     INGEST,
     METRICS,
@@ -37,7 +44,9 @@ from registry.liveness import LivenessSweeper
 from registry.logs import echo_request_id, request_id_middleware
 from registry.metrics import Metrics
 from registry.plugins import FetchLimits, SourceSettings
-from registry.reconcile.runner import ReconcileConfig, Reconciler
+from registry.plugins.staging import StagingArea
+from registry.query import strict_query_middleware
+from registry.reconcile.runner import ReconcileConfig, Reconciler, TreeCacheConfig
 from registry.reconcile.worker import ReconcileWorker, new_owner_id
 from registry.refusals import RefusalLog
 from registry.retention import Pruner
@@ -60,19 +69,27 @@ HTTP_CLOSE_S = 5.0
 
 def create_app(settings: Settings, dsn: str) -> web.Application:
     """Build the application; no I/O happens until it starts."""
+    metrics = Metrics()
+    admission = Admission(settings.max_requests_in_flight, metrics.turned_away)
     app = web.Application(
         middlewares=[
+            http_metrics_middleware,
             request_id_middleware,
             error_middleware,
+            # After the error middleware, which renders its 503.
+            admission.middleware(),
             admin_auth_middleware,
+            strict_query_middleware,
         ],
         client_max_size=settings.max_body_bytes,
     )
     app[SETTINGS] = settings
     app[DSN] = dsn
-    app[METRICS] = Metrics()
+    app[METRICS] = metrics
+    app[ADMISSION] = admission
     app[IGNORED_FIELDS] = IgnoredFieldReporter(app[METRICS])
     app[REFUSALS] = RefusalLog(app[METRICS])
+    app[FLEET_GAUGES] = FleetGauges(app[METRICS], settings.metrics_cache_s)
     app[SOURCES] = source_settings(settings)
     app.on_response_prepare.append(echo_request_id)
     setup_routes(app)
@@ -132,9 +149,12 @@ def source_settings(settings: Settings) -> SourceSettings:
     )
 
 
-def reconcile_config(settings: Settings, sources: SourceSettings) -> ReconcileConfig:
+def reconcile_config(
+    settings: Settings, sources: SourceSettings, staging: StagingArea
+) -> ReconcileConfig:
     return ReconcileConfig(
         plugins_dir=settings.resolved_plugins_dir,
+        staging_dir=staging.path,
         sources=sources,
         limits=FetchLimits(
             max_bytes=settings.fetch_max_bytes,
@@ -146,6 +166,12 @@ def reconcile_config(settings: Settings, sources: SourceSettings) -> ReconcileCo
         retry_base_s=settings.reconcile_retry_base_s,
         retry_cap_s=settings.reconcile_retry_cap_s,
         restart_budget=RestartBudget(settings.restart_budget, settings.restart_budget_window_s),
+        tree_cache=TreeCacheConfig(
+            settings.resolved_tree_cache_dir,
+            settings.tree_cache_idle_s,
+            settings.tree_cache_max_bytes,
+        ),
+        fetch_shared=settings.fetch_shared,
     )
 
 
@@ -159,6 +185,9 @@ async def _background(app: web.Application) -> AsyncIterator[None]:
         # closes last, after the scheduler has drained the reconciles delivering through it.
         http = aiohttp.ClientSession()
         opened.push_async_callback(_close_http, http)
+        # Removed once the scheduler has drained the reconciles staging in it.
+        staging = await _open_staging(settings)
+        opened.push_async_callback(asyncio.to_thread, staging.close)
         # Once the scheduler has closed (it cancels shielded terminal writes too), the worker
         # gives back whatever runs it still holds; it exists only once built, hence the list.
         built: list[ReconcileWorker] = []
@@ -173,7 +202,7 @@ async def _background(app: web.Application) -> AsyncIterator[None]:
                 pool,
                 scheduler,
                 http,
-                reconcile_config(settings, app[SOURCES]),
+                reconcile_config(settings, app[SOURCES], staging),
                 owner,
                 app[METRICS],
             ),
@@ -187,8 +216,15 @@ async def _background(app: web.Application) -> AsyncIterator[None]:
         sweeper = LivenessSweeper(
             pool, settings, app[METRICS], refused=lambda: ingest.unreachable_batches
         )
-        hub = EventHub(pool, app[DSN])
+        feed = EventFeed(
+            pool,
+            poll_s=settings.event_poll_s,
+            queue_size=settings.event_subscriber_queue,
+            max_subscribers=settings.event_max_subscribers,
+        )
+        hub = EventHub(pool, app[DSN], feed)
         pruner = Pruner(pool, settings, app[METRICS])
+        drift = DriftChecker(pool, settings, worker.wake)
         app[RECONCILER] = worker
         app[EVENT_HUB] = hub
         stop_refusals = asyncio.Event()
@@ -199,7 +235,9 @@ async def _background(app: web.Application) -> AsyncIterator[None]:
             ("liveness-sweeper", sweeper.run_forever, sweeper.stop),
             ("event-sequencer", hub.run_sequencer, hub.stop),
             ("event-listener", hub.run_listener, hub.stop),
+            ("event-feed", feed.run, feed.stop),
             ("retention-pruner", pruner.run_forever, pruner.stop),
+            ("drift-checker", drift.run_forever, drift.stop),
             (
                 "refusal-flusher",
                 functools.partial(
@@ -220,6 +258,17 @@ async def _background(app: web.Application) -> AsyncIterator[None]:
         # that the closing scheduler would refuse; running reconciles get the grace period to
         # finish, then are cancelled and hand their runs back as queued intents; then the
         # session closes.
+
+
+async def _open_staging(settings: Settings) -> StagingArea:
+    staging = await asyncio.to_thread(StagingArea.open, settings.resolved_staging_dir)
+    if staging.swept:
+        log.info(
+            "staging: removed %d directories left by stopped processes in %s",
+            len(staging.swept),
+            staging.root,
+        )
+    return staging
 
 
 async def _stop_loops(loops: list[tuple[aiojobs.Job[None], Callable[[], None]]]) -> None:

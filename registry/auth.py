@@ -1,28 +1,145 @@
-"""Bearer tokens: issuing and hashing workspace tokens, and the admin gate that fails closed."""
+"""Bearer tokens: workspace tokens, named API tokens with a role, and the one route → role
+table the gate enforces, failing closed (a route nobody classified needs `admin`)."""
 
 from __future__ import annotations
 
 import hashlib
 import hmac
 import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass
+from enum import StrEnum
+from types import MappingProxyType
 
 from aiohttp import web
 
-from registry.errors import Handler, Unauthorized
-from registry.keys import SETTINGS
+from registry.db import api_tokens
+from registry.errors import Forbidden, Handler, Unauthorized
+from registry.keys import POOL, SETTINGS
 
 WORKSPACE_TOKEN_PREFIX = "rwt_"
+API_TOKEN_PREFIX = "rat_"
+# The non-secret handle of an API token (`rat_<lookup>_<secret>`): indexed, so finding the
+# token is one index probe; the secret part is then checked by a constant-time comparison.
+LOOKUP_HEX_CHARS = 16
+
+# The actor of the configured REGISTRY_ADMIN_TOKEN, the bootstrap admin. Names the registry
+# itself writes as actors are reserved too, so an event's actor always says who acted.
+BOOTSTRAP_ADMIN = "admin"
+RESERVED_ACTORS = frozenset({BOOTSTRAP_ADMIN, "registry", "reconciler", "sweeper", "runtime"})
 
 # Routes anyone may call, and runtime routes that check the workspace token themselves (in
-# the same statement that writes the heartbeat). Every other route needs the admin token.
+# the same statement that writes the heartbeat). Every other route needs an API token.
 PUBLIC_ROUTES = frozenset(
     {"get_healthz", "get_readyz", "get_buildinfo", "get_openapi", "get_metrics"}
 )
 WORKSPACE_TOKEN_ROUTES = frozenset({"post_heartbeat", "post_register"})
 
 
+class Role(StrEnum):
+    READ = "read"
+    OPERATE = "operate"
+    ADMIN = "admin"
+
+    def allows(self, needed: Role) -> bool:
+        return _RANK[self] >= _RANK[needed]
+
+
+_RANK = {Role.READ: 0, Role.OPERATE: 1, Role.ADMIN: 2}
+
+# What each token-checked route needs. A new route that is not listed here needs `admin`
+# (required_role fails closed) until someone decides otherwise; tests/test_auth_matrix.py
+# runs every route of the router against every role, so the table is tested as it grows.
+# Creating a workspace is `operate`: provisioning scripts create and delete workspaces, and
+# neither grants more than the other; only tokens (who may act) are `admin`.
+ROUTE_ROLES: Mapping[str, Role] = MappingProxyType(
+    {
+        "get_workspaces": Role.READ,
+        "get_workspace": Role.READ,
+        "get_workspace_by_name": Role.READ,
+        "get_workspace_events": Role.READ,
+        "get_events": Role.READ,
+        "get_event_history": Role.READ,
+        "get_fleet": Role.READ,
+        "get_workspace_reconciles": Role.READ,
+        "get_reconcile": Role.READ,
+        "post_workspaces": Role.OPERATE,
+        "put_workspace_plugins": Role.OPERATE,
+        "patch_workspace_labels": Role.OPERATE,
+        "put_workspace_labels": Role.OPERATE,
+        "post_pause": Role.OPERATE,
+        "post_resume": Role.OPERATE,
+        "delete_workspace": Role.OPERATE,
+        "post_token": Role.OPERATE,
+        "post_workspace_reconcile": Role.OPERATE,
+        "post_plugins_reconcile": Role.OPERATE,
+        "post_guard_ack": Role.OPERATE,
+        "post_tokens": Role.ADMIN,
+        "get_tokens": Role.ADMIN,
+        "delete_token": Role.ADMIN,
+    }
+)
+
+
+def required_role(route_name: str) -> Role:
+    """The role a token-checked route needs; `admin` for any route not classified."""
+    return ROUTE_ROLES.get(route_name, Role.ADMIN)
+
+
+@dataclass(frozen=True, slots=True)
+class Principal:
+    """Who is calling: the token's name (every event's `actor`) and its role."""
+
+    name: str
+    role: Role
+
+
+PRINCIPAL = web.RequestKey("principal", Principal)
+
+
+def actor(request: web.Request) -> str:
+    """The name recorded as `actor` for what this request does."""
+    return request[PRINCIPAL].name
+
+
+class RoleRequired(Forbidden):
+    """403 naming the role needed; API.md's envelope has no other field, so the message says
+    it, in a fixed form (`needs the <role> role`)."""
+
+    code = "role_required"
+
+    def __init__(self, principal: Principal, needed: Role) -> None:
+        super().__init__(
+            f"this route needs the {needed.value} role; token {principal.name!r} is "
+            f"{principal.role.value}"
+        )
+
+
 def new_workspace_token() -> str:
     return WORKSPACE_TOKEN_PREFIX + secrets.token_urlsafe(32)
+
+
+def new_api_token() -> tuple[str, str]:
+    """(lookup, token): the token is shown once; the lookup and the token's hash are kept."""
+    lookup = secrets.token_hex(LOOKUP_HEX_CHARS // 2)
+    return lookup, f"{API_TOKEN_PREFIX}{lookup}_{secrets.token_urlsafe(32)}"
+
+
+def api_token_lookup(token: str) -> str | None:
+    """The lookup part of something shaped like an API token, else None."""
+    if not token.startswith(API_TOKEN_PREFIX):
+        return None
+    rest = token[len(API_TOKEN_PREFIX) :]
+    lookup, sep, secret = (
+        rest[:LOOKUP_HEX_CHARS],
+        rest[LOOKUP_HEX_CHARS : LOOKUP_HEX_CHARS + 1],
+        rest[LOOKUP_HEX_CHARS + 1 :],
+    )
+    if len(lookup) != LOOKUP_HEX_CHARS or sep != "_" or not secret:
+        return None
+    if lookup.strip("0123456789abcdef"):
+        return None
+    return lookup
 
 
 def hash_token(token: str) -> bytes:
@@ -51,13 +168,37 @@ def is_admin_token(token: str, admin_token: str) -> bool:
     return hmac.compare_digest(hash_token(token), hash_token(admin_token))
 
 
+async def authenticate(request: web.Request, token: str) -> Principal:
+    """The bootstrap admin (no database needed), else a live API token (one index probe)."""
+    admin_token = request.app[SETTINGS].admin_token
+    if admin_token is not None and is_admin_token(token, admin_token):
+        return Principal(BOOTSTRAP_ADMIN, Role.ADMIN)
+    lookup = api_token_lookup(token)
+    if lookup is None:
+        raise Unauthorized("an API token or the admin token is required")
+    async with request.app[POOL].acquire() as conn:
+        found = await api_tokens.find_by_lookup(conn, lookup)
+    if found is None or not hmac.compare_digest(found.token_hash, hash_token(token)):
+        raise Unauthorized("an API token or the admin token is required")
+    # Told apart only once the whole token matched: only its holder learns why.
+    if found.revoked:
+        raise Unauthorized(f"token {found.name!r} was revoked", code="token_revoked")
+    if found.expired:
+        raise Unauthorized(f"token {found.name!r} has expired", code="token_expired")
+    return Principal(found.name, Role(found.role))
+
+
 @web.middleware
 async def admin_auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """The gate of every token-checked route: who calls (PRINCIPAL), and whether their role
+    is the one required_role() names for the route."""
     name = request.match_info.route.name
     if name in PUBLIC_ROUTES or name in WORKSPACE_TOKEN_ROUTES or name is None:
         # name None: no route matched; the router answers 404/405 without touching anything.
         return await handler(request)
-    admin_token = request.app[SETTINGS].admin_token
-    if admin_token is None or not is_admin_token(bearer_token(request), admin_token):
-        raise Unauthorized("admin token required")
+    principal = await authenticate(request, bearer_token(request))
+    needed = required_role(name)
+    if not principal.role.allows(needed):
+        raise RoleRequired(principal, needed)
+    request[PRINCIPAL] = principal
     return await handler(request)

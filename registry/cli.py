@@ -22,7 +22,7 @@ from typing import Any
 
 import shtab
 
-from registry import __version__, cli_operate
+from registry import __version__, cli_labels, cli_operate, cli_tokens
 from registry import cli_format as fmt
 from registry.buildinfo import build_info
 from registry.cli_base import (
@@ -52,22 +52,21 @@ from registry.embedded_pg import EmbeddedPostgresError, start_embedded_postgres
 from registry.logs import configure_logging
 from registry.settings import Settings, SettingsError, default_data_dir
 from registry.startup import StartupError, serve
-from registry.statuses import Status
 
 log = logging.getLogger("registry")
 
 SERVER_COMMANDS = ("serve", "migrate")
-STATUSES = tuple(s.value for s in Status)
 
 
 EXAMPLES = """\
 examples:
   registry serve                                   # embedded PostgreSQL, 127.0.0.1:8080
-  registry workspaces create ws-a --plugin git+https://github.com/acme/tools#main
-  registry workspaces list --status offline -o wide
-  registry workspaces show "$ID"
-  registry wait "$ID" --for plugins_sync=synced --timeout 2m
-  registry reconcile run "$ID"                     # and wait for the outcome
+  registry workspaces create ws-a --label env=prod --plugin git+https://github.com/acme/tools#main
+  registry workspaces list --status offline,failed -l env=prod -o wide
+  registry workspaces show ws-a                    # a name or an id, everywhere
+  registry wait ws-a --for plugins_sync=synced --timeout 2m
+  registry reconcile run ws-a                      # and wait for the outcome
+  registry tokens create ci --role operate         # shown once
   registry events --follow
   registry --url registry.internal:8080 fleet
   source <(registry completion bash)
@@ -96,6 +95,7 @@ def _parser() -> argparse.ArgumentParser:
     workspace_actions = _add_client_commands(commands)
     cli_operate.add_workspace_commands(workspace_actions)
     cli_operate.add_commands(commands)
+    cli_tokens.add_commands(commands, client_parser)
     completion = commands.add_parser(
         "completion",
         help="print a shell completion script (bash or zsh)",
@@ -135,6 +135,7 @@ def _add_client_commands(commands: Any) -> Any:
     create.add_argument(
         "--workspace-url", help="where the workspace's runtime is reached (http delivery)"
     )
+    cli_labels.add_create_labels(create)
 
     listing = client_parser(
         actions,
@@ -144,7 +145,7 @@ def _add_client_commands(commands: Any) -> Any:
         examples="  registry workspaces list --all -o name\n"
         "  registry workspaces list --status offline -o wide",
     )
-    listing.add_argument("--status", choices=STATUSES)
+    cli_labels.add_list_filters(listing)
     listing.add_argument("--limit", type=positive_int, help="page size (API default 100)")
     listing.add_argument("--cursor", help="continue after this next_cursor")
     listing.add_argument("--all", action="store_true", help="follow next_cursor to the end")
@@ -159,6 +160,16 @@ def _add_client_commands(commands: Any) -> Any:
         help="table (fits 100 columns), wide, json, or name (one per line)",
     )
 
+    cli_labels.add_labels_command(
+        client_parser(
+            actions,
+            "labels",
+            "show or change a workspace's labels",
+            _labels,
+            examples="  registry workspaces labels ws-a env=prod tier-\n"
+            "  registry workspaces labels ws-a env=prod --replace",
+        )
+    )
     show = client_parser(actions, "show", "a workspace: status, plugins, last reconcile", _show)
     show.add_argument("id", type=workspace_id)
     for action, help_text, run in (
@@ -179,7 +190,7 @@ def _add_client_commands(commands: Any) -> Any:
         "run",
         "reconcile a workspace's plugins and wait for the outcome",
         _reconcile,
-        examples='  registry reconcile run "$ID" --refresh --timeout 2m',
+        examples="  registry reconcile run ws-a --refresh --timeout 2m",
     )
     run_now.add_argument("id", type=workspace_id)
     run_now.add_argument(
@@ -200,7 +211,7 @@ def _add_client_commands(commands: Any) -> Any:
         "events",
         "the fleet's (or a workspace's) event history, or --follow the live stream",
         _events,
-        examples='  registry events --limit 50\n  registry events --workspace "$ID" --follow',
+        examples="  registry events --limit 50\n  registry events --workspace ws-a --follow",
     )
     events.add_argument("--workspace", type=workspace_id, metavar="ID")
     events.add_argument("--follow", action="store_true", help="stream events until Ctrl-C")
@@ -255,7 +266,9 @@ def _serve(settings: Settings, dsn: str) -> None:
 def _tune_garbage_collector() -> None:
     """Fewer, cheaper collections: the heartbeat path allocates many short-lived objects and
     each full collection walks every long-lived one (modules, settings, pools); frozen, those
-    are skipped. Collections were a source of tail latency under load."""
+    are skipped. Collections were a source of tail latency under load. The price: a reference
+    cycle can wait a long time for the full pass, so per-request and per-connection code must
+    leave none (registry/body.py, registry/protocol.py, tests/test_connection_cycles.py)."""
     gc.collect()
     gc.freeze()
     gc.set_threshold(20_000, 20, 50)
@@ -346,12 +359,17 @@ def _data_dir_from_env() -> Path:
 
 async def _run(run: Command, url: str, token: str, args: argparse.Namespace) -> int:
     async with Client(url, token) as api:
+        await cli_labels.resolve_workspace_refs(api, args)
         return await run(api, args)
 
 
 async def _create(api: Client, args: argparse.Namespace) -> int:
     result = await api.create_workspace(
-        args.name, plugins=args.plugins, delivery=args.delivery, url=args.workspace_url
+        args.name,
+        plugins=args.plugins,
+        delivery=args.delivery,
+        url=args.workspace_url,
+        labels=cli_labels.create_labels(args),
     )
     if args.json:
         note("the token is shown only this once: store it now")
@@ -360,7 +378,7 @@ async def _create(api: Client, args: argparse.Namespace) -> int:
 
 
 async def _list(api: Client, args: argparse.Namespace) -> int:
-    filters = {"status": args.status, "include_removed": args.include_removed or None}
+    filters = cli_labels.list_params(args)
     page = await api.list_workspaces(**filters, limit=args.limit, cursor=args.cursor)
     if args.all:
         collected = list(page["workspaces"])
@@ -374,6 +392,12 @@ async def _list(api: Client, args: argparse.Namespace) -> int:
     print(fmt.workspace_list(page, output), flush=True)
     if page.get("next_cursor") and output != "json":
         note(f"more workspaces: --cursor {page['next_cursor']} (or --all)")
+    return EXIT_OK
+
+
+async def _labels(api: Client, args: argparse.Namespace) -> int:
+    view = await cli_labels.run_labels(api, args)
+    emit(args, view, cli_labels.format_labels(view.get("labels")))
     return EXIT_OK
 
 

@@ -12,6 +12,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 from registry.cli_client import ApiError, Client, ClientError, Unreachable
+from registry.cli_labels import workspace_ref
 
 DEFAULT_URL = "http://127.0.0.1:8080"
 
@@ -125,7 +126,9 @@ def _uuid_argument(what: str) -> Callable[[str], str]:
     return parse
 
 
-workspace_id = _uuid_argument("workspace id")
+# A workspace id or name: names are resolved to ids before the command runs
+# (registry/cli_labels.py).
+workspace_id = workspace_ref
 reconcile_id = _uuid_argument("reconcile id")
 
 

@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
+from urllib.parse import quote
 
 import aiohttp
 
@@ -132,9 +133,17 @@ class Client:
     # Management API.
 
     async def create_workspace(
-        self, name: str, *, plugins: list[JSON], delivery: str | None, url: str | None
+        self,
+        name: str,
+        *,
+        plugins: list[JSON],
+        delivery: str | None,
+        url: str | None,
+        labels: dict[str, str] | None = None,
     ) -> JSON:
         body: JSON = {"name": name, "plugins": plugins}
+        if labels is not None:
+            body["labels"] = labels
         if delivery is not None:
             body["delivery"] = delivery
         if url is not None:
@@ -158,6 +167,21 @@ class Client:
         result: JSON = await self._call("GET", "/workspaces", params=params)
         return result
 
+    async def workspace_by_name(self, name: str) -> JSON:
+        result: JSON = await self._call("GET", f"/workspaces/by-name/{quote(name, safe='')}")
+        return result
+
+    async def change_labels(
+        self, workspace_id: str, labels: dict[str, str | None], *, replace: bool
+    ) -> JSON:
+        """PUT (the whole set) or PATCH (a merge; None removes); the workspace after it."""
+        result: JSON = await self._call(
+            "PUT" if replace else "PATCH",
+            f"/workspaces/{workspace_id}/labels",
+            json={"labels": labels},
+        )
+        return result
+
     async def get_workspace(self, workspace_id: str) -> JSON:
         result: JSON = await self._call("GET", f"/workspaces/{workspace_id}")
         return result
@@ -175,6 +199,8 @@ class Client:
     ) -> list[JSON]:
         """History after `after` (the fleet's, or one workspace's), following pages until
         the end or until `limit` events; each event carries its workspace's name."""
+        if workspace_id is not None:
+            await self.get_workspace(workspace_id)  # 404 for a workspace that is not there
         page_size = 500 if limit is None else min(500, limit)
         collected: list[JSON] = []
         while limit is None or len(collected) < limit:

@@ -181,6 +181,7 @@ def workspace(view: JSON) -> str:
             [
                 ("id", view["id"]),
                 ("name", view["name"]),
+                ("labels", _labels(view.get("labels"))),
                 ("status", f"{view['status']} since {when(view.get('status_changed_at'))}"),
                 ("delivery", view["delivery"]),
                 ("url", view.get("url")),
@@ -316,6 +317,9 @@ def _change(event: JSON) -> str:
     detail = event.get("detail")
     if not isinstance(detail, dict):
         return text(detail)
+    if event.get("kind") == "audit":
+        # An operator action: what it was given, as key=value (see registry/audit.py).
+        return " ".join(f"{k}={_compact(v)}" for k, v in detail.items()) or NONE
     parts = []
     if detail.get("changes"):
         parts.append(", ".join(map(str, detail["changes"])))
@@ -326,6 +330,15 @@ def _change(event: JSON) -> str:
     if detail.get("restart_requested"):
         parts.append("restart requested")
     return "; ".join(parts) or "no changes"
+
+
+def _compact(value: Any) -> str:
+    if isinstance(value, list):
+        return (
+            ",".join(str(v.get("name", v)) if isinstance(v, dict) else str(v) for v in value)
+            or "[]"
+        )
+    return text(value)
 
 
 def _workspace(event: JSON, name: str | None = None) -> str:

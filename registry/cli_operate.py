@@ -57,8 +57,8 @@ def add_workspace_commands(actions: Any) -> None:
         "set",
         "replace the declared plugins (a live workspace is reconciled: removals uninstall)",
         _set_plugins,
-        examples='  registry workspaces plugins set "$ID" git+https://github.com/acme/tools#v2\n'
-        '  registry workspaces plugins set "$ID" --none',
+        examples="  registry workspaces plugins set ws-a git+https://github.com/acme/tools#v2\n"
+        "  registry workspaces plugins set ws-a --none",
     )
     set_plugins.add_argument("id", type=workspace_id)
     set_plugins.add_argument("plugins", nargs="*", type=plugin, metavar="SOURCE[=NAME]")
@@ -102,8 +102,8 @@ def add_commands(commands: Any) -> None:
         "wait",
         "wait until a workspace is in a status or sync state (for scripts)",
         _wait_for,
-        examples='  registry wait "$ID" --for status=online --timeout 60s\n'
-        '  registry wait "$ID" --for plugins_sync=synced --timeout 5m',
+        examples="  registry wait ws-a --for status=online --timeout 60s\n"
+        "  registry wait ws-a --for plugins_sync=synced --timeout 5m",
     )
     wait.add_argument("id", type=workspace_id)
     wait.add_argument(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 from collections.abc import Awaitable, Callable
 
@@ -9,6 +10,7 @@ from aiohttp import web
 
 from registry.db.errors import DatabaseUnavailable
 from registry.jsonio import json_response
+from registry.throttled_log import ThrottledLog
 
 log = logging.getLogger(__name__)
 
@@ -20,6 +22,12 @@ DB_RETRY_AFTER_S = 2
 # about what migrations and opening the pools take, and long enough that a fleet of runtimes
 # retrying at once does not turn the start-up into a hot loop.
 STARTING_RETRY_AFTER_S = 2
+# Seconds a client turned away by the in-flight cap should wait: requests finish in ms.
+OVERLOADED_RETRY_AFTER_S = 1
+# Out of file descriptors: one warning per this many seconds, with a count, however many
+# requests fail meanwhile.
+FD_EXHAUSTED = ThrottledLog(log, logging.WARNING, 10.0)
+_FD_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE})
 
 
 class ApiError(Exception):
@@ -97,6 +105,28 @@ class ServiceUnavailable(ApiError):
     retry_after_s = DB_RETRY_AFTER_S
 
 
+class Overloaded(ServiceUnavailable):
+    """More requests in flight than REGISTRY_MAX_REQUESTS_IN_FLIGHT (registry/admission.py)."""
+
+    code = "overloaded"
+    retry_after_s = OVERLOADED_RETRY_AFTER_S
+
+
+class OutOfDescriptors(ServiceUnavailable):
+    """The process ran out of file descriptors (EMFILE): the database is fine, this process
+    cannot open a socket or file until some close."""
+
+    code = "out_of_file_descriptors"
+    retry_after_s = OVERLOADED_RETRY_AFTER_S
+
+
+class RequestTimeout(ApiError):
+    """The request body did not arrive within REGISTRY_BODY_TIMEOUT_S (registry/body.py)."""
+
+    status = 408
+    code = "request_timeout"
+
+
 class Starting(ServiceUnavailable):
     """The process is up but not ready yet: migrations, the database or the workers pending."""
 
@@ -134,15 +164,19 @@ def _error_response(status: int, code: str, message: str, **extra: object) -> we
     return json_response({"error": error}, status=status)
 
 
+def _api_error_response(exc: ApiError) -> web.Response:
+    response = json_response(exc.body(), status=exc.status)
+    if isinstance(exc, ServiceUnavailable):
+        response.headers["Retry-After"] = str(exc.retry_after_s)
+    return response
+
+
 @web.middleware
 async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
     except ApiError as exc:
-        response = json_response(exc.body(), status=exc.status)
-        if isinstance(exc, ServiceUnavailable):
-            response.headers["Retry-After"] = str(exc.retry_after_s)
-        return response
+        return _api_error_response(exc)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -160,9 +194,35 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         response.headers["Retry-After"] = str(DB_RETRY_AFTER_S)
         return response
     except Exception as exc:
+        if isinstance(exc, OSError) and exc.errno in _FD_ERRNOS:
+            # Not the database (registry/db/errors.py): this process hit its own fd limit.
+            FD_EXHAUSTED.report(
+                "out of file descriptors during %s %s: %s", request.method, request.path, exc
+            )
+            return _api_error_response(
+                OutOfDescriptors("the registry is out of file descriptors; retry later")
+            )
         if client_gone(request, exc):
             # Not an error of the registry: no warning, no 5xx, nothing to retry.
             log.debug("client gone during %s %s: %r", request.method, request.path, exc)
             return _error_response(CLIENT_GONE_STATUS, "client_gone", "the client hung up")
         log.exception("unhandled error in %s %s", request.method, request.path)
         return _error_response(500, "internal_error", "internal error")
+
+
+class AlreadyExists(Conflict):
+    """A create whose name a live workspace has: the body names it, so a provisioning script
+    that retries a create it is not sure went through can carry on with that workspace."""
+
+    code = "already_exists"
+
+    def __init__(self, message: str, *, workspace_id: object, field: str = "name") -> None:
+        super().__init__(message, field=field)
+        self.workspace_id = workspace_id
+
+    def body(self) -> dict[str, object]:
+        body = super().body()
+        error = body["error"]
+        assert isinstance(error, dict)
+        error["workspace_id"] = self.workspace_id
+        return body

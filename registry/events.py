@@ -1,10 +1,11 @@
-"""The live event stream: numbering committed events, and waking this process's subscribers.
+"""The live event stream: numbering committed events, and waking this process's feed.
 
 Events are written by whatever transaction made the change. A sequencer (one process at a
 time) numbers committed ones and NOTIFYs; every process LISTENs on a dedicated connection and
-wakes its Server-Sent-Events subscribers, which read what is new from the table. A lost
-notification only delays a subscriber until its next poll; nothing is skipped, because
-subscribers read by sequence number, never from the notification.
+wakes its one feed (registry/event_feed.py), which reads what is new from the table and fans
+it out to the Server-Sent-Events subscribers. A lost notification only delays the feed until
+its next poll; nothing is skipped, because the feed reads by sequence number, never from the
+notification.
 """
 
 from __future__ import annotations
@@ -18,26 +19,27 @@ import asyncpg
 
 from registry.db import events
 from registry.db.errors import DatabaseUnavailable, database_calls
+from registry.event_feed import EventFeed
 
 log = logging.getLogger(__name__)
 
 # How often pending events are numbered: the stream's added latency, at one cheap statement.
 SEQUENCE_INTERVAL_S = 0.1
-# Subscribers re-read at least this often even without a notification.
-SUBSCRIBER_POLL_S = 1.0
 RECONNECT_DELAY_S = 1.0
 
 
 class EventHub:
-    """Numbers events and tells local subscribers when there is something new."""
+    """Numbers events and tells the local feed when there is something new."""
 
-    def __init__(self, pool: asyncpg.Pool, dsn: str) -> None:
+    def __init__(self, pool: asyncpg.Pool, dsn: str, feed: EventFeed) -> None:
         self._pool = pool
         self._dsn = dsn
-        self._changed = asyncio.Condition()
+        self.feed = feed
         self._stop = asyncio.Event()
-        self._pending_wake = asyncio.Event()
-        self.subscribers = 0
+
+    @property
+    def subscribers(self) -> int:
+        return self.feed.subscribers
 
     @property
     def stopping(self) -> bool:
@@ -45,20 +47,11 @@ class EventHub:
 
     def stop(self) -> None:
         self._stop.set()
-        self._pending_wake.set()
-
-    async def wait_for_change(self, within_s: float = SUBSCRIBER_POLL_S) -> None:
-        async with self._changed:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), within_s)
-
-    async def _notify_local(self) -> None:
-        async with self._changed:
-            self._changed.notify_all()
+        self.feed.stop()
 
     def _on_notification(self, *_: Any) -> None:
-        # asyncpg calls this on the event loop; the listener loop passes it on.
-        self._pending_wake.set()
+        # asyncpg calls this on the event loop: a flag for the feed, nothing more.
+        self.feed.wake()
 
     async def run_sequencer(self) -> None:
         while not self._stop.is_set():
@@ -82,12 +75,10 @@ class EventHub:
                     conn = await asyncpg.connect(self._dsn)
                     await conn.add_listener(events.EVENTS_CHANNEL, self._on_notification)
                 # Anything that happened while we were not listening.
-                await self._notify_local()
+                self.feed.wake()
                 while not self._stop.is_set() and not conn.is_closed():
                     with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._pending_wake.wait(), SUBSCRIBER_POLL_S)
-                    self._pending_wake.clear()
-                    await self._notify_local()
+                        await asyncio.wait_for(self._stop.wait(), RECONNECT_DELAY_S)
             except DatabaseUnavailable as exc:
                 log.warning("event listener: database unavailable: %s", exc)
             except Exception:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncpg
 from aiohttp import web
 
+from registry.admission import Admission
 from registry.events import EventHub
+from registry.fleet_gauges import FleetGauges
 from registry.ingest import HeartbeatIngest
 from registry.metrics import Metrics
 from registry.plugins import SourceSettings
@@ -25,3 +27,5 @@ METRICS = web.AppKey("metrics", Metrics)
 INGEST = web.AppKey("ingest", HeartbeatIngest)
 IGNORED_FIELDS = web.AppKey("ignored_fields", IgnoredFieldReporter)
 REFUSALS = web.AppKey("refusals", RefusalLog)
+ADMISSION = web.AppKey("admission", Admission)
+FLEET_GAUGES = web.AppKey("fleet_gauges", FleetGauges)

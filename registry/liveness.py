@@ -144,13 +144,17 @@ async def sweep(
             now=before.now,
         )
         holding = judgement.holding
+        limit = judgement.limit
+        if holding and before.acknowledged:
+            # An operator said the silence is real (POST /fleet/guard/ack): expire it all.
+            limit = count.silent
         expired = await transitions.expire_silent(
             conn,
             statuses=LIVE,
             silent_for_s=policy.offline_after_s,
             to=Status.OFFLINE,
             cause="heartbeat_timeout",
-            limit=judgement.limit,
+            limit=limit,
             window=policy.live_window,
             counted_from=counted_from,
         )
@@ -245,10 +249,13 @@ class LivenessSweeper:
         expire = self._clock() >= self._grace_until
         refused = self._refused()
         deaf = self._deaf or refused != self._refused_seen
+        started = time.perf_counter()
         result = await sweep(conn, self._policy, expire=expire, deaf=deaf)
         # Skipped (another process swept, not knowing what this one saw): the next one tells.
         if result.swept:
             self._deaf, self._refused_seen = False, refused
+            self._metrics.sweep_duration.set(time.perf_counter() - started)
+            self._metrics.sweep_last_run.set(time.time())
         self._count(result)
         return result
 

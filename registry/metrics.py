@@ -2,17 +2,84 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    GCCollector,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    disable_created_metrics,
+)
 
+# No `_created` series: one per labelled child doubles what a scrape carries, and nothing here
+# reads them (Prometheus itself ignores them). Process-wide, like prometheus_client's setting.
+disable_created_metrics()  # type: ignore[no-untyped-call]
 # Heartbeats are answered in milliseconds; reconciles take seconds to minutes.
 FAST_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 SLOW_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
+# Every HTTP route: most answer in milliseconds, a few (an event stream) stay open for long.
+HTTP_BUCKETS = (*FAST_BUCKETS, 5.0, 10.0, 60.0)
 
 
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
+        # The standard process_* and python_* series, in this registry (not the global one,
+        # so several apps in one test process do not collide).
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
+        GCCollector(registry=r)
+        self.build_info = Gauge(
+            "registry_build_info",
+            "Always 1; the version and git commit this process runs, as labels.",
+            ["version", "git_sha"],
+            registry=r,
+        )
+        self.http_requests = Counter(
+            "registry_http_requests",
+            "HTTP requests answered, by route name (the handler's, not the raw path; "
+            "`unmatched` for no route), method and status code (499: the client hung up).",
+            ["route", "method", "code"],
+            registry=r,
+        )
+        self.http_seconds = Histogram(
+            "registry_http_request_seconds",
+            "Time to answer an HTTP request, by route name and method (an event stream counts "
+            "until it ends).",
+            ["route", "method"],
+            buckets=HTTP_BUCKETS,
+            registry=r,
+        )
+        self.database_up = Gauge(
+            "registry_database_up",
+            "1 when this scrape's fleet-wide queries reached the database, else 0 (the fleet "
+            "gauges then keep their last values).",
+            registry=r,
+        )
+        self.workspaces_by_sync = Gauge(
+            "registry_workspaces_plugins_sync",
+            "Non-removed workspaces by plugins_sync, fleet-wide.",
+            ["plugins_sync"],
+            registry=r,
+        )
+        self.fleet_query_seconds = Gauge(
+            "registry_metrics_fleet_query_seconds",
+            "How long the fleet-wide queries behind the last refresh of the fleet gauges took.",
+            registry=r,
+        )
+        self.sweep_last_run = Gauge(
+            "registry_sweep_last_run_timestamp_seconds",
+            "When this process last finished a liveness sweep (Unix time).",
+            registry=r,
+        )
+        self.sweep_duration = Gauge(
+            "registry_sweep_last_duration_seconds",
+            "How long this process's last liveness sweep took.",
+            registry=r,
+        )
         self.heartbeats = Counter(
             "registry_heartbeats",
             "Heartbeats and registrations answered, by outcome and HTTP status code "
@@ -123,5 +190,18 @@ class Metrics:
         self.prune_duration = Gauge(
             "registry_prune_last_duration_seconds",
             "How long this process's last pruning pass took, pauses included.",
+            registry=r,
+        )
+        self.turned_away = Counter(
+            "registry_turned_away",
+            "Requests and connections answered 503 `overloaded` without being served, by what "
+            "was full (requests_in_flight, connections).",
+            ["reason"],
+            registry=r,
+        )
+        self.requests_in_flight = Gauge(
+            "registry_requests_in_flight",
+            "Requests being served by this process at scrape time, under "
+            "REGISTRY_MAX_REQUESTS_IN_FLIGHT (probes, scrapes and event streams not counted).",
             registry=r,
         )

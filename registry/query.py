@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 import uuid
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 
 from aiohttp import web
 
@@ -72,3 +72,87 @@ def query_bool(request: web.Request, name: str) -> bool:
     if raw == "true":
         return True
     raise InvalidField(f"{name} must be true or false", field=name)
+
+
+def query_list(request: web.Request, name: str) -> list[str]:
+    """Several values: `?status=a,b` or `?status=a&status=b` (or both); every value must be
+    non-empty, so `status=` or `status=a,` cannot quietly mean "any"."""
+    values = []
+    for raw in request.query.getall(name, []):
+        for value in raw.split(","):
+            if not value.strip():
+                raise InvalidField(f"{name} must not have an empty value", field=name)
+            values.append(value.strip())
+    return values
+
+
+# The query parameters each management route takes; anything else is a 400 naming it, so a
+# script that filters with a parameter this registry does not know (`?plugins_sync=` on an
+# old one, a typo) is refused instead of acting on the whole fleet. A route missing from the
+# table takes none (tests/test_query_strict.py checks every route has its row).
+ALLOWED_PARAMETERS: dict[str, frozenset[str]] = {
+    "get_healthz": frozenset(),
+    "get_readyz": frozenset(),
+    "get_buildinfo": frozenset(),
+    "get_openapi": frozenset(),
+    "get_metrics": frozenset(),
+    "post_workspaces": frozenset(),
+    "get_workspaces": frozenset(
+        {
+            "status",
+            "plugins_sync",
+            "selector",
+            "name_prefix",
+            "has",
+            "cursor",
+            "limit",
+            "include_removed",
+        }
+    ),
+    "get_workspace": frozenset(),
+    "get_workspace_by_name": frozenset(),
+    "patch_workspace_labels": frozenset(),
+    "put_workspace_labels": frozenset(),
+    "delete_workspace": frozenset(),
+    "post_pause": frozenset(),
+    "post_resume": frozenset(),
+    "post_token": frozenset(),
+    "get_workspace_events": frozenset({"after", "limit"}),
+    "get_events": frozenset({"workspace_id", "after"}),
+    "get_event_history": frozenset({"workspace_id", "after", "limit"}),
+    "get_fleet": frozenset(),
+    "put_workspace_plugins": frozenset(),
+    "post_workspace_reconcile": frozenset(),
+    "get_workspace_reconciles": frozenset({"limit"}),
+    "post_plugins_reconcile": frozenset(),
+    "get_reconcile": frozenset(),
+    "post_tokens": frozenset(),
+    "get_tokens": frozenset({"include_revoked"}),
+    "delete_token": frozenset(),
+    "post_guard_ack": frozenset(),
+}
+# Liberal on the runtime path: a runtime's unknown parameters are ignored and reported like
+# its unknown body fields (registry/handlers/runtime.py), never refused.
+RUNTIME_ROUTES = frozenset({"post_heartbeat", "post_register"})
+
+
+def unknown_parameters(request: web.Request) -> list[str]:
+    allowed = ALLOWED_PARAMETERS.get(request.match_info.route.name or "", frozenset())
+    return sorted(set(request.query) - allowed)
+
+
+@web.middleware
+async def strict_query_middleware(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    name = request.match_info.route.name
+    if name is None or name in RUNTIME_ROUTES or not request.query:
+        return await handler(request)
+    if unknown := unknown_parameters(request):
+        raise InvalidField(
+            f"unknown query parameter: {unknown[0]}", field=unknown[0], code="unknown_parameter"
+        )
+    for key, value in request.query.items():
+        if not value:
+            raise InvalidField(f"{key} must not be empty", field=key)
+    return await handler(request)

@@ -13,10 +13,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
 
 import asyncpg
 
@@ -40,8 +40,10 @@ class _Refusals:
     code: str
     field: str | None
     count: int
-    first_at: datetime
-    last_at: datetime
+    # Monotonic seconds: the flush turns them into ages the database stamps with its own
+    # clock, so a refusal's time and every other time in a view come from one clock.
+    first_at: float
+    last_at: float
 
 
 # A refusal is keyed by its token (the workspace's current one or its previous, rotated
@@ -50,15 +52,21 @@ class _Refusals:
 RECORD_REFUSALS = """
 WITH r AS (
     SELECT * FROM unnest($1::bytea[], $2::uuid[], $3::int[], $4::text[], $5::text[],
-                         $6::int[], $7::timestamptz[], $8::timestamptz[])
-        AS r(token_hash, workspace_id, status, code, field, n, first_at, last_at)
+                         $6::int[], $7::float8[], $8::float8[])
+        AS r(token_hash, workspace_id, status, code, field, n, first_age_s, last_age_s)
+),
+-- Ages (seconds before the flush) stamped by the database clock, not this host's.
+stamped AS (
+    SELECT r.*, now() - make_interval(secs => r.first_age_s) AS first_at,
+           now() - make_interval(secs => r.last_age_s) AS last_at
+    FROM r
 ),
 owner AS (
-    SELECT w.id, r.* FROM r JOIN workspaces w ON w.token_hash = r.token_hash
+    SELECT w.id, r.* FROM stamped r JOIN workspaces w ON w.token_hash = r.token_hash
     UNION ALL
-    SELECT w.id, r.* FROM r JOIN workspaces w ON w.previous_token_hash = r.token_hash
+    SELECT w.id, r.* FROM stamped r JOIN workspaces w ON w.previous_token_hash = r.token_hash
     UNION ALL
-    SELECT w.id, r.* FROM r JOIN workspaces w ON w.id = r.workspace_id
+    SELECT w.id, r.* FROM stamped r JOIN workspaces w ON w.id = r.workspace_id
 ),
 ongoing AS (
     SELECT o.*, w.refused_since > COALESCE(w.last_heartbeat_at, '-infinity') AS continues
@@ -90,7 +98,7 @@ class RefusalLog:
         *,
         log_every_s: float = REFUSAL_LOG_EVERY_S,
         max_pending: int = MAX_PENDING,
-        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._metrics = metrics
         self._log_limit = RateLimit(log_every_s)
@@ -116,6 +124,7 @@ class RefusalLog:
         if not self._pending:
             return 0
         pending, self._pending = self._pending, {}
+        now = self._clock()
         try:
             rows = await conn.fetch(
                 RECORD_REFUSALS,
@@ -125,8 +134,8 @@ class RefusalLog:
                 [r.code for r in pending.values()],
                 [r.field for r in pending.values()],
                 [r.count for r in pending.values()],
-                [r.first_at for r in pending.values()],
-                [r.last_at for r in pending.values()],
+                [now - r.first_at for r in pending.values()],
+                [now - r.last_at for r in pending.values()],
             )
         except BaseException:
             self._merge_back(pending)

@@ -6,11 +6,14 @@ from aiohttp import web
 
 from registry.handlers import (
     events,
+    guard,
+    labels,
     openapi,
     operations,
     operator,
     reconciles,
     runtime,
+    tokens,
     workspaces,
 )
 
@@ -29,7 +32,11 @@ def setup_routes(app: web.Application) -> None:
         ("POST", "/registry/register", runtime.post_register),
         ("POST", "/workspaces", workspaces.post_workspaces),
         ("GET", "/workspaces", workspaces.get_workspaces),
+        # Any name, braces and slashes included (percent-encoded by the client).
+        ("GET", "/workspaces/by-name/{name:.+}", labels.get_workspace_by_name),
         ("GET", "/workspaces/{id}", workspaces.get_workspace),
+        ("PATCH", "/workspaces/{id}/labels", labels.patch_workspace_labels),
+        ("PUT", "/workspaces/{id}/labels", labels.put_workspace_labels),
         ("DELETE", "/workspaces/{id}", operator.delete_workspace),
         ("POST", "/workspaces/{id}/pause", operator.post_pause),
         ("POST", "/workspaces/{id}/resume", operator.post_resume),
@@ -43,6 +50,11 @@ def setup_routes(app: web.Application) -> None:
         ("GET", "/internal/workspaces/{id}/reconciles", reconciles.get_workspace_reconciles),
         ("POST", "/internal/plugins/reconcile", reconciles.post_plugins_reconcile),
         ("GET", "/internal/reconciles/{id}", reconciles.get_reconcile),
+        # Issue 14: API tokens and the guard's acknowledgement.
+        ("POST", "/tokens", tokens.post_tokens),
+        ("GET", "/tokens", tokens.get_tokens),
+        ("DELETE", "/tokens/{id}", tokens.delete_token),
+        ("POST", "/fleet/guard/ack", guard.post_guard_ack),
     ]
     for method, path, handler in table:
         if path in PROBES:

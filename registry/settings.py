@@ -29,12 +29,24 @@ class Settings:
     admin_token: str | None = None
     data_dir: Path = field(default_factory=default_data_dir)
     plugins_dir: Path | None = None  # None: data_dir/plugins
+    # Where plugins are fetched before delivery (never TMPDIR); None: data_dir/staging.
+    staging_dir: Path | None = None
     # Source prefixes that may be installed; empty denies every plugin source.
     plugin_allowlist: tuple[str, ...] = ()
     github_base: str = "https://github.com"
     gitea_scheme: str = "https"
     # 64 KiB holds a heartbeat with hundreds of observed plugins; anything larger is abuse.
     max_body_bytes: int = 64 * 1024
+    # Slow and greedy clients (registry/protocol.py, body.py, admission.py): a request head
+    # must arrive within head_timeout_s and a body within body_timeout_s (408); a head holds at
+    # most max_headers fields and max_header_bytes (431; a runtime sends under 1 KiB); beyond
+    # max_connections open connections or max_requests_in_flight requests: 503 + Retry-After.
+    head_timeout_s: float = 10.0
+    body_timeout_s: float = 30.0
+    max_header_bytes: int = 16 * 1024
+    max_headers: int = 32
+    max_connections: int = 10_000
+    max_requests_in_flight: int = 1_000
     heartbeat_interval_s: float = 30.0
     # Concurrent heartbeats share one statement per batch; off: one statement per beat
     # (kept to measure what coalescing buys). Batches in flight at once, and their size cap.
@@ -52,6 +64,14 @@ class Settings:
     # A runtime that restarted while online (uptime went down, or it registered again) may be
     # a new box without its plugins: it gets a reconcile, at most once per this per workspace.
     restart_reconcile_every_s: float = 300.0
+    # Drift (registry/drift.py): a live runtime whose report of its plugins has lacked some the
+    # registry recorded as installed for this long (no restart pending) gets a reconcile, at
+    # most once per drift_reconcile_every_s per workspace.
+    drift_settle_s: float = 60.0
+    drift_reconcile_every_s: float = 600.0
+    # /metrics reads the fleet-wide gauges from the database at most this often (0: every
+    # scrape): at 100k workspaces one read takes the database ~0.75 s (docs/benchmarks.md).
+    metrics_cache_s: float = 30.0
     # Token rotation: the previous token keeps working this long (0: at once, for a leaked
     # token; a rotation request can also ask for 0).
     token_rotation_grace_s: float = 3600.0
@@ -89,6 +109,15 @@ class Settings:
     fetch_timeout_s: float = 60.0
     fetch_max_bytes: int = 50 * 1024 * 1024
     fetch_max_files: int = 10_000
+    # Fetched git trees are kept per (source, commit), so a fan-out fetches each tree once
+    # (issue 13): evicted once unused this long, and least recently used past the byte cap
+    # (0: no cache, every run fetches). None: data_dir/tree-cache.
+    tree_cache_dir: Path | None = None
+    tree_cache_idle_s: float = 3600.0
+    tree_cache_max_bytes: int = 1024 * 1024 * 1024
+    # Off: every run resolves and fetches for itself, no cache (kept to measure what sharing
+    # buys, like heartbeat_coalesce).
+    fetch_shared: bool = True
     # Retention: events older than this go, but each workspace keeps its last N whatever their
     # age; finished runs (with their steps) likewise; acknowledged actions after an age;
     # removed workspaces (their token answered 410 until then, 401 after) after an age.
@@ -103,6 +132,12 @@ class Settings:
     prune_interval_s: float = 60.0
     prune_batch: int = 1000
     prune_pause_s: float = 0.05
+    # The live event stream (GET /events): subscribers per process (503 beyond), the frames
+    # one subscriber may fall behind before it is dropped (and told), and how often the one
+    # reader of the process looks for new events when no notification woke it.
+    event_max_subscribers: int = 1000
+    event_subscriber_queue: int = 1000
+    event_poll_s: float = 1.0
 
     @property
     def resolved_offline_after_s(self) -> float:
@@ -113,6 +148,16 @@ class Settings:
     @property
     def resolved_plugins_dir(self) -> Path:
         return self.plugins_dir if self.plugins_dir is not None else self.data_dir / "plugins"
+
+    @property
+    def resolved_staging_dir(self) -> Path:
+        return self.staging_dir if self.staging_dir is not None else self.data_dir / "staging"
+
+    @property
+    def resolved_tree_cache_dir(self) -> Path:
+        if self.tree_cache_dir is not None:
+            return self.tree_cache_dir
+        return self.data_dir / "tree-cache"
 
     @classmethod
     def from_env(cls, environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -140,6 +185,12 @@ class Settings:
 
         need(0 < self.port < 65536, f"port must be 1..65535, got {self.port}")
         need(self.max_body_bytes >= 1024, "max_body_bytes must be at least 1024")
+        need(self.max_header_bytes >= 1024, "max_header_bytes must be at least 1024")
+        need(self.max_headers >= 8, "max_headers must be at least 8")
+        need(
+            self.max_connections >= 1 and self.max_requests_in_flight >= 1,
+            "max_connections and max_requests_in_flight must be positive",
+        )
         need(
             1 <= self.pool_min_size <= self.pool_max_size,
             "need 1 <= pool_min_size <= pool_max_size",
@@ -162,13 +213,19 @@ class Settings:
             "offline_after_max_s",
             "refusal_flush_interval_s",
             "restart_reconcile_every_s",
+            "drift_settle_s",
+            "drift_reconcile_every_s",
             "shutdown_grace_s",
+            "head_timeout_s",
+            "body_timeout_s",
             "fetch_timeout_s",
             "event_retention_s",
             "reconcile_retention_s",
             "action_retention_s",
             "tombstone_retention_s",
             "prune_interval_s",
+            "tree_cache_idle_s",
+            "event_poll_s",
         ):
             value = getattr(self, name)
             need(math.isfinite(value) and value > 0, f"{name} must be a positive number")
@@ -199,6 +256,14 @@ class Settings:
             "event_keep_per_workspace and reconcile_keep_per_workspace must be at least 1",
         )
         need(self.prune_batch > 0, "prune_batch must be positive")
+        need(
+            math.isfinite(self.metrics_cache_s) and self.metrics_cache_s >= 0,
+            "metrics_cache_s must be zero or positive",
+        )
+        need(
+            self.event_max_subscribers > 0 and self.event_subscriber_queue > 0,
+            "event_max_subscribers and event_subscriber_queue must be positive",
+        )
         need(
             math.isfinite(self.prune_pause_s) and self.prune_pause_s >= 0,
             "prune_pause_s must be zero or positive",
@@ -247,6 +312,13 @@ class Settings:
                 f"{_var('fetch_timeout_s')}={self.fetch_timeout_s:g} must be below "
                 f"{_var('reconcile_timeout_s')}={self.reconcile_timeout_s:g}, or a hung plugin "
                 "source fails the run without a retry",
+            ),
+            (
+                # Every tree a fetch accepts fits: a cache that cannot hold one fetches twice.
+                self.tree_cache_max_bytes == 0 or self.tree_cache_max_bytes >= self.fetch_max_bytes,
+                f"{_var('tree_cache_max_bytes')}={self.tree_cache_max_bytes} must be 0 (no "
+                f"cache) or at least {_var('fetch_max_bytes')}={self.fetch_max_bytes}, or the "
+                "largest plugins cannot be cached",
             ),
             (
                 # The restart budget counts the restart actions of its window.
@@ -311,10 +383,17 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "admin_token": _text,
     "data_dir": Path,
     "plugins_dir": Path,
+    "staging_dir": Path,
     "plugin_allowlist": _prefix_list,
     "github_base": _text,
     "gitea_scheme": _text,
     "max_body_bytes": _positive_int,
+    "head_timeout_s": _float,
+    "body_timeout_s": _float,
+    "max_header_bytes": _positive_int,
+    "max_headers": _positive_int,
+    "max_connections": _positive_int,
+    "max_requests_in_flight": _positive_int,
     "heartbeat_interval_s": _float,
     "offline_after_s": _float,
     "provision_timeout_s": _float,
@@ -323,6 +402,9 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "token_rotation_grace_s": _float,
     "refusal_flush_interval_s": _float,
     "restart_reconcile_every_s": _float,
+    "drift_settle_s": _float,
+    "drift_reconcile_every_s": _float,
+    "metrics_cache_s": _float,
     "mass_expiry_share": _float,
     "mass_expiry_min_fleet": _non_negative_int,
     "mass_expiry_rate": _float,
@@ -348,6 +430,10 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "fetch_timeout_s": _float,
     "fetch_max_bytes": _positive_int,
     "fetch_max_files": _positive_int,
+    "tree_cache_dir": Path,
+    "tree_cache_idle_s": _float,
+    "tree_cache_max_bytes": _non_negative_int,
+    "fetch_shared": _bool,
     "event_retention_s": _float,
     "event_keep_per_workspace": _positive_int,
     "reconcile_retention_s": _float,
@@ -357,4 +443,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "prune_interval_s": _float,
     "prune_batch": _positive_int,
     "prune_pause_s": _float,
+    "event_max_subscribers": _positive_int,
+    "event_subscriber_queue": _positive_int,
+    "event_poll_s": _float,
 }

@@ -20,6 +20,7 @@ therefore starts exactly as it always has (and as the tests start it), just behi
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import signal
 import socket
@@ -34,8 +35,10 @@ from registry.db.migrate import MigrationError, migrate
 from registry.errors import Starting, error_middleware
 from registry.handlers.openapi import get_openapi
 from registry.handlers.operations import get_buildinfo, get_healthz
+from registry.keys import METRICS
 from registry.logs import echo_request_id, request_id_middleware
-from registry.protocol import EnvelopeAppRunner
+from registry.protocol import ConnectionLimits, EnvelopeAppRunner
+from registry.resources import connection_cap, install_accept_error_log, raise_fd_limit
 from registry.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -100,11 +103,29 @@ async def until_reachable(step: str, attempt: Callable[[], Awaitable[T]]) -> T:
         delay = min(delay * 2, RETRY_CAP_S)
 
 
-async def _started(settings: Settings, dsn: str) -> web.AppRunner:
+def connection_limits(settings: Settings, max_connections: int) -> ConnectionLimits:
+    return ConnectionLimits(
+        head_timeout_s=settings.head_timeout_s,
+        max_header_bytes=settings.max_header_bytes,
+        max_headers=settings.max_headers,
+        max_connections=max_connections,
+    )
+
+
+async def _started(
+    settings: Settings, dsn: str, limits: ConnectionLimits | None = None
+) -> web.AppRunner:
     """The app, started: pools open, background work running. A fresh app per attempt, since
-    an aiohttp application starts only once; what a failed attempt opened is closed again."""
+    an aiohttp application starts only once; what a failed attempt opened is closed again.
+    `limits`: as the settings say, unless `serve` lowered the connection cap."""
+    limits = limits or connection_limits(settings, settings.max_connections)
+    app = create_app(settings, dsn)
+    turned_away = app[METRICS].turned_away
     runner = EnvelopeAppRunner(
-        create_app(settings, dsn),
+        app,
+        limits=dataclasses.replace(
+            limits, turned_away=lambda reason: turned_away.labels(reason).inc()
+        ),
         # Per-request access logs would cost the heartbeat path; /metrics counts requests.
         access_log=None,
         # SIGTERM: stop accepting, let in-flight requests finish within the grace period.
@@ -118,14 +139,16 @@ async def _started(settings: Settings, dsn: str) -> web.AppRunner:
     return runner
 
 
-async def start_up(settings: Settings, dsn: str) -> web.AppRunner:
+async def start_up(
+    settings: Settings, dsn: str, limits: ConnectionLimits | None = None
+) -> web.AppRunner:
     """Migrations applied and the app started, retrying while the database is unreachable."""
     try:
         applied = await until_reachable(
             "migrations", lambda: migrate(dsn, connect_timeout_s=settings.db_timeout_s)
         )
         log.info("migrations: %d applied", len(applied))
-        return await until_reachable("opening the pools", lambda: _started(settings, dsn))
+        return await until_reachable("opening the pools", lambda: _started(settings, dsn, limits))
     except MigrationError:
         raise
     except Exception as exc:
@@ -147,15 +170,20 @@ def _bind(host: str, port: int) -> list[socket.socket]:
 
 
 async def _serve(settings: Settings, dsn: str) -> None:
+    fd_limit = raise_fd_limit()
+    install_accept_error_log(fd_limit)
+    limits = connection_limits(settings, connection_cap(settings.max_connections, fd_limit))
     listeners = _bind(settings.host, settings.port)
-    waiting = EnvelopeAppRunner(stand_in(), access_log=None, shutdown_timeout=HANDOVER_GRACE_S)
+    waiting = EnvelopeAppRunner(
+        stand_in(), limits=limits, access_log=None, shutdown_timeout=HANDOVER_GRACE_S
+    )
     try:
         await waiting.setup()
         # The stand-in serves duplicates of the sockets: closing its copies at the handover
         # leaves the app's open, and both accept meanwhile, so no connection is refused.
         for listener in listeners:
             await web.SockSite(waiting, listener.dup()).start()
-        runner = await start_up(settings, dsn)
+        runner = await start_up(settings, dsn, limits)
         try:
             for listener in listeners:
                 await web.SockSite(runner, listener).start()

@@ -10,13 +10,15 @@ from typing import Any, TypeVar
 import orjson
 from aiohttp import web
 
+from registry.body import read_body
 from registry.errors import InvalidBody, InvalidField, NotFound
+from registry.keys import SETTINGS
 
 Body = dict[str, Any]
 
 
 async def read_json_object(request: web.Request) -> Body:
-    raw = await request.read()
+    raw = await read_body(request, request.app[SETTINGS].body_timeout_s)
     if not raw:
         raise InvalidBody("request body must be a JSON object")
     try:

@@ -217,12 +217,20 @@ def _silence_reason(state: Recorded) -> str | None:
             "(an outage of the database or of the registry): its silence counts from then, so "
             "it goes offline only if it does not call in within its window"
         )
+    if guard is not None and guard.acknowledged:
+        return (
+            f"would be offline: {silent}; the mass-expiry guard holds (since "
+            f"{_ago(guard.since, state.now)}), but {guard.acked_by} acknowledged it "
+            f"{_ago(guard.acked_at, state.now)}: the liveness sweeper takes it offline at its "
+            "next sweep"
+        )
     if guard is not None and guard.holding:
         return (
-            f"{silent}, but held {state.workspace.status} by the mass-expiry guard (holding "
-            f"since {_ago(guard.since, state.now)}: {guard.stale} of {guard.live} live "
+            f"would be offline: {silent}; held {state.workspace.status} by the mass-expiry guard "
+            f"since {_ago(guard.since, state.now)} ({guard.stale} of {guard.live} live "
             f"workspaces silent, {guard.expired} taken offline within the window); it goes offline "
-            "at the guard's slow rate or once the guard lets go"
+            "at the guard's slow rate, once the guard lets go, or once an operator acknowledges "
+            "the guard (POST /fleet/guard/ack)"
         )
     return (
         f"{silent}: the liveness sweeper takes it offline at its next sweep (a registry that "
@@ -304,7 +312,8 @@ def _plugins_reason(state: Recorded, sync: Sync) -> str | None:
             f"{last.next_attempt_at:%Y-%m-%dT%H:%M:%SZ}"
         )
     if sync is Sync.RECONCILING:
-        return "plugin reconcile in progress"
+        trigger = "" if last is None else f" ({last.trigger})"
+        return f"plugin reconcile{trigger} in progress"
     if last is not None and last.restart_withheld and sync is not Sync.FAILED:
         return (
             "plugins were installed but the restart budget is used up, so the runtime was not "
@@ -316,7 +325,23 @@ def _plugins_reason(state: Recorded, sync: Sync) -> str | None:
         return restart
     if sync is Sync.SYNCED or (state.refused_sources and _converged(state)):
         return None  # synced, or out of sync only for refused sources (told below)
+    if unreported := _unreported(state):
+        return (
+            f"its runtime does not report installed plugins: {', '.join(unreported)}; if that "
+            "lasts (a box replaced, say) they are installed again (trigger drift_detected)"
+        )
     return "declared plugins are not all installed yet"
+
+
+def _unreported(state: Recorded) -> list[str]:
+    """Plugins installed as declared that the runtime's own report lacks."""
+    steps = plan(
+        state.declared,
+        {p.name: p for p in state.installed},
+        observed_shas(state.workspace.observed_plugins),
+    )
+    # An install of a plugin with a record: the record the runtime does not confirm.
+    return [s.plugin for s in steps if s.action == "install" and s.installed_sha is not None]
 
 
 def _source_reasons(state: Recorded) -> list[str]:

@@ -119,6 +119,7 @@ def workspace_summary(state: Recorded) -> dict[str, Any]:
         **_identity(workspace),
         "last_heartbeat_at": workspace.last_heartbeat_at,
         "plugins_sync": verdict.plugins_sync.value,
+        "why": verdict.why,
         "ready": verdict.ready,
         "usable": verdict.usable,
     }
@@ -134,4 +135,5 @@ def _identity(workspace: Workspace) -> dict[str, Any]:
         "created_at": workspace.created_at,
         "delivery": workspace.delivery,
         "url": workspace.url,
+        "labels": workspace.labels or {},
     }

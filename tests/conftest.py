@@ -212,6 +212,7 @@ TABLES = (
     "declared_plugins",
     "workspaces",
     "fleet_expirations",
+    "api_tokens",
 )
 
 
@@ -223,6 +224,7 @@ async def db(dsn: str) -> AsyncIterator[asyncpg.Connection]:
     await conn.execute(
         "UPDATE fleet_guard SET holding = false, since = NULL, live = 0, stale = 0, expired = 0,"
         " silence_counted_from = NULL, silent_changed_at = NULL, released_at = NULL,"
+        " acked_at = NULL, acked_by = NULL,"
         # Swept just now, as far as the next sweep can tell: a row left from an earlier test
         # would read as an outage (nobody swept for long), and count silence afresh.
         " updated_at = now()"
@@ -266,6 +268,8 @@ def settings(tmp_path: Path, plugin_sources: Path, silent_git_server: int) -> Se
         reconcile_retry_cap_s=0.5,
         reconcile_timeout_s=30.0,
         fetch_timeout_s=20.0,
+        # Every scrape reads the fleet afresh: tests compare scrapes a moment apart.
+        metrics_cache_s=0.0,
     )
 
 

@@ -182,7 +182,8 @@ class Api:
     async def create_workspace(
         self, base: str, plugins: list[dict[str, str]], **fields: Any
     ) -> Workspace:
-        body = {"name": "agent", "plugins": plugins, **fields}
+        # Names are unique among live workspaces: each one gets its own unless the test names it.
+        body = {"name": f"agent-{uuid.uuid4().hex[:12]}", "plugins": plugins, **fields}
         async with self.session.post(f"{base}/workspaces", json=body, headers=ADMIN) as response:
             assert response.status == 201, await response.text()
             data = await response.json()

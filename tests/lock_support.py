@@ -40,7 +40,8 @@ async def insert_workspace(
     """A workspace row and its token hash, written directly."""
     token_hash = uuid.uuid4().bytes * 2
     workspace_id: uuid.UUID = await db.fetchval(
-        "INSERT INTO workspaces (name, token_hash, status) VALUES ('w', $1, $2) RETURNING id",
+        "INSERT INTO workspaces (name, token_hash, status) "
+        "VALUES ('w-' || gen_random_uuid(), $1, $2) RETURNING id",
         token_hash,
         status,
     )

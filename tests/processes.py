@@ -14,6 +14,7 @@ import os
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -60,10 +61,15 @@ class RegistryProcess:
         return stop_process(self.process, within_s)
 
 
-def start_registry(dsn: str, work_dir: Path, env: dict[str, str] | None = None) -> RegistryProcess:
+def start_registry(
+    dsn: str,
+    work_dir: Path,
+    env: dict[str, str] | None = None,
+    preexec_fn: Callable[[], None] | None = None,
+) -> RegistryProcess:
     """Unowned: tests use `Processes.registry` (the `processes` fixture) instead."""
     return RegistryProcess(
-        *spawn(dsn, work_dir, {"REGISTRY_ADMIN_TOKEN": ADMIN_TOKEN, **(env or {})})
+        *spawn(dsn, work_dir, {"REGISTRY_ADMIN_TOKEN": ADMIN_TOKEN, **(env or {})}, preexec_fn)
     )
 
 
@@ -118,10 +124,14 @@ class Processes:
         return process
 
     def registry(
-        self, dsn: str, work_dir: Path, env: dict[str, str] | None = None
+        self,
+        dsn: str,
+        work_dir: Path,
+        env: dict[str, str] | None = None,
+        preexec_fn: Callable[[], None] | None = None,
     ) -> RegistryProcess:
         """`python -m registry serve` on a free port, stopped with this owner."""
-        started = start_registry(dsn, work_dir, env)
+        started = start_registry(dsn, work_dir, env, preexec_fn)
         self.adopt(started.process)
         return started
 

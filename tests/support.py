@@ -7,6 +7,7 @@ import subprocess
 import time
 import uuid
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -74,7 +75,8 @@ class Registry:
     async def create_workspace(
         self, plugins: list[dict[str, str]] | None = None, **fields: Any
     ) -> Workspace:
-        body = {"name": "agent", "plugins": plugins or [], **fields}
+        # Names are unique among live workspaces: each one gets its own unless the test names it.
+        body = {"name": f"agent-{uuid.uuid4().hex[:12]}", "plugins": plugins or [], **fields}
         response = await self.client.post("/workspaces", json=body, headers=ADMIN)
         assert response.status == 201, await response.text()
         data = await response.json()
@@ -118,14 +120,29 @@ class Registry:
         )
 
     async def settled(self, workspace: Workspace, within_s: float = 20.0) -> list[asyncpg.Record]:
-        """Wait until the workspace has no queued or running reconcile; return all runs."""
+        """Wait until the workspace has no reconcile running or due (a queued run scheduled
+        well in the future, e.g. a `runtime_restarted` check minutes ahead, is not waited
+        for); return all runs."""
         deadline = time.monotonic() + within_s
         while True:
             runs = await self.reconciles(workspace)
-            if runs and all(r["status"] in ("succeeded", "failed") for r in runs):
+            if runs and all(not _pending(r) for r in runs):
                 return runs
             assert time.monotonic() < deadline, f"reconciles did not settle: {runs}"
             await asyncio.sleep(0.05)
+
+
+# A queued run due further ahead than this is a scheduled one, not work in progress.
+SCHEDULED_AHEAD = timedelta(minutes=1)
+
+
+def _pending(run: asyncpg.Record) -> bool:
+    if run["status"] == "running":
+        return True
+    if run["status"] != "queued":
+        return False
+    due = run["next_attempt_at"]
+    return due is None or due < datetime.now(UTC) + SCHEDULED_AHEAD
 
 
 def legal_path(start: Status, goal: Status) -> list[Status]:

@@ -1,12 +1,13 @@
-"""Who may call what: every route of the router against every kind of credential, token
-rotation, tokens kept out of the database and the logs, a constant-time admin check, and
-auth that fails closed when the database is unreachable."""
+"""Who may call what: every route of the router against every kind of credential (every
+role of API token included), token rotation, tokens kept out of the database and the logs,
+constant-time token checks, and auth that fails closed when the database is unreachable."""
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
 import hmac
+import json
 import logging
 import uuid
 from collections.abc import AsyncIterator
@@ -19,7 +20,8 @@ import pytest_asyncio
 
 from registry import auth
 from registry.app import create_app
-from registry.auth import PUBLIC_ROUTES, WORKSPACE_TOKEN_ROUTES
+from registry.auth import PUBLIC_ROUTES, WORKSPACE_TOKEN_ROUTES, Role, required_role
+from registry.db import api_tokens as db_api_tokens
 from registry.keys import REFUSALS
 from registry.settings import Settings
 from tests.hostile_support import (
@@ -55,7 +57,24 @@ CREDENTIALS = (
     "own-workspace-token",
     "other-workspace-token",
     "admin-token",
+    "read-token",
+    "operate-token",
+    "admin-api-token",
+    "revoked-token",
+    "expired-token",
+    "near-miss-api-token",
 )
+# The API tokens of the matrix, by credential: (role, or the 401 code they get).
+API_CREDENTIALS: dict[str, Role | str] = {
+    "read-token": Role.READ,
+    "operate-token": Role.OPERATE,
+    "admin-api-token": Role.ADMIN,
+    "revoked-token": "token_revoked",
+    "expired-token": "token_expired",
+    "near-miss-api-token": "unauthorized",
+}
+# GET routes that are more than reading: they show who may act.
+ADMIN_READS = frozenset({"get_tokens"})
 
 
 def kind(name: str) -> str:
@@ -77,7 +96,35 @@ async def world(shared: Registry) -> World:
     return await make_world(shared, shared.settings.data_dir.parent / "sources")
 
 
-def credential_headers(credential: str, own: Workspace, other: Workspace) -> dict[str, str]:
+@pytest_asyncio.fixture(loop_scope="class", scope="class")
+async def api_tokens(shared: Registry) -> dict[str, str]:
+    """A token per API credential, made through the API; the revoked and expired ones
+    revoked through the API and expired by the database clock."""
+    secrets = {}
+    for credential, role in API_CREDENTIALS.items():
+        body = {"name": f"matrix-{credential}", "role": "admin"}
+        if isinstance(role, Role):
+            body["role"] = role.value
+        response = await shared.client.post("/tokens", json=body, headers=ADMIN)
+        assert response.status == 201, await response.text()
+        secrets[credential] = (await response.json())["secret"]
+    revoked = await shared.client.delete("/tokens/matrix-revoked-token", headers=ADMIN)
+    assert revoked.status == 204
+    await shared.db.execute(
+        "UPDATE api_tokens SET expires_at = now() - interval '1 second' "
+        "WHERE name = 'matrix-expired-token'"
+    )
+    # Same lookup handle as a live admin token, another secret: found, then refused.
+    near = secrets["near-miss-api-token"]
+    secrets["near-miss-api-token"] = secrets["admin-api-token"][:21] + near[21:]
+    return secrets
+
+
+def credential_headers(
+    credential: str, own: Workspace, other: Workspace, api: dict[str, str]
+) -> dict[str, str]:
+    if credential in api:
+        return bearer(api[credential])
     return {
         "none": {},
         "malformed-scheme": {"Authorization": f"Token {own.token}"},
@@ -90,13 +137,20 @@ def credential_headers(credential: str, own: Workspace, other: Workspace) -> dic
     }[credential]
 
 
-def expected(route_kind: str, credential: str) -> int | None:
-    """The status the matrix demands; None: 'authorized' (anything but 401/403/5xx)."""
+def expected(route_kind: str, credential: str, name: str) -> tuple[int | None, str | None]:
+    """(status, code) the matrix demands; status None: 'authorized' (anything but
+    401/403/5xx)."""
     if route_kind == "public":
-        return 200
+        return 200, None
     if route_kind == "workspace":
-        return {"own-workspace-token": 200, "other-workspace-token": 403}.get(credential, 401)
-    return None if credential == "admin-token" else 401
+        status = {"own-workspace-token": 200, "other-workspace-token": 403}.get(credential, 401)
+        return status, {200: None, 403: "forbidden", 401: "unauthorized"}[status]
+    if credential == "admin-token":
+        return None, None
+    role = API_CREDENTIALS.get(credential)
+    if isinstance(role, Role):
+        return (None, None) if role.allows(required_role(name)) else (403, "role_required")
+    return 401, role or "unauthorized"
 
 
 # --- token rotation -------------------------------------------------------------------------
@@ -166,6 +220,73 @@ async def test_every_admin_request_is_decided_by_that_comparison(
     ]
 
 
+async def test_an_api_token_is_found_by_its_handle_and_decided_by_one_comparison(
+    registry: Registry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    created = await registry.client.post(
+        "/tokens", json={"name": "ops", "role": "read"}, headers=ADMIN
+    )
+    secret = (await created.json())["secret"]
+    tampered = secret[:-1] + _flip(secret[-1])
+    stored = await registry.db.fetchval("SELECT token_hash FROM api_tokens WHERE name = 'ops'")
+    calls = record_comparisons(monkeypatch)
+
+    statuses = []
+    for token in (secret, tampered):
+        response = await registry.client.get("/workspaces", headers=bearer(token))
+        statuses.append(response.status)
+
+    assert statuses == [200, 401]
+    # Per request: the bootstrap admin check, then the stored hash against the presented
+    # token's, both fixed-length digests; never the tokens themselves.
+    assert [sorted(call) for call in calls] == [
+        sorted((sha256(secret), sha256(ADMIN_TOKEN))),
+        sorted((bytes(stored), sha256(secret))),
+        sorted((sha256(tampered), sha256(ADMIN_TOKEN))),
+        sorted((bytes(stored), sha256(tampered))),
+    ]
+
+
+async def test_an_api_token_is_found_through_the_index_of_its_handle(
+    db: asyncpg.Connection,
+) -> None:
+    await db.execute(
+        "INSERT INTO api_tokens (name, role, lookup, token_hash, created_by) "
+        "SELECT 't' || i, 'read', md5(i::text), sha256(i::text::bytea), 'admin' "
+        "FROM generate_series(1, 20000) i"
+    )
+    await db.execute("ANALYZE api_tokens")
+
+    plan = await db.fetchval(
+        "EXPLAIN (FORMAT JSON) " + db_api_tokens.SELECT_BY_LOOKUP.replace("$1", "'0123'")
+    )
+
+    node = json.loads(plan)[0]["Plan"]
+    assert node["Node Type"] == "Index Scan", node
+    assert node["Index Name"] == "api_tokens_lookup_key"
+
+
+@pytest.mark.parametrize(
+    ("name", "method", "path"), [pytest.param(*r, id=f"{r[1]}-{r[0]}") for r in ROUTES]
+)
+def test_every_mutation_needs_more_than_read_and_every_read_is_read(
+    name: str, method: str, path: str
+) -> None:
+    # From the router, so a new route is classified here or fails: a read token may
+    # never change anything, and reading needs no more than `read` (tokens aside).
+    if name in PUBLIC_ROUTES or name in WORKSPACE_TOKEN_ROUTES:
+        return
+    if method == "GET":
+        want = Role.ADMIN if name in ADMIN_READS else Role.READ
+        assert required_role(name) is want
+    else:
+        assert required_role(name) is not Role.READ
+
+
+def test_a_route_nobody_classified_needs_admin() -> None:
+    assert required_role("post_something_new") is Role.ADMIN
+
+
 def sha256(token: str) -> bytes:
     return hashlib.sha256(token.encode()).digest()
 
@@ -202,7 +323,13 @@ class TestMatrix:
         ("name", "method", "path"), [pytest.param(*r, id=f"{r[1]}-{r[0]}") for r in ROUTES]
     )
     async def test_auth_matrix(
-        self, world: World, name: str, method: str, path: str, credential: str
+        self,
+        world: World,
+        api_tokens: dict[str, str],
+        name: str,
+        method: str,
+        path: str,
+        credential: str,
     ) -> None:
         registry = world.registry
         # A target of the test's own (online), so that an authorized call may change it freely.
@@ -213,8 +340,8 @@ class TestMatrix:
         body = world.valid_body(route)
         if body is not None and "workspace_id" in body:
             body["workspace_id"] = own.id
-        headers = credential_headers(credential, own, other)
-        want = expected(kind(name), credential)
+        headers = credential_headers(credential, own, other, api_tokens)
+        want, code = expected(kind(name), credential, name)
         before = await state(registry.db)
 
         response = await registry.client.request(
@@ -227,8 +354,10 @@ class TestMatrix:
             elif want == 200:
                 assert response.status == 200, await response.text()
             else:
-                code = "forbidden" if want == 403 else "unauthorized"
-                await assert_error(response, want, code)
+                error = await assert_error(response, want, code)
+                if code == "role_required":
+                    needed = required_role(name).value
+                    assert f"needs the {needed} role" in error["message"]
                 assert diff(before, await state(registry.db)) == {}
         finally:
             response.close()  # GET /events answers an endless stream
@@ -375,18 +504,30 @@ async def full_workflow(registry: Registry, plugin_sources: Path) -> list[str]:
     for headers in (bearer(new_token), bearer(ADMIN_TOKEN + "x"), {"Authorization": ADMIN_TOKEN}):
         response = await client.get("/workspaces", headers=headers)
         assert response.status == 401
-    await client.post(f"/workspaces/{second.id}/pause", headers=ADMIN)
-    await client.post(f"/workspaces/{second.id}/resume", headers=ADMIN)
-    await client.post(f"/internal/workspaces/{first.id}/reconcile", json={}, headers=ADMIN)
-    await client.post("/internal/plugins/reconcile", json={"name": "p"}, headers=ADMIN)
-    await client.get(f"/workspaces/{first.id}/events", headers=ADMIN)
-    await client.delete(f"/workspaces/{second.id}", headers=ADMIN)
+    created = await client.post(
+        "/tokens", json={"name": "workflow-ops", "role": "operate"}, headers=ADMIN
+    )
+    api_secret = (await created.json())["secret"]
+    operate = bearer(api_secret)
+    await client.get("/tokens", headers=ADMIN)
+    await client.post(f"/workspaces/{second.id}/pause", headers=operate)
+    await client.post(f"/workspaces/{second.id}/resume", headers=operate)
+    await client.post(f"/internal/workspaces/{first.id}/reconcile", json={}, headers=operate)
+    await client.post("/internal/plugins/reconcile", json={"name": "p"}, headers=operate)
+    await client.get(f"/workspaces/{first.id}/events", headers=operate)
+    refused = await client.get("/tokens", headers=operate)  # 403: not admin
+    assert refused.status == 403
+    await client.delete(f"/workspaces/{second.id}", headers=operate)
+    await client.delete("/tokens/workflow-ops", headers=ADMIN)
+    for headers in (operate, bearer(api_secret + "x")):
+        response = await client.get("/workspaces", headers=headers)
+        assert response.status == 401
     gone = await client.post(
         "/registry/heartbeat", json={"workspace_id": second.id}, headers=second.auth
     )
     assert gone.status == 410
     await registry.settled(first)
-    return [first.token, second.token, new_token, ADMIN_TOKEN]
+    return [first.token, second.token, new_token, ADMIN_TOKEN, api_secret]
 
 
 TEXTUAL_TYPES = ("text", "character varying", "character", "json", "jsonb", "bytea", "ARRAY")
@@ -411,7 +552,8 @@ async def test_the_database_keeps_no_token_in_clear(
         else:
             predicate = f'strpos("{name}"::text, $1) > 0'
         for token in tokens:
-            for needle in (token, token.removeprefix(auth.WORKSPACE_TOKEN_PREFIX)):
+            # The whole token, and its secret part (an API token's handle is not secret).
+            for needle in (token, token.removeprefix(auth.WORKSPACE_TOKEN_PREFIX)[-32:]):
                 hits = await registry.db.fetchval(
                     f'SELECT count(*) FROM "{table}" WHERE {predicate}', needle
                 )

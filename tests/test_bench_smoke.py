@@ -96,3 +96,59 @@ async def test_history_bench_measures_sizes_and_routes(
     assert scaled == 0, scale
     for figure in ("| GET /workspaces/{id} |", "| GET /fleet |", "rows/s", "SSE"):
         assert figure in scale, scale
+
+
+async def test_fanout_bench_completes_and_prints_every_mode(
+    server_dsn: str, tmp_path: Path, processes: Processes
+) -> None:
+    database = f"bench_smoke_{uuid.uuid4().hex[:8]}"
+    code, printed = await run_bench(
+        processes,
+        tmp_path,
+        "fanout",
+        f"--dsn={server_dsn}",
+        f"--database={database}",
+        "--workspaces=3",
+        "--files=3",
+    )
+
+    assert code == 0, printed
+    for figure in (
+        "| mode | workspaces | git connections |",
+        "| unshared (before) | 3 |",
+        "| shared resolution, no tree cache | 3 |",
+        "| shared resolution + tree cache | 3 |",
+    ):
+        assert figure in printed, printed
+
+
+async def test_event_stream_bench_completes_and_prints_its_figures(
+    server_dsn: str, tmp_path: Path, processes: Processes
+) -> None:
+    database = f"bench_smoke_{uuid.uuid4().hex[:8]}"
+    code, printed = await run_bench(
+        processes,
+        tmp_path,
+        "event_stream",
+        f"--dsn={server_dsn}",
+        f"--database={database}",
+        "--workspaces=50",
+        "--subscribers=10",
+        "--heartbeat-rate=20",
+        "--event-rate=10",
+        "--duration=1",
+        "--warmup=0.5",
+        "--idle=0.5",
+        "--settle=0.2",
+        "--drain=0.5",
+    )
+    assert code == 0, printed
+    for figure in (
+        "heartbeats, 0 subscribers",
+        "heartbeats, 10 subscribers",
+        "heartbeat p99:",
+        "event delivery delay",
+        "10 connected, 0 refused, 0 dropped",
+        "idle, database transactions/s:",
+    ):
+        assert figure in printed, printed

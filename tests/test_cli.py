@@ -386,7 +386,7 @@ async def test_a_registry_that_is_not_there_is_a_clear_error() -> None:
 @pytest.mark.parametrize(
     "argv",
     [
-        ["workspaces", "show", "not-a-uuid"],
+        ["workspaces", "show", " "],
         ["events", "--limit", "0"],
         ["workspaces", "list", "--limit", "0"],
         ["reconcile"],
@@ -430,3 +430,64 @@ async def test_admin_routes_still_answer_the_test_helpers(url: str) -> None:
     printed = (await ok(url, "workspaces", "show", workspace_id, "--json")).json()
     direct["why"] = printed["why"] = None  # "created N s ago" moves on
     assert printed == direct
+
+
+async def test_tokens_are_made_listed_used_and_revoked_from_the_cli(
+    url: str, db: asyncpg.Connection
+) -> None:
+    made = await ok(url, "tokens", "create", "oncall", "--role", "operate", "--json")
+    secret = made.json()["secret"]
+    assert "shown only this once" in made.err
+    reader = (await ok(url, "tokens", "create", "dash", "--role", "read", "--json")).json()
+    workspace_id, _ = await create(url, "tokened")
+
+    listed = await ok(url, "tokens", "list")
+    paused = await cli(url, "workspaces", "pause", workspace_id, token=secret)
+    refused = await cli(url, "workspaces", "resume", workspace_id, token=reader["secret"])
+    revoked = await ok(url, "tokens", "revoke", "oncall")
+    after = await cli(url, "workspaces", "list", token=secret)
+
+    assert secret not in listed.out
+    assert [line.split()[:2] for line in listed.out.splitlines()] == [
+        ["NAME", "ROLE"],
+        ["dash", "read"],
+        ["oncall", "operate"],
+    ]
+    assert paused.code == 0, paused
+    actor = await db.fetchval(
+        "SELECT actor FROM workspace_events WHERE cause = 'paused' AND workspace_id = $1",
+        uuid.UUID(workspace_id),
+    )
+    assert actor == "oncall"
+    assert refused.code == 1
+    assert refused.err.startswith("registry: 403 role_required: this route needs the operate")
+    assert revoked.out == "token oncall revoked\n"
+    assert (after.code, after.err.split(":")[1]) == (1, " 401 token_revoked")
+    with_revoked = (await ok(url, "tokens", "list", "--include-revoked", "--json")).json()
+    assert sorted(t["name"] for t in with_revoked["tokens"]) == ["dash", "oncall"]
+    # The history names who acted; an audit event shows what it was given.
+    async with (
+        aiohttp.ClientSession() as session,
+        session.put(
+            f"{url}/workspaces/{workspace_id}/plugins", json={"plugins": []}, headers=ADMIN
+        ) as response,
+    ):
+        assert response.status == 200, await response.text()
+    history = (await ok(url, "events", "--workspace", workspace_id)).out.splitlines()
+    paused_line = next(line for line in history if " paused " in line)
+    assert "oncall" in paused_line.split()
+    audit_line = next(line for line in history if "plugins_set" in line)
+    assert audit_line.split()[-3:] == ["plugins_set", "admin", "plugins=[]"]
+
+
+async def test_fleet_guard_ack_from_the_cli(url: str, db: asyncpg.Connection) -> None:
+    secret = (await ok(url, "tokens", "create", "pager", "--role", "operate", "--json")).json()
+    not_holding = await cli(url, "fleet", "guard", "ack", token=secret["secret"])
+    await db.execute("UPDATE fleet_guard SET holding = true, since = now()")
+
+    acked = await cli(url, "fleet", "guard", "ack", token=secret["secret"])
+
+    assert (not_holding.code, not_holding.err.split(":")[1]) == (4, " 409 guard_not_holding")
+    assert acked.code == 0, acked
+    assert "acknowledged by pager" in acked.out
+    assert await db.fetchval("SELECT acked_by FROM fleet_guard") == "pager"

@@ -6,12 +6,13 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shlex
 import uuid
 from pathlib import Path
 
 import pytest
 
-from registry.cli import main
+from registry.cli import EXAMPLES, _parser, _with_reconcile_run, main
 from tests.processes import RegistryProcess, free_port
 from tests.support import write_tree
 from tests.test_cli import cli, create, heartbeat, ok, registry_env, registry_process, url
@@ -26,6 +27,9 @@ CLI_COMMANDS = {
     "post_workspaces": "workspaces create",
     "get_workspaces": "workspaces list",
     "get_workspace": "workspaces show",
+    "get_workspace_by_name": "workspaces show",  # a name where the id goes
+    "patch_workspace_labels": "workspaces labels",
+    "put_workspace_labels": "workspaces labels",  # --replace
     "delete_workspace": "workspaces delete",
     "post_pause": "workspaces pause",
     "post_resume": "workspaces resume",
@@ -35,6 +39,10 @@ CLI_COMMANDS = {
     "get_event_history": "events",
     "get_events": "events",  # --follow
     "get_fleet": "fleet",
+    "post_guard_ack": "fleet guard ack",
+    "post_tokens": "tokens create",
+    "get_tokens": "tokens list",
+    "delete_token": "tokens revoke",
     "post_workspace_reconcile": "reconcile run",
     "get_workspace_reconciles": "reconcile history",
     "get_reconcile": "reconcile show",
@@ -71,6 +79,8 @@ async def test_exit_codes_tell_scripts_what_happened(url: str) -> None:
 
     assert (await cli(url, "workspaces", "show", missing)).code == 3
     assert (await cli(url, "reconcile", "history", missing)).code == 3
+    assert (await cli(url, "workspaces", "events", missing)).code == 3
+    assert (await cli(url, "events", "--workspace", missing)).code == 3
     assert (await cli(url, "reconcile", "run", workspace_id)).code == 4
     assert (await cli(url, "workspaces", "list", token="not-a-token-of-this-registry")).code == 1
     assert (await cli(f"127.0.0.1:{free_port()}", "fleet")).code == 5
@@ -237,3 +247,15 @@ def test_completion_scripts_know_the_commands(
     script = capsys.readouterr().out
     for word in ("workspaces", "reconcile", "fanout", "--include-removed", "--workspace-url"):
         assert word in script, word
+
+
+def test_the_help_examples_are_valid_commands() -> None:
+    """Every example `registry --help` shows parses (they are what users copy)."""
+    examples = [
+        shlex.split(line.split("#")[0] if " # " in line else line)[1:]
+        for line in EXAMPLES.splitlines()
+        if line.strip().startswith("registry ")
+    ]
+    assert len(examples) >= 8
+    for argv in examples:
+        _parser().parse_args(_with_reconcile_run(argv))

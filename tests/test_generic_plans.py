@@ -17,7 +17,7 @@ from registry.db import events, workspaces
 
 SEED = """
 INSERT INTO workspaces (id, name, status, token_hash)
-SELECT gen_random_uuid(), 'w', CASE WHEN g % 10 = 0 THEN 'online' ELSE 'removed' END,
+SELECT gen_random_uuid(), 'w' || g, CASE WHEN g % 10 = 0 THEN 'online' ELSE 'removed' END,
        sha256(g::text::bytea)
 FROM generate_series(1, 5000) AS g;
 INSERT INTO workspace_events (workspace_id, kind, cause, seq)

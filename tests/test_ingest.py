@@ -114,7 +114,8 @@ async def test_a_bad_beat_does_not_fail_the_rest_of_its_batch(
     ingest = HeartbeatIngest(pool, Metrics(), coalesce=True, max_batch=100, max_in_flight=1)
     ids = [
         await db.fetchval(
-            "INSERT INTO workspaces (name, token_hash) VALUES ('w', $1) RETURNING id",
+            "INSERT INTO workspaces (name, token_hash) "
+            "VALUES ('w-' || gen_random_uuid(), $1) RETURNING id",
             bytes([i]) * 32,
         )
         for i in range(10)
@@ -135,7 +136,9 @@ async def test_two_beats_for_one_workspace_in_one_tick_see_each_other(
 ) -> None:
     ingest = HeartbeatIngest(pool, Metrics(), coalesce=True, max_batch=100, max_in_flight=1)
     workspace_id = await db.fetchval(
-        "INSERT INTO workspaces (name, token_hash) VALUES ('w', $1) RETURNING id", b"k" * 32
+        "INSERT INTO workspaces (name, token_hash) "
+        "VALUES ('w-' || gen_random_uuid(), $1) RETURNING id",
+        b"k" * 32,
     )
 
     first, second = await asyncio.gather(

@@ -97,7 +97,7 @@ CALLED_STEPS = [
     "EventHub",
     "Pruner",
 ]
-LOOPS = 6
+LOOPS = 7
 
 
 @pytest.mark.parametrize("step", CALLED_STEPS)

@@ -182,7 +182,8 @@ FLEET, OUTAGE_S, SWEEP_EVERY_S = 50, 20.0, 4.0
 async def _online_fleet(db: asyncpg.Connection, n: int) -> list[uuid.UUID]:
     ids: list[uuid.UUID] = [
         await db.fetchval(
-            "INSERT INTO workspaces (name, token_hash) VALUES ('w', $1) RETURNING id",
+            "INSERT INTO workspaces (name, token_hash) "
+            "VALUES ('w-' || gen_random_uuid(), $1) RETURNING id",
             f"token-{i}".encode(),
         )
         for i in range(n)

@@ -32,7 +32,8 @@ async def connect(dsn: str) -> asyncpg.Connection:
 
 async def online_workspace(db: asyncpg.Connection) -> uuid.UUID:
     workspace_id: uuid.UUID = await db.fetchval(
-        "INSERT INTO workspaces (name, token_hash, status) VALUES ('w', $1, 'online') RETURNING id",
+        "INSERT INTO workspaces (name, token_hash, status) "
+        "VALUES ('w-' || gen_random_uuid(), $1, 'online') RETURNING id",
         uuid.uuid4().bytes * 2,
     )
     await db.execute(

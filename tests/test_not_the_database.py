@@ -26,6 +26,7 @@ from aiohttp import web
 
 from registry.app import create_app
 from registry.db.errors import is_unavailable
+from registry.errors import FD_EXHAUSTED
 from registry.keys import METRICS
 from registry.metrics import Metrics
 from registry.settings import Settings
@@ -246,13 +247,17 @@ async def test_out_of_file_descriptors_is_not_called_a_database_outage(
     async def no_descriptors(self: object) -> Any:
         raise OSError(errno.EMFILE, "Too many open files")
 
+    FD_EXHAUSTED._last = float("-inf")  # its once-per-interval warning starts afresh
+
     with monkeypatch.context() as patch:
         patch.setattr(asyncpg.pool.PoolAcquireContext, "__aenter__", no_descriptors)
         ready = await registry.client.get("/readyz")
 
-    assert ready.status == 500
-    assert (await ready.json())["error"]["code"] == "internal_error"
+    assert ready.status == 503
+    assert ready.headers["Retry-After"] == "1"
+    assert (await ready.json())["error"]["code"] == "out_of_file_descriptors"
     assert "database unavailable" not in caplog.text
+    assert "out of file descriptors during GET /readyz" in caplog.text
     assert "Too many open files" in caplog.text  # logged as what it is
     assert (await registry.client.get("/readyz")).status == 200
 

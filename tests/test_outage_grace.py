@@ -80,7 +80,8 @@ async def _fleet(db: asyncpg.Connection, n: int, rng: random.Random) -> list[Run
     ids: list[uuid.UUID] = [
         row["id"]
         for row in await db.fetch(
-            "INSERT INTO workspaces (name, token_hash) SELECT 'w', h FROM unnest($1::bytea[]) h "
+            "INSERT INTO workspaces (name, token_hash) SELECT 'w-' || encode(h, 'hex'), h "
+            "FROM unnest($1::bytea[]) h "
             "RETURNING id, token_hash",
             hashes,
         )

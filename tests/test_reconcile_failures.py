@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import uuid
 from pathlib import Path
@@ -90,8 +91,14 @@ async def declare_directly(
     ],
 )
 async def test_permanent_failure_fails_at_once_and_installs_nothing(
-    make_registry: MakeRegistry, plugin_sources: Path, tmp_path: Path, build: str, code: str
+    make_registry: MakeRegistry,
+    plugin_sources: Path,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    build: str,
+    code: str,
 ) -> None:
+    caplog.set_level(logging.WARNING, logger="registry.reconcile.runner")
     registry = await make_registry(fetch_max_bytes=10_000)
     workspace = await registry.create_workspace()
     if build == "denied":
@@ -117,6 +124,15 @@ async def test_permanent_failure_fails_at_once_and_installs_nothing(
     assert (await registry.show(workspace))["installed_plugins"] == []
     workspace_dir = registry.settings.resolved_plugins_dir / workspace.id
     assert not workspace_dir.exists() or list(workspace_dir.iterdir()) == []
+    # Logged at warning with code, plugin and source as fields of their own.
+    failed = [r for r in caplog.records if r.getMessage().startswith("reconcile step failed")]
+    assert [(r.levelno, r.__dict__["code"], r.__dict__["plugin"]) for r in failed] == [
+        (logging.WARNING, code, "p")
+    ]
+    assert failed[0].__dict__["source"] == source
+    assert failed[0].__dict__["workspace_id"] == workspace.id
+    ended = [r for r in caplog.records if r.getMessage().startswith("reconcile failed")]
+    assert [r.levelno for r in ended] == [logging.WARNING]
 
 
 async def test_reconcile_exceeding_its_time_limit_ends_failed(

@@ -281,3 +281,28 @@ async def test_lists_hide_removed_workspaces_unless_asked(registry: Registry) ->
     bad = await registry.client.get("/workspaces?include_removed=yes", headers=ADMIN)
     assert bad.status == 400
     assert (await bad.json())["error"]["field"] == "include_removed"
+
+
+async def removed_count(registry: Registry) -> tuple[int, int]:
+    """(what /fleet says, what the table holds)."""
+    response = await registry.client.get("/fleet", headers=ADMIN)
+    assert response.status == 200
+    shown = (await response.json())["statuses"].get("removed", 0)
+    held = await registry.db.fetchval("SELECT count(*) FROM workspaces WHERE status = 'removed'")
+    return shown, int(held)
+
+
+async def test_the_tombstone_count_follows_removals_and_pruning(registry: Registry) -> None:
+    """/fleet reads a count that triggers keep as tombstones come and go, never the rows."""
+    first, second, _ = [await registry.create_workspace() for _ in range(3)]
+    assert await removed_count(registry) == (0, 0)
+    response = await registry.client.delete(f"/workspaces/{first.id}", headers=ADMIN)
+    assert response.status == 204
+    await removed_since(registry, second, 40)
+    assert await removed_count(registry) == (2, 2)
+
+    await prune(registry.db, policy(tombstone_retention_s=30 * DAY))
+
+    assert await removed_count(registry) == (1, 1)
+    await registry.db.execute("TRUNCATE workspaces CASCADE")
+    assert await removed_count(registry) == (0, 0)

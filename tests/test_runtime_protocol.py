@@ -453,6 +453,9 @@ async def test_registering_again_while_online_queues_a_reconcile(
 ) -> None:
     registry = await make_registry(restart_reconcile_every_s=0.01)
     workspace = await _converged(registry, plugin_sources)
+    # Handed out a while ago (by the database's clock, not the test's speed): it does not
+    # explain this register.
+    await _restart_handed_out_ago(registry, workspace, 60.0)
 
     response = await registry.client.post(
         "/registry/register", json={"workspace_id": workspace.id}, headers=workspace.auth

@@ -57,7 +57,9 @@ async def fresh_registry(
 
 
 async def _create(session: aiohttp.ClientSession, url: str, **body: object) -> tuple[str, str]:
-    async with session.post(f"{url}/workspaces", json={"name": "st", **body}, headers=ADMIN) as r:
+    # Names are unique among live workspaces.
+    body = {"name": f"st-{uuid.uuid4().hex[:12]}", **body}
+    async with session.post(f"{url}/workspaces", json=body, headers=ADMIN) as r:
         assert r.status == 201, await r.text()
         created = await r.json()
     return created["workspace"]["id"], created["token"]
@@ -68,7 +70,7 @@ async def prepare(url: str, plugin_sources: Path) -> dict[str, str]:
     plugin = write_tree(plugin_sources / "seo-all", {"plugin.py": "print('seo')\n"})
     async with aiohttp.ClientSession() as session:
         runtime_id, runtime_token = await _create(
-            session, url, plugins=[{"source": f"file://{plugin}"}]
+            session, url, name="st-runtime", plugins=[{"source": f"file://{plugin}"}]
         )
         async with session.post(
             f"{url}/registry/heartbeat",
@@ -84,15 +86,21 @@ async def prepare(url: str, plugin_sources: Path) -> dict[str, str]:
         pause_id, _ = await _create(session, url)
         rotate_id, _ = await _create(session, url)
         doomed_id, _ = await _create(session, url)
+        async with session.post(
+            f"{url}/tokens", json={"name": "st-doomed", "role": "read"}, headers=ADMIN
+        ) as made:
+            assert made.status == 201, await made.text()
     return {
         "ST_HOOKS": str(HOOKS),
         "ST_ADMIN_TOKEN": ADMIN_TOKEN,
         "ST_WORKSPACE_TOKEN": runtime_token,
         "ST_RUNTIME_ID": runtime_id,
+        "ST_RUNTIME_NAME": "st-runtime",
         "ST_PAUSE_ID": pause_id,
         "ST_ROTATE_ID": rotate_id,
         "ST_DOOMED_ID": doomed_id,
         "ST_RECONCILE_ID": reconcile_id,
+        "ST_DOOMED_TOKEN": "st-doomed",
     }
 
 

@@ -41,6 +41,12 @@ def test_flags_override_the_environment() -> None:
         ("REGISTRY_PORT", "70000", "port must be 1..65535"),
         ("REGISTRY_HEARTBEAT_INTERVAL_S", "nan", "finite"),
         ("REGISTRY_ADMIN_TOKEN", "short", "at least 16"),
+        ("REGISTRY_HEAD_TIMEOUT_S", "0", "head_timeout_s must be a positive number"),
+        ("REGISTRY_BODY_TIMEOUT_S", "-1", "body_timeout_s must be a positive number"),
+        ("REGISTRY_MAX_HEADER_BYTES", "512", "max_header_bytes must be at least 1024"),
+        ("REGISTRY_MAX_HEADERS", "4", "max_headers must be at least 8"),
+        ("REGISTRY_MAX_CONNECTIONS", "0", "REGISTRY_MAX_CONNECTIONS='0'"),
+        ("REGISTRY_MAX_REQUESTS_IN_FLIGHT", "none", "REGISTRY_MAX_REQUESTS_IN_FLIGHT='none'"),
     ],
 )
 def test_bad_setting_is_a_clear_error(name: str, value: str, message: str) -> None:

@@ -88,7 +88,9 @@ async def scenario(dsn: str, ops: list[Op]) -> None:
     try:
         await conn.execute("TRUNCATE workspaces, workspace_events CASCADE")
         workspace_id = await conn.fetchval(
-            "INSERT INTO workspaces (name, token_hash) VALUES ('w', $1) RETURNING id", TOKEN
+            "INSERT INTO workspaces (name, token_hash) "
+            "VALUES ('w-' || gen_random_uuid(), $1) RETURNING id",
+            TOKEN,
         )
         statuses = [Status.PROVISIONING]
         for op in ops:

@@ -60,7 +60,8 @@ async def test_database_refuses_an_illegal_transition_from_any_writer(
     db: asyncpg.Connection,
 ) -> None:
     workspace_id = await db.fetchval(
-        "INSERT INTO workspaces (name, token_hash) VALUES ('w', 'x') RETURNING id"
+        "INSERT INTO workspaces (name, token_hash) "
+        "VALUES ('w-' || gen_random_uuid(), 'x') RETURNING id"
     )
 
     with pytest.raises(asyncpg.CheckViolationError, match="illegal status transition"):

@@ -118,12 +118,15 @@ def states(draw: st.DrawFn) -> Recorded:
     )
     pending = draw(st.sampled_from([(), (restart(False),), (restart(True),)]))
     guard_holding = draw(st.booleans())
+    acknowledged = guard_holding and draw(st.booleans())
     guard = Guard(
         holding=guard_holding,
         since=ago(120) if guard_holding else None,
         live=40,
         stale=20 if guard_holding else 0,
         updated_at=ago(1),
+        acked_at=ago(60) if acknowledged else None,
+        acked_by="oncall" if acknowledged else None,
     )
     refuse = draw(st.booleans())
     refused_sources = (
@@ -198,7 +201,11 @@ def test_the_verdicts_never_contradict_the_recorded_state(state: Recorded) -> No
         assert verdict.plugins_sync is not Sync.FAILED
     # The findings: each of these states is told, and truthfully.
     if silent_past_window(state) and state.guard is not None and state.guard.holding:
-        assert verdict.why and "held" in verdict.why and "mass-expiry guard" in verdict.why
+        assert verdict.why and "mass-expiry guard" in verdict.why
+        if state.guard.acknowledged:
+            assert "oncall acknowledged it" in verdict.why
+        else:
+            assert "held" in verdict.why
     if state.refused_sources:
         assert verdict.plugins_sync is not Sync.SYNCED
         assert verdict.why and "file:///srv/plugins/a" in verdict.why

@@ -179,3 +179,31 @@ async def events_after(
 
 async def last_sequence(conn: Connection) -> int:
     return int(await conn.fetchval(SELECT_LAST_SEQ))
+
+
+# A resuming subscriber's own catch-up: what it missed, up to where the process's one feed
+# took over (the feed delivers everything after `upto`). One statement per filter shape, as
+# above.
+SELECT_EVENTS_BETWEEN = f"""
+SELECT {EVENT_COLUMNS} FROM workspace_events
+WHERE seq > $1 AND seq <= $2
+ORDER BY seq
+LIMIT $3
+"""
+
+SELECT_WORKSPACE_EVENTS_BETWEEN = f"""
+SELECT {EVENT_COLUMNS} FROM workspace_events
+WHERE workspace_id = $3 AND seq > $1 AND seq <= $2
+ORDER BY seq
+LIMIT $4
+"""
+
+
+async def events_between(
+    conn: Connection, after: int, upto: int, *, workspace_id: uuid.UUID | None, limit: int
+) -> list[Event]:
+    if workspace_id is None:
+        rows = await conn.fetch(SELECT_EVENTS_BETWEEN, after, upto, limit)
+    else:
+        rows = await conn.fetch(SELECT_WORKSPACE_EVENTS_BETWEEN, after, upto, workspace_id, limit)
+    return [Event(**dict(row)) for row in rows]

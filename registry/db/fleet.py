@@ -10,7 +10,7 @@ from registry.db import Connection
 
 SELECT_GUARD = """
 SELECT holding, since, live, stale, expired, updated_at, silence_counted_from,
-       silent_changed_at, released_at, now() AS now
+       silent_changed_at, released_at, now() AS now, acked_at, acked_by
 FROM fleet_guard
 """
 
@@ -19,7 +19,10 @@ UPDATE fleet_guard SET
     holding = $1,
     since = CASE WHEN $1 AND NOT holding THEN now() WHEN $1 THEN since END,
     live = $2, stale = $3, expired = $4, updated_at = now(),
-    silent_changed_at = $5, released_at = $6
+    silent_changed_at = $5, released_at = $6,
+    -- An acknowledgement lasts as long as the hold it acknowledged.
+    acked_at = CASE WHEN $1 THEN acked_at END,
+    acked_by = CASE WHEN $1 THEN acked_by END
 RETURNING holding
 """
 
@@ -60,6 +63,18 @@ class Guard:
     silent_changed_at: datetime | None = None  # when the silent count last changed
     released_at: datetime | None = None  # when the guard last let go
     now: datetime | None = None  # the database's clock when this was read
+    acked_at: datetime | None = None
+    acked_by: str | None = None
+
+    @property
+    def acknowledged(self) -> bool:
+        """An operator acknowledged this hold: the sweeper expires at its normal pace."""
+        return (
+            self.holding
+            and self.acked_at is not None
+            and self.since is not None
+            and self.acked_at >= self.since
+        )
 
 
 async def read_guard(conn: Connection) -> Guard:
@@ -98,6 +113,24 @@ async def write_guard(
     return True
 
 
+# Only a holding guard can be acknowledged; acknowledging it again keeps the first.
+ACK_GUARD = """
+UPDATE fleet_guard SET
+    acked_at = CASE WHEN acked_at >= since THEN acked_at ELSE now() END,
+    acked_by = CASE WHEN acked_at >= since THEN acked_by ELSE $1 END
+WHERE holding
+RETURNING holding, since, live, stale, expired, updated_at, silence_counted_from,
+          silent_changed_at, released_at, now() AS now, acked_at, acked_by
+"""
+
+
+async def acknowledge_guard(conn: Connection, actor: str) -> Guard | None:
+    """Release the current hold (the sweeper stops slowing expiry until the guard lets go
+    by itself); None when the guard is not holding."""
+    row = await conn.fetchrow(ACK_GUARD, actor)
+    return None if row is None else Guard(**dict(row))
+
+
 async def write_figures(conn: Connection, *, live: int, stale: int, expired: int) -> bool:
     """Record the figures only; returns whether the guard holds."""
     holding: bool = await conn.fetchval(UPDATE_FIGURES, live, stale, expired)
@@ -125,10 +158,12 @@ async def record_expirations(conn: Connection, n: int) -> None:
 
 # Live rows through their partial index, tombstones through theirs (an index-only count,
 # bounded by tombstone retention), so tombstones never make the live count scan them.
+# Live rows only (through workspaces_live_idx); tombstones are counted as they come and go
+# (migrations/0015_tombstone_count.sql), so a million of them cost nothing here.
 STATUS_COUNTS = """
 SELECT status, count(*) AS n FROM workspaces WHERE status <> 'removed' GROUP BY status
 UNION ALL
-SELECT 'removed', count(*) FROM workspaces WHERE status = 'removed'
+SELECT 'removed', n FROM tombstone_count
 """
 
 

@@ -39,6 +39,8 @@ class Beat:
     # Set by register only: where the workspace can be reached, and its agent card.
     url: str | None = None
     agent_card: Any = None
+    # The box's own identity (a container or instance id), if its runtime sends one.
+    instance_id: str | None = None
     cause: str = "heartbeat"
 
 
@@ -75,14 +77,16 @@ WITH input AS (
     SELECT * FROM unnest(
         $1::uuid[], $2::bytea[], $3::text[], $4::float8[], $5::text[], $6::int[],
         $7::float8[], $8::text[], $9::float8[], $10::text[], $11::text[], $12::text[],
-        $13::text[], $14::text[]
+        $13::text[], $14::text[], $24::text[]
     ) AS i(id, token_hash, health, error_rate, sample_error, active_tasks,
            uptime_seconds, current_task, monthly_spend, runtime_state, observed_plugins,
-           url, agent_card, cause)
+           url, agent_card, cause, instance_id)
 ),
 target AS (
     SELECT w.status AS previous_status, w.uptime_seconds AS previous_uptime,
            w.last_heartbeat_at AS previous_beat_at,
+           -- Registered by another box than the last one that said who it was.
+           COALESCE(i.instance_id <> w.instance_id, false) AS box_changed,
            w.token_hash <> i.token_hash AS old_token, i.*
     FROM input i
     -- The previous token keeps working through its rotation grace period.
@@ -118,6 +122,14 @@ beat AS (
         monthly_spend = COALESCE(tr.monthly_spend, w.monthly_spend),
         runtime_state = COALESCE(tr.runtime_state, w.runtime_state),
         observed_plugins = COALESCE(tr.observed_plugins::jsonb, w.observed_plugins),
+        -- When the report last changed: a mismatch with the records is drift only once the
+        -- report has stood still a while (registry/drift.py).
+        observed_plugins_at = CASE
+            WHEN tr.observed_plugins IS NOT NULL
+                 -- w.* here is the row before this update
+                 AND tr.observed_plugins::jsonb IS DISTINCT FROM w.observed_plugins
+            THEN now() ELSE w.observed_plugins_at END,
+        instance_id = COALESCE(tr.instance_id, w.instance_id),
         url = COALESCE(tr.url, w.url),
         agent_card = COALESCE(tr.agent_card::jsonb, w.agent_card),
         previous_token_used_at = CASE WHEN tr.old_token THEN now()
@@ -132,7 +144,7 @@ beat AS (
     FROM transition tr
     WHERE w.id = tr.id
     RETURNING w.id, tr.previous_status, w.status, tr.cause, tr.old_token, tr.restarted_at,
-              tr.uptime_seconds, tr.previous_uptime
+              tr.uptime_seconds, tr.previous_uptime, tr.box_changed
 ),
 event AS (
     INSERT INTO workspace_events
@@ -149,10 +161,13 @@ event AS (
 ),
 -- Entering online (the box may have been replaced meanwhile) queues a reconcile, due now. So
 -- does a runtime that restarted while online unasked, which may be a new box with none of its
--- plugins (its uptime went down, or it registered again; a restart handed out in the last $23 s
--- explains both): due no sooner than $23 s after the workspace's last run was created, so a
--- runtime restarting in a loop costs one run a window, and a restart right after a run is
--- still reconciled, a little later.
+-- plugins: its uptime went down with no restart handed out and still unacknowledged (one
+-- acknowledged already does not explain a later drop), it registered again with no restart
+-- handed out in the last $23 s, or it registered as another box (instance id) than before.
+-- Due no sooner than $23 s after the workspace's last run was created, so a runtime restarting
+-- in a loop costs one run a window, and a restart right after a run is still reconciled, a
+-- little later. Whatever slips through (a new box within that window) is caught by the drift
+-- check (registry/drift.py) once its report of its plugins stands still.
 intent AS (
     INSERT INTO reconciles (workspace_id, trigger, next_attempt_at)
     SELECT b.id,
@@ -165,17 +180,26 @@ intent AS (
     FROM beat b
     WHERE b.status = ANY($19::text[])
       AND (b.previous_status = ANY($18::text[])
-           OR ((b.restarted_at IS NOT NULL OR b.cause = 'register')
-               AND b.previous_status = ANY($19::text[])
-               AND NOT EXISTS (SELECT 1 FROM workspace_actions a
-                               WHERE a.workspace_id = b.id AND a.type = 'restart'
-                                 AND a.delivered_at > now() - make_interval(secs => $23))))
+           OR (b.previous_status = ANY($19::text[])
+               AND (b.box_changed
+                    -- The subqueries see the actions as they were before this statement
+                    -- (its own acks included): pending means pending before this beat.
+                    OR (b.restarted_at IS NOT NULL
+                        AND NOT EXISTS (SELECT 1 FROM workspace_actions a
+                                        WHERE a.workspace_id = b.id AND a.type = 'restart'
+                                          AND a.delivered_at IS NOT NULL
+                                          AND a.acked_at IS NULL))
+                    OR (b.cause = 'register'
+                        AND NOT EXISTS (SELECT 1 FROM workspace_actions a
+                                        WHERE a.workspace_id = b.id AND a.type = 'restart'
+                                          AND a.delivered_at > now()
+                                              - make_interval(secs => $23))))))
     -- A queued run already covers this: fold into it, with its full attempt budget, due by
     -- the new cause's time even if it was waiting out a retry backoff (see
     -- reconciles.QUEUE_RECONCILE); a restart never pulls a run forward past its window.
     -- A fold returns the run's id too, so the beat wakes the reconciler for it.
     ON CONFLICT (workspace_id) WHERE status = 'queued' DO UPDATE SET
-        attempt = 0, error = NULL,
+        attempt = 0, error = NULL, requested_at = now(),
         next_attempt_at = LEAST(reconciles.next_attempt_at, EXCLUDED.next_attempt_at)
     RETURNING id, workspace_id
 ),
@@ -269,6 +293,7 @@ async def apply_beats(
         [ack for b in beats for ack in b.acks],
         policy.max_interval_s,
         policy.restart_reconcile_every_s,
+        [b.instance_id for b in beats],
     )
     found = {
         row["id"]: BeatResult(

@@ -134,6 +134,10 @@ class Claim:
     attempt: int
     refresh: bool
     trigger: str
+    # The latest request the run answers, and when it was claimed (database clock): a plugin
+    # resolution made after the one answers the other (plugins.resolutions).
+    requested_at: datetime | None = None
+    claimed_at: datetime | None = None
 
 
 # Due intents, and runs whose owner's lease ran out (that process died mid-run). A queued run
@@ -161,7 +165,8 @@ WHERE r.id IN (
     LIMIT $3
     FOR UPDATE SKIP LOCKED
 )
-RETURNING r.id, r.workspace_id, r.attempt, r.refresh, r.trigger
+RETURNING r.id, r.workspace_id, r.attempt, r.refresh, r.trigger, r.requested_at,
+          now() AS claimed_at
 """
 
 
@@ -209,7 +214,16 @@ async def claim_due(
         # index refused the second. Nothing was claimed; the next poll tries again.
         return []
     return [
-        Claim(r["id"], r["workspace_id"], r["attempt"], r["refresh"], r["trigger"]) for r in rows
+        Claim(
+            r["id"],
+            r["workspace_id"],
+            r["attempt"],
+            r["refresh"],
+            r["trigger"],
+            r["requested_at"],
+            r["claimed_at"],
+        )
+        for r in rows
     ]
 
 
@@ -286,14 +300,32 @@ async def release_all(conn: Connection, owner: str) -> int:
     return len(held)
 
 
+@dataclass(frozen=True, slots=True)
+class StepDone:
+    """A step as the runner finished it: how long it took, not when (the database says when)."""
+
+    plugin: str
+    action: str
+    status: str
+    source: str | None
+    sha: str | None
+    seconds: float
+    error: str | None
+    attempt: int = 1
+
+
+# Stamped by the database clock when the step is written, right after it ran: a step's times
+# agree with every other time the registry shows, whatever this host's clock says. Only the
+# duration is measured here (monotonically).
 INSERT_STEP = """
 INSERT INTO reconcile_steps
     (reconcile_id, attempt, plugin, action, status, source, sha, started_at, finished_at, error)
-VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+VALUES ($1, $2, $3, $4, $5, $6, $7,
+        clock_timestamp() - make_interval(secs => $8), clock_timestamp(), $9)
 """
 
 
-async def insert_step(conn: Connection, reconcile_id: uuid.UUID, step: Step) -> None:
+async def insert_step(conn: Connection, reconcile_id: uuid.UUID, step: StepDone) -> None:
     await conn.execute(
         INSERT_STEP,
         reconcile_id,
@@ -303,8 +335,7 @@ async def insert_step(conn: Connection, reconcile_id: uuid.UUID, step: Step) -> 
         step.status,
         step.source,
         step.sha,
-        step.started_at,
-        step.finished_at,
+        step.seconds,
         step.error,
     )
 
@@ -489,7 +520,7 @@ INSERT INTO reconciles (workspace_id, trigger, refresh)
 VALUES ($1, $2, $3)
 ON CONFLICT (workspace_id) WHERE status = 'queued'
 DO UPDATE SET
-    refresh = reconciles.refresh OR EXCLUDED.refresh,
+    refresh = reconciles.refresh OR EXCLUDED.refresh, requested_at = now(),
     attempt = 0, error = NULL, next_attempt_at = LEAST(reconciles.next_attempt_at, now())
 RETURNING id
 """
@@ -516,7 +547,7 @@ LIMIT 1
 # A manual request folded into the queued run: due now, full attempt budget (see QUEUE_RECONCILE).
 FOLD_MANUAL = """
 UPDATE reconciles SET
-    refresh = refresh OR $2,
+    refresh = refresh OR $2, requested_at = now(),
     attempt = 0, error = NULL, next_attempt_at = LEAST(next_attempt_at, now())
 WHERE id = $1 AND status = 'queued'
 """
@@ -572,7 +603,7 @@ WITH declaring AS (
 INSERT INTO reconciles (workspace_id, trigger, refresh)
 SELECT id, 'plugin_updated', true FROM declaring
 ON CONFLICT (workspace_id) WHERE status = 'queued' DO UPDATE SET
-    refresh = true,
+    refresh = true, requested_at = now(),
     attempt = 0, error = NULL, next_attempt_at = LEAST(reconciles.next_attempt_at, now())
 RETURNING id
 """

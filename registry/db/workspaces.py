@@ -65,6 +65,7 @@ class Workspace:
     refused_status: int | None = None
     refused_code: str | None = None
     refused_field: str | None = None
+    labels: dict[str, str] | None = None
 
     @classmethod
     def from_record(cls, row: asyncpg.Record) -> Workspace:
@@ -78,14 +79,33 @@ WORKSPACE_COLUMNS = """
     last_heartbeat_at, error_rate, sample_error, active_tasks, uptime_seconds, current_task,
     monthly_spend, runtime_state, observed_plugins, heartbeat_interval_s, token_rotated_at,
     previous_token_valid_until, previous_token_used_at, refused_at, refused_since,
-    refused_count, refused_status, refused_code, refused_field
+    refused_count, refused_status, refused_code, refused_field, labels
 """
 
+# Names are unique among live workspaces (workspaces_live_name_idx). A create racing another
+# of the same name waits for it here and then inserts nothing, instead of failing with a
+# unique violation: the caller answers 409 with the id of the one that won.
 INSERT_WORKSPACE = f"""
-INSERT INTO workspaces (id, name, status, token_hash, delivery, url)
-VALUES ($6, $1, $2, $3, $4, $5)
+INSERT INTO workspaces (id, name, status, token_hash, delivery, url, labels)
+VALUES ($6, $1, $2, $3, $4, $5, $7)
+ON CONFLICT (name) WHERE status <> 'removed' DO NOTHING
 RETURNING {WORKSPACE_COLUMNS}
 """
+SELECT_LIVE_ID_BY_NAME = "SELECT id FROM workspaces WHERE name = $1 AND status <> 'removed'"
+
+
+class NameTaken(Exception):
+    """A live workspace already has this name."""
+
+    def __init__(self, existing_id: uuid.UUID) -> None:
+        super().__init__(f"name taken by {existing_id}")
+        self.existing_id = existing_id
+
+
+async def live_id_by_name(conn: Connection, name: str) -> uuid.UUID | None:
+    value = await conn.fetchval(SELECT_LIVE_ID_BY_NAME, name)
+    return value if isinstance(value, uuid.UUID) else None
+
 
 INSERT_DECLARED = """
 INSERT INTO declared_plugins (workspace_id, name, source, position)
@@ -102,23 +122,43 @@ async def create_workspace(
     delivery: str,
     url: str | None,
     plugins: list[DeclaredPlugin],
+    labels: dict[str, str] | None = None,
+    actor: str,
 ) -> Workspace:
-    """Insert a provisioning workspace, its declared plugins and its creation event."""
-    async with conn.transaction():
-        row = await conn.fetchrow(
-            INSERT_WORKSPACE, name, Status.PROVISIONING.value, token_hash, delivery, url, uuid7()
-        )
-        assert row is not None
-        workspace = Workspace.from_record(row)
-        await conn.execute(
-            INSERT_DECLARED,
-            workspace.id,
-            [p.name for p in plugins],
-            [p.source for p in plugins],
-        )
-        await insert_status_event(
-            conn, workspace.id, None, Status.PROVISIONING, cause="created", actor="admin"
-        )
+    """Insert a provisioning workspace, its declared plugins and its creation event; raises
+    NameTaken if a live workspace has the name."""
+    # Again only when the holder of the name was removed between the insert that found it and
+    # the read of its id: the name is free then, and the next insert takes it or finds the
+    # workspace that did.
+    while True:
+        async with conn.transaction():
+            row = await conn.fetchrow(
+                INSERT_WORKSPACE,
+                name,
+                Status.PROVISIONING.value,
+                token_hash,
+                delivery,
+                url,
+                uuid7(),
+                labels or {},
+            )
+            if row is not None:
+                return await _created(conn, Workspace.from_record(row), plugins, actor)
+            existing = await live_id_by_name(conn, name)
+            if existing is not None:
+                raise NameTaken(existing)
+
+
+async def _created(
+    conn: Connection, workspace: Workspace, plugins: list[DeclaredPlugin], actor: str
+) -> Workspace:
+    """The rest of a create, in its transaction: declared plugins and the creation event."""
+    await conn.execute(
+        INSERT_DECLARED, workspace.id, [p.name for p in plugins], [p.source for p in plugins]
+    )
+    await insert_status_event(
+        conn, workspace.id, None, Status.PROVISIONING, cause="created", actor=actor
+    )
     return workspace
 
 
@@ -317,8 +357,38 @@ async def rotate_token(
     token_hash: bytes,
     *,
     grace_s: float,
-    actor: str = "admin",
+    actor: str,
 ) -> datetime | None:
     """Replace the token; returns until when the previous one works, None if not rotated."""
     value = await conn.fetchval(ROTATE_TOKEN, workspace_id, token_hash, grace_s, actor)
     return value if isinstance(value, datetime) else None
+
+
+# Labels: a merge (set some, remove some) or a replacement, checked against the cap in the
+# same statement so two concurrent merges cannot together exceed it. Tombstones keep theirs.
+MERGE_LABELS = """
+UPDATE workspaces SET labels = (labels - $3::text[]) || $2::jsonb
+WHERE id = $1 AND status <> 'removed'
+RETURNING labels
+"""
+REPLACE_LABELS = """
+UPDATE workspaces SET labels = $2::jsonb
+WHERE id = $1 AND status <> 'removed'
+RETURNING labels
+"""
+
+
+async def merge_labels(
+    conn: Connection, workspace_id: uuid.UUID, sets: dict[str, str], removes: list[str]
+) -> dict[str, str] | None:
+    """The labels after the merge; None if the workspace is unknown or removed. Call in a
+    transaction: the caller checks the result against the cap and rolls back if over."""
+    value = await conn.fetchval(MERGE_LABELS, workspace_id, sets, removes)
+    return value if isinstance(value, dict) else None
+
+
+async def replace_labels(
+    conn: Connection, workspace_id: uuid.UUID, labels: dict[str, str]
+) -> dict[str, str] | None:
+    value = await conn.fetchval(REPLACE_LABELS, workspace_id, labels)
+    return value if isinstance(value, dict) else None

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import uuid
 from typing import Any
 
+import asyncpg
 from aiohttp import web
 
 from registry import query
@@ -13,27 +15,16 @@ from registry import validation as v
 from registry.db import Connection, events, fleet, retention, workspaces
 from registry.db.events import Event
 from registry.errors import HistoryPruned, workspace_not_found
-from registry.jsonio import dumps, json_response
+from registry.event_feed import PAGE, Subscription
+from registry.event_frames import KEEPALIVE, RETRY, dropped_frame, event_view, frame, reset_frame
+from registry.jsonio import json_response
 from registry.keys import EVENT_HUB, POOL
 
 MAX_EVENTS_PAGE = 500
 MAX_EVENT_ID = 2**63 - 1  # event ids are PostgreSQL bigints
 # A comment line this often keeps proxies and load balancers from closing an idle stream.
 KEEPALIVE_S = 15.0
-
-
-def event_view(event: Event) -> dict[str, Any]:
-    return {
-        "id": event.id,
-        "workspace_id": event.workspace_id,
-        "kind": event.kind,
-        "from": event.from_status,
-        "to": event.to_status,
-        "cause": event.cause,
-        "actor": event.actor,
-        "detail": event.detail,
-        "at": event.at,
-    }
+DROPPED_GRACE_S = 10.0
 
 
 def _event_id(raw: str | None, field: str) -> int | None:
@@ -68,8 +59,8 @@ async def get_event_history(request: web.Request) -> web.Response:
     after = _after(request) or 0
     limit = query.query_int(request, "limit", 100, minimum=1, maximum=MAX_EVENTS_PAGE)
     async with request.app[POOL].acquire() as conn:
-        if workspace_id is not None and not await workspaces.workspace_exists(conn, workspace_id):
-            raise workspace_not_found(workspace_id)
+        # A filter, as on the stream: an unknown workspace has no events (the per-workspace
+        # route, where the id is the resource, answers 404).
         page = await _history_page(conn, after, workspace_id, limit)
         names = await workspaces.names_of(
             conn, {e.workspace_id for e in page if e.workspace_id is not None}
@@ -88,10 +79,6 @@ async def get_event_history(request: web.Request) -> web.Response:
     )
 
 
-def _name(names: dict[uuid.UUID, str], workspace_id: uuid.UUID | None) -> str | None:
-    return None if workspace_id is None else names.get(workspace_id)
-
-
 async def _history_page(
     conn: Connection, after: int, workspace_id: uuid.UUID | None, limit: int
 ) -> list[Event]:
@@ -106,72 +93,80 @@ async def _history_page(
     return await events.events_after(conn, after, workspace_id=workspace_id, limit=limit)
 
 
-def _reset_frame(pruned_through: int) -> bytes:
-    """Tells a resuming client that events after its Last-Event-ID may have been pruned; the
-    stream goes on after `pruned_through`, which is also this frame's id."""
-    data = {"reason": "history_pruned", "pruned_through": pruned_through}
-    return b"id: %d\nevent: reset\ndata: %s\n\n" % (pruned_through, dumps(data))
-
-
-def _frame(event: Event) -> bytes:
-    return b"id: %d\nevent: %s\ndata: %s\n\n" % (
-        event.id,
-        event.kind.encode(),
-        dumps(event_view(event)),
-    )
-
-
 async def get_events(request: web.Request) -> web.StreamResponse:
     """Server-Sent Events: resumes after Last-Event-ID (or ?after=), else starts from now."""
     workspace_id = query.query_uuid(request, "workspace_id")
     after = _after(request)
     pool = request.app[POOL]
-    hub = request.app[EVENT_HUB]
+    feed = request.app[EVENT_HUB].feed
+    feed.check_room()  # before the database is asked anything
     reset: int | None = None
     async with pool.acquire() as conn:
+        now = await events.last_sequence(conn)
         if after is None:
-            after = await events.last_sequence(conn)
+            after = now
         elif 0 < after < (pruned_through := await retention.events_pruned_through(conn)):
             reset, after = pruned_through, pruned_through
-    response = web.StreamResponse(
-        headers={
-            "Content-Type": "text/event-stream",
-            "Cache-Control": "no-cache",
-            "X-Accel-Buffering": "no",
-        }
-    )
-    await response.prepare(request)
-    hub.subscribers += 1
+    subscription = feed.subscribe(after, now, workspace_id)
+    closer: asyncio.TimerHandle | None = None
+
+    def close_later() -> None:
+        # The writer may be stuck on a client that stopped reading; it gets this long to
+        # send the `dropped` frame, then the connection is closed under it.
+        nonlocal closer
+        transport = request.transport
+        if transport is not None:
+            closer = asyncio.get_running_loop().call_later(DROPPED_GRACE_S, transport.close)
+
+    subscription.on_drop = close_later
     try:
-        # The client reconnects after this long if the stream drops.
-        await response.write(b"retry: 1000\n\n")
-        if reset is not None:
-            await response.write(_reset_frame(reset))
-        idle_s = 0.0
-        while not hub.stopping:
-            async with pool.acquire() as conn:
-                page = await events.events_after(
-                    conn, after, workspace_id=workspace_id, limit=MAX_EVENTS_PAGE
-                )
-            for event in page:
-                await response.write(_frame(event))
-                after = event.id
-            if len(page) == MAX_EVENTS_PAGE:
-                continue
-            if page:
-                idle_s = 0.0
-            elif idle_s >= KEEPALIVE_S:
-                await response.write(b": keepalive\n\n")
-                idle_s = 0.0
-            await hub.wait_for_change()
-            idle_s += 1.0
-    except (ConnectionResetError, ConnectionError):
-        pass  # the subscriber went away
-    finally:
-        hub.subscribers -= 1
+        response = web.StreamResponse(
+            headers={
+                "Content-Type": "text/event-stream",
+                "Cache-Control": "no-cache",
+                "X-Accel-Buffering": "no",
+            }
+        )
+        await response.prepare(request)
+        with contextlib.suppress(ConnectionError):  # the subscriber went away
+            await response.write(RETRY if reset is None else RETRY + reset_frame(reset))
+            await _catch_up(pool, response, subscription)
+            await _follow(response, subscription)
         with contextlib.suppress(Exception):
             await response.write_eof()
-    return response
+        return response
+    finally:
+        feed.unsubscribe(subscription)
+        if closer is not None:
+            closer.cancel()
+
+
+async def _catch_up(pool: asyncpg.Pool, response: web.StreamResponse, sub: Subscription) -> None:
+    """What the subscriber missed before the feed took over: its own reads, once."""
+    cursor = sub.last_id
+    while cursor < sub.split:
+        async with pool.acquire() as conn:
+            page = await events.events_between(
+                conn, cursor, sub.split, workspace_id=sub.workspace_id, limit=PAGE
+            )
+        if page:
+            await response.write(b"".join(frame(event) for event in page))
+            sub.caught_up_to(page[-1].id)
+        if len(page) < PAGE:
+            return
+        cursor = page[-1].id
+
+
+async def _follow(response: web.StreamResponse, sub: Subscription) -> None:
+    """Frames from the feed as they come (each batch one write), keep-alives when idle."""
+    while True:
+        frames = await sub.take(KEEPALIVE_S)
+        if sub.closed:
+            return
+        if sub.dropped:
+            await response.write(dropped_frame(sub.last_id))
+            return
+        await response.write(b"".join(frames) if frames else KEEPALIVE)
 
 
 async def get_fleet(request: web.Request) -> web.Response:
@@ -179,18 +174,20 @@ async def get_fleet(request: web.Request) -> web.Response:
     async with request.app[POOL].acquire() as conn:
         guard = await fleet.read_guard(conn)
         counts = await fleet.status_counts(conn)
-    return json_response(
-        {
-            "statuses": counts,
-            "mass_expiry_guard": {
-                "holding": guard.holding,
-                "since": guard.since,
-                "live": guard.live,
-                "silent": guard.stale,
-                "expired": guard.expired,
-                "updated_at": guard.updated_at,
-                "silence_counted_from": guard.silence_counted_from,
-                "released_at": guard.released_at,
-            },
-        }
-    )
+    return json_response({"statuses": counts, "mass_expiry_guard": guard_view(guard)})
+
+
+def guard_view(guard: fleet.Guard) -> dict[str, Any]:
+    return {
+        "holding": guard.holding,
+        "since": guard.since,
+        "live": guard.live,
+        "silent": guard.stale,
+        "expired": guard.expired,
+        "updated_at": guard.updated_at,
+        "silence_counted_from": guard.silence_counted_from,
+        "released_at": guard.released_at,
+        "acknowledged": guard.acknowledged,
+        "acknowledged_at": guard.acked_at if guard.acknowledged else None,
+        "acknowledged_by": guard.acked_by if guard.acknowledged else None,
+    }

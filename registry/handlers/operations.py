@@ -2,18 +2,14 @@
 
 from __future__ import annotations
 
-import contextlib
-
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from registry.buildinfo import build_info
-from registry.db import fleet, reconciles
-from registry.db.errors import DatabaseUnavailable
 from registry.db.migrate import pending_migrations
 from registry.errors import ServiceUnavailable
 from registry.jsonio import json_response
-from registry.keys import EVENT_HUB, METRICS, POOL
+from registry.keys import ADMISSION, EVENT_HUB, FLEET_GAUGES, METRICS, POOL
 
 # Probes must answer quickly even when the database does not.
 READINESS_TIMEOUT_S = 2.0
@@ -38,20 +34,15 @@ async def get_buildinfo(request: web.Request) -> web.Response:
 
 
 async def get_metrics(request: web.Request) -> web.Response:
-    """Prometheus text format. Fleet-wide gauges are read from the database at scrape time;
-    if it is unreachable they keep their last values and the rest is still served."""
+    """Prometheus text format: this process's series, and the fleet's (registry/fleet_gauges.py)."""
     metrics, pool = request.app[METRICS], request.app[POOL]
     metrics.pool_connections.labels("in_use").set(pool.get_size() - pool.get_idle_size())
     metrics.pool_connections.labels("idle").set(pool.get_idle_size())
     metrics.event_subscribers.set(request.app[EVENT_HUB].subscribers)
-    with contextlib.suppress(DatabaseUnavailable):
-        async with pool.acquire(timeout=READINESS_TIMEOUT_S) as conn:
-            for status, n in (await fleet.status_counts(conn)).items():
-                metrics.workspaces.labels(status).set(n)
-            for status, n in (await reconciles.backlog(conn)).items():
-                metrics.reconcile_backlog.labels(status).set(n)
-            guard = await fleet.read_guard(conn)
-            metrics.mass_expiry_guard_holding.set(1 if guard.holding else 0)
+    metrics.requests_in_flight.set(request.app[ADMISSION].in_flight)
+    info = build_info()
+    metrics.build_info.labels(info["version"] or "unknown", info["git_sha"] or "unknown").set(1)
+    await request.app[FLEET_GAUGES].refresh(pool)
     return web.Response(
         body=generate_latest(metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
     )

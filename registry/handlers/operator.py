@@ -1,4 +1,5 @@
-"""Operator actions on one workspace (admin token): pause, resume, remove, rotate its token."""
+"""Operator actions on one workspace (operate role): pause, resume, remove, rotate its token.
+Each is audited: its event names the token as actor (registry/audit.py)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,9 @@ from collections.abc import Awaitable, Callable
 
 from aiohttp import web
 
+from registry import audit
 from registry import validation as v
-from registry.auth import hash_token, new_workspace_token
+from registry.auth import actor, hash_token, new_workspace_token
 from registry.db import Connection, reconciles, transitions, workspaces
 from registry.db.transitions import TransitionResult
 from registry.errors import Conflict, workspace_not_found, workspace_removed
@@ -33,15 +35,19 @@ async def _operator_transition(
     """Move the workspace of the path to `to` (idempotent when it is there already), run
     `also` in the same transaction, and count the change once it committed."""
     workspace_id = v.path_uuid(request)
+    who = actor(request)
     async with request.app[POOL].acquire() as conn, conn.transaction():
+        # The status event is the audit event: it names the actor, in this transaction.
         result = await transitions.transition(
-            conn, workspace_id, to, cause=cause, actor="admin", only_from=only_from
+            conn, workspace_id, to, cause=cause, actor=who, only_from=only_from
         )
         _check(result, workspace_id, to, only_from)
         if also is not None:
             await also(conn, workspace_id)
     if result.changed and result.previous is not None:
         request.app[METRICS].transitions.labels(result.previous.value, to.value, cause).inc()
+        detail = {"from": result.previous.value, "to": to.value}
+        audit.log(audit.Entry(who, cause, workspace_id, detail))
     return workspace_id
 
 
@@ -130,14 +136,24 @@ async def post_token(request: web.Request) -> web.Response:
         maximum=MAX_ROTATION_GRACE_S,
     )
     token = new_workspace_token()
+    who = actor(request)
     async with request.app[POOL].acquire() as conn:
+        # One statement rotates and writes the `token_rotated` event with its actor.
         rotated = await workspaces.rotate_token(
-            conn, workspace_id, hash_token(token), grace_s=grace_s
+            conn, workspace_id, hash_token(token), grace_s=grace_s, actor=who
         )
         if rotated is None:
             if await workspaces.workspace_exists(conn, workspace_id):
                 raise workspace_removed()
             raise workspace_not_found(workspace_id)
+    audit.log(
+        audit.Entry(
+            who,
+            "token_rotated",
+            workspace_id,
+            {"grace_s": grace_s, "previous_token_valid_until": rotated.isoformat()},
+        )
+    )
     return json_response(
         {"workspace_id": workspace_id, "token": token, "previous_token_valid_until": rotated}
     )

@@ -1,11 +1,12 @@
-"""Internal reconcile API (admin token): request, fan out and inspect reconcile runs."""
+"""Internal reconcile API: request (audited), fan out (audited) and inspect reconcile runs."""
 
 from __future__ import annotations
 
 from aiohttp import web
 
-from registry import query
+from registry import audit, query
 from registry import validation as v
+from registry.auth import actor
 from registry.db import reconciles, workspaces
 from registry.errors import Conflict, InvalidField, NotFound, workspace_not_found
 from registry.handlers.workspaces import lock_existing_workspace
@@ -26,6 +27,7 @@ async def post_workspace_reconcile(request: web.Request) -> web.Response:
     refresh = False if refresh is None else refresh
     if not isinstance(refresh, bool):
         raise InvalidField("refresh must be a boolean", field="refresh")
+    entry = audit.Entry(actor(request), "reconcile_requested", workspace_id)
     async with request.app[POOL].acquire() as conn:
         async with conn.transaction():
             status = await lock_existing_workspace(conn, workspace_id)
@@ -35,7 +37,14 @@ async def post_workspace_reconcile(request: web.Request) -> web.Response:
                     code="workspace_not_live",
                 )
             requested = await reconciles.request_reconcile(conn, workspace_id, refresh=refresh)
+            entry.detail = {
+                "reconcile_id": str(requested.reconcile_id),
+                "refresh": refresh,
+                "created": requested.created,
+            }
+            await audit.record(conn, entry)
         run = await reconciles.get_reconcile(conn, requested.reconcile_id)
+    audit.log(entry)
     assert run is not None
     # A queued run the request folded into is due now, like a new one.
     if requested.created or run.status == "queued":
@@ -59,10 +68,13 @@ async def post_plugins_reconcile(request: web.Request) -> web.Response:
             source = parse_source(raw_source, request.app[SOURCES]).raw
         except PluginError as exc:
             raise InvalidField(exc.message, field="source", code=exc.code) from None
-    async with request.app[POOL].acquire() as conn:
+    entry = audit.Entry(actor(request), "plugins_reconcile_fanned_out")
+    async with audit.audited(request.app[POOL], entry) as conn:
         queued = await reconciles.fan_out_reconciles(
             conn, source=source, name=name, live_statuses=LIVE_STATUSES
         )
+        entry.detail = {"source": source, "name": name, "queued": queued}
+        entry.changed = queued > 0
     if queued:
         request.app[RECONCILER].wake()
     return json_response({"queued": queued}, status=202)

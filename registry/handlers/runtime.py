@@ -52,7 +52,7 @@ HEARTBEAT_FIELDS = frozenset(
         "acks",
     }
 )
-REGISTER_FIELDS = frozenset({"workspace_id", "id", "url", "agent_card"})
+REGISTER_FIELDS = frozenset({"workspace_id", "id", "url", "agent_card", "instance_id"})
 
 # Bounds that no real runtime reaches; they keep garbage and abuse out of the table.
 MAX_OBSERVED_PLUGINS = 500
@@ -171,6 +171,8 @@ def parse_register(body: v.Body, token_hash: bytes) -> Parsed:
         acks=[],
         url=url,
         agent_card=agent_card,
+        # Empty or absent: this runtime does not say which box it is; the stored id stays.
+        instance_id=v.text(body, "instance_id", "", max_length=256) or None,
         cause="register",
     )
     return Parsed(beat, ignored)
@@ -234,6 +236,8 @@ async def _observed(
     try:
         token_hash = hash_token(bearer_token(request))
         parsed = parse(await v.read_json_object(request), token_hash)
+        # Unknown query parameters too, reported as `?name` beside the body's fields.
+        parsed.ignored.extend(f"?{name}" for name in sorted(set(request.query)))
         response = await _answer(request, parsed, kind)
         code, outcome = 200, "ok"
         return response

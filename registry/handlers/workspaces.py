@@ -1,19 +1,21 @@
-"""Management API: create and inspect workspaces (admin token)."""
+"""Management API: create and inspect workspaces, set their plugins (roles: registry/auth.py)."""
 
 from __future__ import annotations
 
 import uuid
-from datetime import UTC, datetime
 from typing import Any
 
 from aiohttp import web
 
-from registry import query
+from registry import audit, query
 from registry import validation as v
-from registry.auth import hash_token, new_workspace_token
+from registry.auth import actor, hash_token, new_workspace_token
 from registry.db import Connection, actions, events, fleet, reconciles, workspaces
+from registry.db.clock import db_now
+from registry.db.filters import list_filtered
 from registry.db.workspaces import DeclaredPlugin
 from registry.errors import (
+    AlreadyExists,
     Forbidden,
     InvalidField,
     workspace_not_found,
@@ -21,6 +23,8 @@ from registry.errors import (
 )
 from registry.jsonio import json_response
 from registry.keys import POOL, RECONCILER, SETTINGS, SOURCES
+from registry.labels import parse_labels
+from registry.list_filters import parse_filters
 from registry.plugins import (
     PluginError,
     SourceDenied,
@@ -32,10 +36,10 @@ from registry.plugins import (
 )
 from registry.settings import Settings
 from registry.statuses import LIVE, Status
-from registry.verdicts import Liveness, Recorded
+from registry.verdicts import Liveness, Recorded, judge
 from registry.views import workspace_summary, workspace_view
 
-CREATE_FIELDS = frozenset({"name", "url", "delivery", "plugins"})
+CREATE_FIELDS = frozenset({"name", "url", "delivery", "plugins", "labels"})
 DELIVERY_MODES = ("filesystem", "http")
 MAX_DECLARED_PLUGINS = 100
 MAX_SOURCE_LENGTH = 2048
@@ -67,28 +71,49 @@ def parse_declared_plugins(body: v.Body, sources: SourceSettings) -> list[Declar
     return declared
 
 
-async def post_workspaces(request: web.Request) -> web.Response:
-    body = await v.read_json_object(request)
-    v.reject_unknown_fields(body, CREATE_FIELDS)
+def parse_name(body: v.Body) -> str:
     name = v.text(body, "name", "", max_length=128).strip()
     if not name:
         raise InvalidField("name is required", field="name", code="missing_field")
+    try:
+        uuid.UUID(name)
+    except ValueError:
+        return name
+    # The CLI takes an id or a name wherever it takes a workspace: they must not look alike.
+    raise InvalidField("name must not be a UUID", field="name")
+
+
+async def post_workspaces(request: web.Request) -> web.Response:
+    body = await v.read_json_object(request)
+    v.reject_unknown_fields(body, CREATE_FIELDS)
+    name = parse_name(body)
+    labels = parse_labels(body.get("labels"))
     delivery = v.choice(body, "delivery", "filesystem", DELIVERY_MODES)
     url = v.http_url(body, "url")
     plugins = parse_declared_plugins(body, request.app[SOURCES])
     token = new_workspace_token()
+    who = actor(request)
     async with request.app[POOL].acquire() as conn:
-        workspace = await workspaces.create_workspace(
-            conn,
-            name=name,
-            token_hash=hash_token(token),
-            delivery=delivery,
-            url=url,
-            plugins=plugins,
-        )
+        try:
+            workspace = await workspaces.create_workspace(
+                conn,
+                name=name,
+                token_hash=hash_token(token),
+                delivery=delivery,
+                url=url,
+                plugins=plugins,
+                labels=labels,
+                actor=who,
+            )
+        except workspaces.NameTaken as exc:
+            raise AlreadyExists(
+                f"a workspace named {name!r} exists: {exc.existing_id}",
+                workspace_id=exc.existing_id,
+            ) from None
         view = await _workspace_view(
             conn, workspace.id, request.app[SETTINGS], request.app[SOURCES]
         )
+    audit.log(audit.Entry(who, "created", workspace.id, {"name": name, **_plugins(plugins)}))
     # The only time the token is shown: only its hash is kept.
     return json_response({"workspace": view, "token": token}, status=201)
 
@@ -106,12 +131,13 @@ async def _workspace_view(
         installed=await workspaces.installed_plugins(conn, workspace_id),
         last=await reconciles.last_reconcile(conn, workspace_id),
         liveness=Liveness.from_settings(settings),
-        now=datetime.now(UTC),
         pending=await actions.pending_actions(conn, workspace_id),
         status_cause=await events.status_cause(
             conn, workspace_id, workspace.status, workspace.status_changed_at
         ),
         guard=await fleet.read_guard(conn),
+        # Read last, after everything it judges (db/clock.py).
+        now=await db_now(conn),
         refused_sources=refused_sources(declared, sources),
         allowlist=sources.allowlist,
     )
@@ -154,25 +180,44 @@ async def get_workspace(request: web.Request) -> web.Response:
 MAX_PAGE = 500
 
 
+# Rows a plugins_sync filter judges per request at most: SQL narrows the candidates, the
+# verdict decides. A page may then come back short (even empty) with a next_cursor: the
+# scan goes on from there, so a client pages on while next_cursor is not null.
+SYNC_SCAN_BUDGET = 1000
+
+
 async def get_workspaces(request: web.Request) -> web.Response:
-    status = query.query_text(request, "status")
-    if status is not None and status not in {s.value for s in Status}:
-        raise InvalidField(f"unknown status: {status!r}", field="status")
+    filters = parse_filters(request)
     after = query.query_uuid(request, "cursor")
     limit = query.query_int(request, "limit", 100, minimum=1, maximum=MAX_PAGE)
-    # Tombstones are hidden unless asked for (or filtered for with status=removed).
-    include_removed = query.query_bool(request, "include_removed")
+    settings, sources = request.app[SETTINGS], request.app[SOURCES]
+    shown: list[Recorded] = []
+    next_cursor: uuid.UUID | None = None
+    scanned = 0
     async with request.app[POOL].acquire() as conn:
-        page = await workspaces.list_workspaces(
-            conn, status=status, after=after, limit=limit + 1, include_removed=include_removed
-        )
-        more = len(page) > limit
-        page = page[:limit]
-        recorded = await _recorded_page(conn, page, request.app[SETTINGS], request.app[SOURCES])
+        while True:
+            chunk = limit + 1 if not filters.syncs else min(max(limit + 1, 250), SYNC_SCAN_BUDGET)
+            page = await list_filtered(conn, filters, after=after, limit=chunk)
+            recorded = await _recorded_page(conn, page, settings, sources)
+            for state in recorded:
+                if filters.syncs and judge(state).plugins_sync not in filters.syncs:
+                    continue
+                shown.append(state)
+            scanned += len(page)
+            if len(shown) > limit:
+                shown = shown[:limit]
+                next_cursor = shown[-1].workspace.id
+                break
+            if len(page) < chunk:
+                break  # the end of the fleet
+            after = page[-1].id
+            if scanned >= SYNC_SCAN_BUDGET:
+                next_cursor = after
+                break
     return json_response(
         {
-            "workspaces": [workspace_summary(state) for state in recorded],
-            "next_cursor": str(page[-1].id) if more else None,
+            "workspaces": [workspace_summary(state) for state in shown],
+            "next_cursor": None if next_cursor is None else str(next_cursor),
         }
     )
 
@@ -192,7 +237,7 @@ async def _recorded_page(
     pending = await actions.pending_actions_of(conn, ids)
     causes = await events.status_causes(conn, [(w.id, w.status, w.status_changed_at) for w in page])
     guard = await fleet.read_guard(conn)
-    liveness, now = Liveness.from_settings(settings), datetime.now(UTC)
+    liveness, now = Liveness.from_settings(settings), await db_now(conn)
     checked: dict[str, str | None] = {}
     return [
         Recorded(
@@ -222,6 +267,11 @@ async def lock_existing_workspace(conn: Connection, workspace_id: uuid.UUID) -> 
     return Status(status)
 
 
+def _plugins(plugins: list[DeclaredPlugin]) -> dict[str, Any]:
+    """A declared set as audit detail."""
+    return {"plugins": [{"name": p.name, "source": p.source} for p in plugins]}
+
+
 async def put_workspace_plugins(request: web.Request) -> web.Response:
     """Replace the declared set; a live workspace is reconciled (removals uninstall)."""
     workspace_id = v.path_uuid(request)
@@ -230,6 +280,7 @@ async def put_workspace_plugins(request: web.Request) -> web.Response:
     v.required(body, "plugins")
     plugins = parse_declared_plugins(body, request.app[SOURCES])
     queued = False
+    entry = audit.Entry(actor(request), "plugins_set", workspace_id, _plugins(plugins))
     async with request.app[POOL].acquire() as conn:
         async with conn.transaction():
             status = await lock_existing_workspace(conn, workspace_id)
@@ -237,9 +288,11 @@ async def put_workspace_plugins(request: web.Request) -> web.Response:
             if status in LIVE:
                 await reconciles.queue_reconcile(conn, workspace_id, "declared_changed")
                 queued = True
+            await audit.record(conn, entry)
         view = await _workspace_view(
             conn, workspace_id, request.app[SETTINGS], request.app[SOURCES]
         )
+    audit.log(entry)
     if queued:
         request.app[RECONCILER].wake()
     return json_response(view)

@@ -20,8 +20,18 @@ from pathlib import Path
 from registry.plugins._threads import run_blocking
 from registry.plugins.errors import FetchFailed
 from registry.plugins.sources import PluginSource, SourceSettings, check_allowed, is_commit_sha
+from registry.plugins.transfer import TransferCaps, TransferWatch, limit_writes
 
-__all__ = ["FetchLimits", "StagedPlugin", "resolve_version", "stage", "tree_digest"]
+__all__ = [
+    "FetchLimits",
+    "Pinned",
+    "StagedPlugin",
+    "copy_tree",
+    "resolve_pinned",
+    "resolve_version",
+    "stage",
+    "tree_digest",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +48,15 @@ class StagedPlugin:
     # The content digest of the staged tree (tree_digest), whatever the source: what a
     # runtime can compute from the delivered directory and report as the plugin's sha.
     digest: str
+
+
+@dataclass(frozen=True, slots=True)
+class Pinned:
+    """What a git ref resolved to: the commit, and the remote ref it came from (None for a
+    declared sha), which a server that refuses unadvertised wants is fetched through."""
+
+    sha: str
+    refname: str | None
 
 
 # --------------------------------------------------------------------------- ignore list
@@ -241,6 +260,16 @@ def tree_digest(root: Path, *, limits: FetchLimits | None = None) -> str:
     return _TreeWalk(limits, None, None, None).run(Path(root))
 
 
+def copy_tree(root: Path, dest: Path, limits: FetchLimits, stop: threading.Event) -> str:
+    """Copy a tree into the new directory ``dest`` and return the digest of what was copied.
+
+    The digest is of the bytes read during the copy, so comparing it with a digest recorded
+    earlier proves the copy is what was recorded (a cached tree that was altered is caught).
+    On failure ``dest`` is removed.
+    """
+    return _copy_file_source(Path(root), Path(dest), limits, _deadline(limits), stop)
+
+
 # --------------------------------------------------------------------------- file sources
 
 
@@ -338,6 +367,10 @@ _GIT_CONFIG_ARGS = (
     # A fetched object that is corrupt or malformed is refused, not stored and served.
     "-c",
     "transfer.fsckObjects=true",
+    # Always keep the fetched pack as one file, never explode it into loose objects: the
+    # file-size limit of a fetch (registry/plugins/transfer.py) then bounds the download.
+    "-c",
+    "fetch.unpackLimit=1",
 )
 
 _PEELED = "^{}"
@@ -381,7 +414,13 @@ class _GitResult:
 
 
 async def _spawn_git(
-    args: list[str], *, git_dir: Path | None, cwd: Path, stdin: int, capture_stderr: bool
+    args: list[str],
+    *,
+    git_dir: Path | None,
+    cwd: Path,
+    stdin: int,
+    capture_stderr: bool,
+    max_file_bytes: int | None = None,
 ) -> asyncio.subprocess.Process:
     command = ["git", *_GIT_CONFIG_ARGS]
     if git_dir is not None:
@@ -398,6 +437,7 @@ async def _spawn_git(
         env=_git_env(),
         cwd=cwd,
         start_new_session=True,
+        preexec_fn=None if max_file_bytes is None else limit_writes(max_file_bytes),
     )
 
 
@@ -417,6 +457,31 @@ async def _git(args: list[str], *, git_dir: Path | None, cwd: Path) -> _GitResul
     finally:
         await _reap(proc)
     assert proc.returncode is not None
+    return _GitResult(proc.returncode, stdout, stderr)
+
+
+async def _git_fetch(args: list[str], *, git_dir: Path, caps: TransferCaps) -> _GitResult:
+    """`git fetch` into ``git_dir``, stopped as soon as it outgrows ``caps``."""
+    proc = await _spawn_git(
+        ["fetch", *args],
+        git_dir=git_dir,
+        cwd=git_dir,
+        stdin=asyncio.subprocess.DEVNULL,
+        capture_stderr=True,
+        max_file_bytes=caps.file_bytes,
+    )
+    watch = TransferWatch(git_dir, caps)
+    try:
+        async with asyncio.TaskGroup() as group:
+            watcher = group.create_task(watch.run(proc.pid))
+            stdout, stderr = await proc.communicate()
+            watcher.cancel()
+    finally:
+        await _reap(proc)
+    assert proc.returncode is not None
+    over = watch.verdict(proc.returncode)
+    if over is not None:
+        raise FetchFailed(f"fetch stopped at the size cap: {over}", code="fetch_too_large")
     return _GitResult(proc.returncode, stdout, stderr)
 
 
@@ -483,10 +548,12 @@ async def _rev_parse(git_dir: Path, expr: str) -> str | None:
     return result.stdout.decode("ascii", "replace").strip()
 
 
-async def _fetch_commit(git_dir: Path, source: PluginSource, sha: str, refname: str | None) -> None:
-    base = ["fetch", "--quiet", "--no-tags", "--no-recurse-submodules", "--depth=1", "--"]
-    result = await _git(
-        [*base, source.location, f"+{sha}:{_FETCHED_REF}"], git_dir=git_dir, cwd=git_dir
+async def _fetch_commit(
+    git_dir: Path, source: PluginSource, sha: str, refname: str | None, caps: TransferCaps
+) -> None:
+    base = ["--quiet", "--no-tags", "--no-recurse-submodules", "--depth=1", "--"]
+    result = await _git_fetch(
+        [*base, source.location, f"+{sha}:{_FETCHED_REF}"], git_dir=git_dir, caps=caps
     )
     if result.returncode == 0:
         if await _rev_parse(git_dir, f"{sha}^{{commit}}") != sha:
@@ -499,8 +566,8 @@ async def _fetch_commit(git_dir: Path, source: PluginSource, sha: str, refname: 
         raise FetchFailed(f"commit {sha} not found in {source.raw}", code="ref_not_found")
     # Servers without allow*SHA1InWant only serve advertised refs: fetch the ref and make
     # sure it still points at the commit we resolved.
-    result = await _git(
-        [*base, source.location, f"+{refname}:{_FETCHED_REF}"], git_dir=git_dir, cwd=git_dir
+    result = await _git_fetch(
+        [*base, source.location, f"+{refname}:{_FETCHED_REF}"], git_dir=git_dir, caps=caps
     )
     if result.returncode != 0:
         raise _remote_failure(result, source)
@@ -620,7 +687,9 @@ async def _materialise(
         await _reap(proc)
 
 
-async def _stage_git(source: PluginSource, limits: FetchLimits, work_dir: Path) -> StagedPlugin:
+async def _stage_git(
+    source: PluginSource, limits: FetchLimits, work_dir: Path, pinned: Pinned | None
+) -> StagedPlugin:
     git_dir = Path(tempfile.mkdtemp(prefix=".fetch-", dir=work_dir))
     dest = Path(tempfile.mkdtemp(prefix="plugin-", dir=work_dir))
     staged = False
@@ -636,8 +705,12 @@ async def _stage_git(source: PluginSource, limits: FetchLimits, work_dir: Path) 
                     raise FetchFailed(
                         f"git init failed: {init.error_text()}", code="stage_failed", transient=True
                     )
-                sha, refname = await _resolve_git(source, git_dir)
-                await _fetch_commit(git_dir, source, sha, refname)
+                if pinned is None:
+                    sha, refname = await _resolve_git(source, git_dir)
+                else:
+                    sha, refname = pinned.sha, pinned.refname
+                caps = TransferCaps.for_tree(limits.max_bytes, limits.max_files)
+                await _fetch_commit(git_dir, source, sha, refname, caps)
                 await _materialise(git_dir, sha, source.subdir, dest, limits)
                 digest = await run_blocking(
                     lambda stop: _TreeWalk(limits, None, stop, None).run(dest)
@@ -666,31 +739,54 @@ async def resolve_version(
     source: PluginSource, settings: SourceSettings, limits: FetchLimits
 ) -> str:
     """The version ``stage`` would install now: commit sha for git, tree digest for file."""
-    check_allowed(source, settings)
-    try:
-        if source.kind == "file":
+    if source.kind == "file":
+        check_allowed(source, settings)
+        try:
             return await _file_digest(source, limits)
+        except OSError as exc:
+            raise _unresolvable(source, exc) from None
+    return (await resolve_pinned(source, settings, limits)).sha
+
+
+def _unresolvable(source: PluginSource, exc: OSError) -> FetchFailed:
+    # An unreadable source tree, git that cannot be spawned: this step's failure.
+    return FetchFailed(
+        f"cannot resolve {source.raw}: {exc}", code="source_unreachable", transient=True
+    )
+
+
+async def resolve_pinned(
+    source: PluginSource, settings: SourceSettings, limits: FetchLimits
+) -> Pinned:
+    """Resolve a git source's ref to the commit ``stage(..., pinned=)`` then fetches."""
+    check_allowed(source, settings)
+    if source.kind != "git":
+        raise FetchFailed(f"{source.raw} is not a git source", code="invalid_source")
+    try:
         async with asyncio.timeout(limits.timeout_s):
             # cwd '/' keeps git from discovering (and reading the config of) whatever
             # repository the service happens to be started in.
-            sha, _ = await _resolve_git(source, Path("/"))
+            sha, refname = await _resolve_git(source, Path("/"))
     except TimeoutError:
         raise _timeout() from None
     except OSError as exc:
-        # An unreadable source tree, git that cannot be spawned: this step's failure.
-        raise FetchFailed(
-            f"cannot resolve {source.raw}: {exc}", code="source_unreachable", transient=True
-        ) from None
-    return sha
+        raise _unresolvable(source, exc) from None
+    return Pinned(sha, refname)
 
 
 async def stage(
-    source: PluginSource, settings: SourceSettings, limits: FetchLimits, work_dir: Path
+    source: PluginSource,
+    settings: SourceSettings,
+    limits: FetchLimits,
+    work_dir: Path,
+    *,
+    pinned: Pinned | None = None,
 ) -> StagedPlugin:
     """Fetch ``source`` into a fresh directory under ``work_dir`` and return it with its sha.
 
-    The caller owns the returned directory (delivery moves it away). On failure nothing
-    is left under ``work_dir``.
+    ``pinned`` (git only) is a resolution made earlier (resolve_pinned): the commit is
+    fetched without asking the remote for the ref again. The caller owns the returned
+    directory (delivery moves it away). On failure nothing is left under ``work_dir``.
     """
     check_allowed(source, settings)
     work_dir = Path(work_dir)
@@ -698,7 +794,7 @@ async def stage(
         await asyncio.to_thread(work_dir.mkdir, parents=True, exist_ok=True)
         if source.kind == "file":
             return await _stage_file(source, limits, work_dir)
-        return await _stage_git(source, limits, work_dir)
+        return await _stage_git(source, limits, work_dir, pinned)
     except OSError as exc:
         # What the steps above leave unclassified (a full disk as the staging directories
         # are made, no descriptors left to spawn git): a failure of staging, with its code.

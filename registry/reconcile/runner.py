@@ -10,7 +10,6 @@ import tempfile
 import time
 import uuid
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 
 import aiohttp
@@ -19,7 +18,7 @@ import asyncpg
 
 from registry.db import reconciles, workspaces
 from registry.db.errors import DatabaseUnavailable
-from registry.db.reconciles import Claim, Outcome, RestartBudget, Step
+from registry.db.reconciles import Claim, Outcome, RestartBudget, StepDone
 from registry.metrics import Metrics
 from registry.plugins import (
     FetchFailed,
@@ -30,10 +29,10 @@ from registry.plugins import (
     deliver_to_filesystem,
     parse_source,
     remove_from_filesystem,
-    resolve_version,
-    stage,
 )
 from registry.plugins.http_delivery import deliver_over_http, remove_over_http
+from registry.plugins.shared_fetch import Asked, SharedFetcher
+from registry.plugins.tree_cache import TreeCache
 from registry.reconcile.plan import PlannedStep, observed_shas, plan
 from registry.statuses import Status
 
@@ -41,8 +40,17 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
+class TreeCacheConfig:
+    root: Path
+    idle_s: float
+    max_bytes: int
+
+
+@dataclass(frozen=True, slots=True)
 class ReconcileConfig:
     plugins_dir: Path
+    # This process's staging directory (registry/plugins/staging.py), never TMPDIR.
+    staging_dir: Path
     sources: SourceSettings
     limits: FetchLimits
     timeout_s: float
@@ -50,6 +58,9 @@ class ReconcileConfig:
     retry_base_s: float
     retry_cap_s: float
     restart_budget: RestartBudget
+    # Where fetched git trees are cached, for how long and up to how much (None: no cache).
+    tree_cache: TreeCacheConfig | None = None
+    fetch_shared: bool = True
 
     def retry_delay(self, attempt: int) -> float:
         """Capped exponential backoff with jitter, so a fleet's retries do not align."""
@@ -63,12 +74,16 @@ class _Context:
     steps: list[PlannedStep]
 
 
-def _now() -> datetime:
-    return datetime.now(UTC)
+def _asked(claim: Claim) -> Asked:
+    return Asked(requested_at=claim.requested_at, claimed_at=claim.claimed_at)
 
 
 class Reconciler:
-    """Executes claimed runs. Holds no state between runs; safe to run any run twice."""
+    """Executes claimed runs; safe to run any run twice.
+
+    The only state kept between runs is the shared fetching (resolutions, tree cache): what
+    one run fetched serves the others of a fan-out, never a run asked after it was fetched.
+    """
 
     def __init__(
         self,
@@ -85,6 +100,15 @@ class Reconciler:
         self._http = http
         self._config = config
         self._owner = owner
+        cache = config.tree_cache
+        self._fetcher = SharedFetcher(
+            config.sources,
+            config.limits,
+            None
+            if cache is None or cache.max_bytes == 0 or not config.fetch_shared
+            else TreeCache(cache.root, idle_s=cache.idle_s, max_bytes=cache.max_bytes),
+            share=config.fetch_shared,
+        )
 
     @property
     def max_attempts(self) -> int:
@@ -143,7 +167,9 @@ class Reconciler:
         if finished.status == "lost":
             log.warning("reconcile lease lost before the outcome was written", extra=context)
         else:
-            log.info("reconcile %s %s", outcome.status, outcome.error or "", extra=context)
+            # A run that ended failed is worth a warning; each failed step logged its own.
+            level = logging.WARNING if outcome.status == "failed" else logging.INFO
+            log.log(level, "reconcile %s %s", outcome.status, outcome.error or "", extra=context)
 
     async def _release(self, claim: Claim) -> None:
         async with self._pool.acquire() as conn:
@@ -176,6 +202,20 @@ class Reconciler:
             async with self._pool.acquire() as conn:
                 await reconciles.insert_step(conn, claim.id, step)
             if error is not None:
+                # Separate fields, so a log query can group failures by code or plugin.
+                log.warning(
+                    "reconcile step failed: %s",
+                    error.message,
+                    extra={
+                        "workspace_id": str(claim.workspace_id),
+                        "reconcile_id": str(claim.id),
+                        "code": error.code,
+                        "plugin": planned.plugin,
+                        "source": planned.source,
+                        "action": step.action,
+                        "transient": error.transient,
+                    },
+                )
                 failures.append(f"{planned.plugin}: {error.code}: {error.message}")
                 transient = transient and error.transient
         if failures:
@@ -184,55 +224,58 @@ class Reconciler:
 
     async def _apply(
         self, claim: Claim, workspace: workspaces.Workspace, planned: PlannedStep
-    ) -> tuple[Step, PluginError | None]:
+    ) -> tuple[StepDone, PluginError | None]:
         step, error = await self._perform(claim, workspace, planned)
-        seconds = (step.finished_at - step.started_at).total_seconds()
-        self._metrics.reconcile_step_seconds.labels(step.action, step.status).observe(seconds)
+        self._metrics.reconcile_step_seconds.labels(step.action, step.status).observe(step.seconds)
         return step, error
 
     async def _perform(
         self, claim: Claim, workspace: workspaces.Workspace, planned: PlannedStep
-    ) -> tuple[Step, PluginError | None]:
-        started = _now()
+    ) -> tuple[StepDone, PluginError | None]:
+        started = time.monotonic()
         action, sha = planned.action, planned.installed_sha
         try:
             if action == "skip" and claim.refresh:
                 # Refresh: has the declared source moved since it was installed?
-                latest = await resolve_version(
-                    parse_source(planned.source, self._config.sources),
-                    self._config.sources,
-                    self._config.limits,
+                latest = await self._fetcher.version(
+                    parse_source(planned.source, self._config.sources), _asked(claim)
                 )
                 if latest != planned.installed_sha:
                     action = "upgrade"
             if action == "remove":
                 await self._remove(workspace, planned.plugin)
             elif action != "skip":
-                sha = await self._install(workspace, planned)
+                sha = await self._install(claim, workspace, planned)
         except PluginError as exc:
-            step = Step(
+            step = StepDone(
                 planned.plugin, action, "failed", planned.source, None,
-                started, _now(), f"{exc.code}: {exc.message}", claim.attempt,
+                time.monotonic() - started, f"{exc.code}: {exc.message}", claim.attempt,
             )  # fmt: skip
             return step, exc
         status = "skipped" if action == "skip" else "succeeded"
-        step = Step(
+        step = StepDone(
             planned.plugin, action, status, planned.source, sha,
-            started, _now(), None, claim.attempt,
+            time.monotonic() - started, None, claim.attempt,
         )  # fmt: skip
         return step, None
 
-    async def _install(self, workspace: workspaces.Workspace, planned: PlannedStep) -> str:
+    async def _install(
+        self, claim: Claim, workspace: workspaces.Workspace, planned: PlannedStep
+    ) -> str:
         # stage() checks the allowlist itself: every install path passes through it.
         source = parse_source(planned.source, self._config.sources)
         try:
-            work_dir = Path(await asyncio.to_thread(tempfile.mkdtemp, prefix="registry-stage-"))
+            work_dir = Path(
+                await asyncio.to_thread(
+                    tempfile.mkdtemp, prefix="reconcile-", dir=self._config.staging_dir
+                )
+            )
         except OSError as exc:  # a full disk, say: this step fails with its own code
             raise FetchFailed(
                 f"cannot make a staging directory: {exc}", code="stage_failed", transient=True
             ) from None
         try:
-            staged = await stage(source, self._config.sources, self._config.limits, work_dir)
+            staged = await self._fetcher.stage(source, work_dir, _asked(claim))
             await self._deliver(workspace, planned.plugin, staged)
         finally:
             await asyncio.to_thread(shutil.rmtree, work_dir, ignore_errors=True)

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import os
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+
+from bench.git_daemon import CountingGitDaemon
 
 _GIT_IDENTITY = (
     "-c",
@@ -118,3 +120,13 @@ def work_dir(tmp_path: Path) -> Path:
     path = tmp_path / "work"
     path.mkdir()
     return path
+
+
+@pytest.fixture
+def git_daemon(tmp_path: Path) -> Iterator[CountingGitDaemon]:
+    """A git server on 127.0.0.1 serving the repositories under tmp_path/served, counting
+    its connections."""
+    base = tmp_path / "served"
+    base.mkdir()
+    with CountingGitDaemon(base, tmp_path) as daemon:
+        yield daemon

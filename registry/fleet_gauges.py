@@ -1,0 +1,61 @@
+"""The fleet-wide gauges of /metrics, read from the database at scrape time, at most once per
+`ttl_s` however many scrapers there are (several Prometheus replicas, a human with curl)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import asyncpg
+
+from registry.db import fleet, reconciles
+from registry.db.errors import DatabaseUnavailable
+from registry.db.fleet_counts import fleet_counts
+from registry.metrics import Metrics
+
+# Scrapes must answer quickly even when the database does not.
+QUERY_TIMEOUT_S = 2.0
+
+
+class FleetGauges:
+    def __init__(self, metrics: Metrics, ttl_s: float) -> None:
+        self._metrics = metrics
+        self._ttl_s = ttl_s
+        self._refreshed_at: float | None = None
+        # Scrapes that arrive while a refresh runs wait for it and share its figures.
+        self._lock = asyncio.Lock()
+
+    def _fresh(self) -> bool:
+        at = self._refreshed_at
+        return at is not None and time.monotonic() - at < self._ttl_s
+
+    async def refresh(self, pool: asyncpg.Pool) -> None:
+        """Read the fleet's figures unless they are fresh; if the database is unreachable
+        they keep their last values and `registry_database_up` says 0."""
+        if self._fresh():
+            return
+        async with self._lock:
+            if not self._fresh():
+                await self._read(pool)
+
+    async def _read(self, pool: asyncpg.Pool) -> None:
+        now = time.monotonic()
+        metrics = self._metrics
+        try:
+            async with pool.acquire(timeout=QUERY_TIMEOUT_S) as conn:
+                counts = await fleet_counts(conn)
+                backlog = await reconciles.backlog(conn)
+                guard = await fleet.read_guard(conn)
+        except DatabaseUnavailable:
+            metrics.database_up.set(0)
+            return
+        metrics.fleet_query_seconds.set(time.monotonic() - now)
+        metrics.database_up.set(1)
+        for status, n in counts.by_status.items():
+            metrics.workspaces.labels(status).set(n)
+        for sync, n in counts.by_sync.items():
+            metrics.workspaces_by_sync.labels(sync).set(n)
+        for status, n in backlog.items():
+            metrics.reconcile_backlog.labels(status).set(n)
+        metrics.mass_expiry_guard_holding.set(1 if guard.holding else 0)
+        self._refreshed_at = now
