@@ -33,7 +33,16 @@ from registry.embedded_pg import EmbeddedPostgresError, start_embedded_postgres
 from registry.settings import Settings
 from tests.fake_runtime import FakeRuntime
 from tests.pg_cluster import StoppableCluster
-from tests.pg_source import DEFAULT_IMAGE, IMAGE_ENV, container_dsn, docker_answers, docker_switch
+from tests.pg_source import (
+    DEFAULT_IMAGE,
+    IMAGE_ENV,
+    SHARED_KEY,
+    SharedContainer,
+    container_dsn,
+    docker_answers,
+    docker_switch,
+    shared_for_worker,
+)
 from tests.processes import Processes, registry_children
 from tests.support import ADMIN_TOKEN, Registry
 
@@ -48,7 +57,49 @@ def _source() -> str:
     return "docker" if switch or docker_answers() else "embedded"
 
 
+SHARED = pytest.StashKey[SharedContainer]()
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Under pytest-xdist, on the controller: one container for all workers, before they start.
+
+    First, so that the header can name it and xdist's own sessionstart (trylast) starts the
+    workers after it; the controller alone stops it (pytest_unconfigure), whatever they did.
+    """
+    config = session.config
+    if config.pluginmanager.getplugin("dsession") is None or _source() != "docker":
+        return
+    shared = config.stash[SHARED] = SharedContainer()
+    shared.start()
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node: Any) -> None:
+    shared = node.config.stash.get(SHARED, None)
+    if shared is not None:
+        node.workerinput[SHARED_KEY] = shared.for_workers()
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    shared = config.stash.get(SHARED, None)
+    if shared is not None:
+        shared.stop()
+
+
 def pytest_report_header(config: pytest.Config) -> str:
+    shared = config.stash.get(SHARED, None)
+    if shared is not None and shared.container:
+        image = os.environ.get(IMAGE_ENV, DEFAULT_IMAGE)
+        return (
+            f"registry database: testcontainers container={shared.container} ({image}), "
+            "one for all xdist workers, a database per worker"
+        )
+    if shared is not None:
+        return (
+            f"registry database: testcontainers did not start ({shared.error}); the workers "
+            "use embedded unless REGISTRY_TEST_DOCKER=1"
+        )
     source = _source()
     detail = {
         "dsn": "REGISTRY_TEST_DSN",
@@ -73,6 +124,16 @@ def _embedded(reason: str) -> Iterator[str]:
     server.cleanup()
 
 
+def _container_failed(error: str, say: Callable[[str], None]) -> Iterator[str]:
+    if docker_switch():
+        pytest.fail(
+            f"REGISTRY_TEST_DOCKER=1 but Docker could not serve a PostgreSQL: {error}",
+            pytrace=False,
+        )
+    say(f"Docker answers but the container did not start ({error}); using embedded")
+    yield from _embedded("the Docker container did not start")
+
+
 @pytest.fixture(scope="session")
 def server_dsn(pytestconfig: pytest.Config) -> Iterator[str]:
     reporter = pytestconfig.pluginmanager.get_plugin("terminalreporter")
@@ -86,6 +147,14 @@ def server_dsn(pytestconfig: pytest.Config) -> Iterator[str]:
         say("dsn=REGISTRY_TEST_DSN")
         yield explicit
         return
+    shared = shared_for_worker(getattr(pytestconfig, "workerinput", None))
+    if shared is not None and "dsn" in shared:
+        say(f"dsn=testcontainers container={shared['container']} (the xdist controller's)")
+        yield shared["dsn"]
+        return
+    if shared is not None:
+        yield from _container_failed(shared["error"], say)
+        return
     if _source() == "docker":
         try:
             with container_dsn() as (dsn, container_id):
@@ -93,13 +162,7 @@ def server_dsn(pytestconfig: pytest.Config) -> Iterator[str]:
                 yield dsn
             return
         except Exception as exc:  # any failure to get a container: fall back unless forced
-            if docker_switch():
-                pytest.fail(
-                    f"REGISTRY_TEST_DOCKER=1 but Docker could not serve a PostgreSQL: {exc!r}",
-                    pytrace=False,
-                )
-            say(f"Docker answers but the container did not start ({exc!r}); using embedded")
-            yield from _embedded("the Docker container did not start")
+            yield from _container_failed(repr(exc), say)
             return
     say("dsn=embedded")
     yield from _embedded("REGISTRY_TEST_DSN is not set and Docker is not used")

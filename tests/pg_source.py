@@ -10,6 +10,7 @@ embedded instead of failing every database test.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import socket
 from collections.abc import Iterator
@@ -80,6 +81,43 @@ def container_dsn() -> Iterator[tuple[str, str]]:
         yield dsn, short_id
     finally:
         container.stop()
+
+
+# Under pytest-xdist the controller starts the one container and hands it to every worker in
+# node.workerinput under this key (JSON: {"dsn", "container"} or {"error"}): a container per
+# worker would cost each its start-up and memory, while the suite already isolates tests by
+# database (a database per worker for `dsn`, one per test for `empty_dsn`).
+SHARED_KEY = "registry_shared_server"
+
+
+class SharedContainer:
+    """The controller's container for the xdist workers; stopped once, by the controller."""
+
+    def __init__(self) -> None:
+        self._stack = contextlib.ExitStack()
+        self.dsn = self.container = self.error = ""
+
+    def start(self) -> None:
+        try:
+            self.dsn, self.container = self._stack.enter_context(container_dsn())
+        except Exception as exc:  # the workers decide: fall back to embedded, or fail if forced
+            self.error = repr(exc)
+
+    def for_workers(self) -> str:
+        if self.error:
+            return json.dumps({"error": self.error})
+        return json.dumps({"dsn": self.dsn, "container": self.container})
+
+    def stop(self) -> None:
+        self._stack.close()
+
+
+def shared_for_worker(workerinput: dict[str, Any] | None) -> dict[str, str] | None:
+    """What the controller handed this xdist worker; None outside xdist or on another path."""
+    if workerinput is None or SHARED_KEY not in workerinput:
+        return None
+    shared: dict[str, str] = json.loads(workerinput[SHARED_KEY])
+    return shared
 
 
 def _without_password(dsn: str) -> str:

@@ -476,12 +476,15 @@ async def full_workflow(registry: Registry, plugin_sources: Path) -> list[str]:
         [{"source": f"file://{plugin}"}], url="http://127.0.0.1:9"
     )
     second = await registry.create_workspace()
-    await registry.heartbeat(first, error_rate=0.1, sample_error="boom", plugins=[])
+    # Register before the first beat: a register while online counts as a restart, and one
+    # that lands after the runner claimed the online reconcile queues another, deferred by
+    # restart_reconcile_every_s, which `settled` would wait for in vain (seen under load).
     await client.post(
         "/registry/register",
         json={"workspace_id": first.id, "url": "http://127.0.0.1:9", "agent_card": {"n": 1}},
         headers=first.auth,
     )
+    await registry.heartbeat(first, error_rate=0.1, sample_error="boom", plugins=[])
     await registry.settled(first)
     rotated = await client.post(f"/workspaces/{first.id}/token", json={"grace_s": 0}, headers=ADMIN)
     new_token = (await rotated.json())["token"]

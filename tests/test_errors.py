@@ -265,7 +265,10 @@ async def test_duplicate_plugin_names_are_refused(registry: Registry, plugin_sou
     await assert_error(response, 400, "invalid_field", "plugins")
 
 
-@pytest.mark.parametrize("path", ["/workspaces/not-a-uuid", f"/workspaces/{uuid.uuid4()}"])
+# A fixed id, not uuid4() at collection: pytest-xdist's workers must collect the same test ids.
+@pytest.mark.parametrize(
+    "path", ["/workspaces/not-a-uuid", "/workspaces/3f8e0c1a-5b7d-4e2f-9a6c-1d2b3c4e5f60"]
+)
 async def test_unknown_workspace_is_404(registry: Registry, path: str) -> None:
     response = await registry.client.get(path, headers=ADMIN)
 

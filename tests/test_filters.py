@@ -446,6 +446,9 @@ async def test_selector_errors_are_400_naming_the_selector(
     assert fragment is not None and fragment in error["message"]
 
 
+UNKNOWN_ID = "3f8e0c1a-5b7d-4e2f-9a6c-1d2b3c4e5f60"  # no workspace has it
+
+
 @pytest.mark.parametrize(
     ("path", "field"),
     [
@@ -463,9 +466,10 @@ async def test_selector_errors_are_400_naming_the_selector(
         ("/events?workspace=x", "workspace"),
         ("/healthz?x=1", "x"),
         ("/metrics?format=json", "format"),
-        (f"/workspaces/{uuid.uuid4()}?x=", "x"),
-        (f"/internal/workspaces/{uuid.uuid4()}/reconciles?limit=1&page=2", "page"),
-        (f"/workspaces/{uuid.uuid4()}/events?since=1", "since"),
+        # Fixed ids, not uuid4() at collection: pytest-xdist's workers must collect the same ids.
+        (f"/workspaces/{UNKNOWN_ID}?x=", "x"),
+        (f"/internal/workspaces/{UNKNOWN_ID}/reconciles?limit=1&page=2", "page"),
+        (f"/workspaces/{UNKNOWN_ID}/events?since=1", "since"),
     ],
 )
 async def test_unknown_and_empty_query_parameters_are_400_naming_them(

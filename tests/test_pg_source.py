@@ -1,8 +1,11 @@
-"""The suite's database chain: the REGISTRY_TEST_DOCKER switch and the testcontainers import."""
+"""The suite's database chain: the REGISTRY_TEST_DOCKER switch, the testcontainers import, and
+the one container shared by pytest-xdist workers."""
 
 from __future__ import annotations
 
+import contextlib
 import warnings
+from collections.abc import Iterator
 
 import pytest
 
@@ -50,3 +53,50 @@ def test_the_summary_names_the_container_without_its_password(
         "registry database: testcontainers container=abc123 image=img:1 "
         "dsn=postgresql://u@127.0.0.1:5/db"
     ]
+
+
+def test_xdist_workers_get_the_controllers_one_container_and_it_stops_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from tests import pg_source
+
+    events: list[str] = []
+
+    @contextlib.contextmanager
+    def one_container() -> Iterator[tuple[str, str]]:
+        events.append("start")
+        yield "postgresql://test:secret@127.0.0.1:5/test", "c0ffee"
+        events.append("stop")
+
+    monkeypatch.setattr(pg_source, "container_dsn", one_container)
+    shared = pg_source.SharedContainer()
+    shared.start()
+    handed = {pg_source.SHARED_KEY: shared.for_workers()}  # what pytest_configure_node sends
+
+    for _worker in range(4):
+        assert pg_source.shared_for_worker(handed) == {
+            "dsn": "postgresql://test:secret@127.0.0.1:5/test",
+            "container": "c0ffee",
+        }
+    shared.stop()
+    shared.stop()  # pytest_unconfigure may be reached twice on an interrupted run
+    assert events == ["start", "stop"]
+    assert pg_source.shared_for_worker(None) is None  # not an xdist worker
+    assert pg_source.shared_for_worker({}) is None  # a worker on the DSN or embedded path
+
+
+def test_xdist_workers_learn_why_the_container_did_not_start(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from tests import pg_source
+
+    def no_container() -> Iterator[tuple[str, str]]:
+        raise RuntimeError("no such image")
+
+    monkeypatch.setattr(pg_source, "container_dsn", contextlib.contextmanager(no_container))
+    shared = pg_source.SharedContainer()
+    shared.start()
+
+    assert pg_source.shared_for_worker({pg_source.SHARED_KEY: shared.for_workers()}) == {
+        "error": "RuntimeError('no such image')"
+    }

@@ -108,10 +108,12 @@ async def test_runs_keep_the_last_n_and_never_an_active_one(registry: Registry) 
             """,
             run,
         )
+    # Not due for an hour: the app's runner (polling every 0.2 s) must not claim it before the
+    # statuses are read, which under load it did ('running' instead of 'queued').
     await db.execute(
         """
-        INSERT INTO reconciles (workspace_id, trigger, status, created_at)
-        VALUES ($1, 'manual', 'queued', now() - interval '9 days')
+        INSERT INTO reconciles (workspace_id, trigger, status, created_at, next_attempt_at)
+        VALUES ($1, 'manual', 'queued', now() - interval '9 days', now() + interval '1 hour')
         """,
         ws,
     )

@@ -93,6 +93,10 @@ class Seen:
     error: str | None
 
 
+# Alone: beside three other xdist workers this worker's database once showed one server
+# connection more than the pool allows (10 > 8 + 1) while the test passed alone on the same
+# container; a soak that measures flatness must not share the machine with the suite.
+@pytest.mark.serial
 async def test_a_converged_fleet_stays_converged_with_flat_memory_and_connections(
     dsn: str, db: asyncpg.Connection, tmp_path: Path, plugin_sources: Path, processes: Processes
 ) -> None:
