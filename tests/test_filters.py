@@ -276,9 +276,10 @@ async def test_by_name_finds_the_live_workspace_or_404s(registry: Registry) -> N
     assert response.status == 200, await response.text()
     body = await response.json()
     assert (body["id"], body["labels"]) == (made.id, {"a": "b"})
-    response = await registry.client.get("/workspaces/by-name/nobody", headers=ADMIN)
-    assert response.status == 404
-    assert (await response.json())["error"]["code"] == "workspace_not_found"
+    for nobody in ("nobody", "nul%00byte", "x" * 129):
+        response = await registry.client.get(f"/workspaces/by-name/{nobody}", headers=ADMIN)
+        assert response.status == 404
+        assert (await response.json())["error"]["code"] == "workspace_not_found"
 
 
 async def test_a_name_shaped_like_a_uuid_is_refused(registry: Registry) -> None:

@@ -63,8 +63,12 @@ async def _missing(conn: Connection, workspace_id: uuid.UUID) -> Exception:
 async def get_workspace_by_name(request: web.Request) -> web.Response:
     """The live workspace of that name (names are unique among live workspaces)."""
     name = request.match_info["name"]
-    async with request.app[POOL].acquire() as conn:
-        workspace_id = await workspaces.live_id_by_name(conn, name)
+    # Names are at most 128 characters without NUL (checked at create): anything else names
+    # no workspace, and PostgreSQL would refuse a NUL in text.
+    workspace_id = None
+    if len(name) <= 128 and "\x00" not in name:
+        async with request.app[POOL].acquire() as conn:
+            workspace_id = await workspaces.live_id_by_name(conn, name)
     if workspace_id is None:
         raise NotFound(f"no workspace named {name[:128]!r}", code="workspace_not_found")
     return await workspace_response(request, workspace_id)

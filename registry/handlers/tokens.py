@@ -109,9 +109,13 @@ async def get_tokens(request: web.Request) -> web.Response:
 
 
 def _token_ref(raw: str) -> uuid.UUID | str:
+    """An id, or a name; anything else (a NUL byte, say) names no token and never reaches the
+    database."""
     try:
         return uuid.UUID(raw)
     except ValueError:
+        if not TOKEN_NAME.match(raw):
+            raise NotFound(f"no token {raw!r}", code="token_not_found") from None
         return raw
 
 
