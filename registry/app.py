@@ -15,7 +15,7 @@ import asyncpg
 from aiohttp import web
 
 from registry.admission import Admission
-from registry.auth import admin_auth_middleware
+from registry.auth import UI_SESSIONS, admin_auth_middleware
 from registry.db.heartbeats import BeatPolicy
 from registry.db.pool import create_heartbeat_pool, create_pool
 from registry.db.reconciles import RestartBudget
@@ -46,6 +46,7 @@ from registry.metrics import Metrics
 from registry.plugins import FetchLimits, SourceSettings
 from registry.plugins.staging import StagingArea
 from registry.query import strict_query_middleware
+from registry.ui.sessions import SessionStore
 from registry.reconcile.runner import ReconcileConfig, Reconciler, TreeCacheConfig
 from registry.reconcile.worker import ReconcileWorker, new_owner_id
 from registry.refusals import RefusalLog
@@ -89,6 +90,7 @@ def create_app(settings: Settings, dsn: str) -> web.Application:
     app[ADMISSION] = admission
     app[IGNORED_FIELDS] = IgnoredFieldReporter(app[METRICS])
     app[REFUSALS] = RefusalLog(app[METRICS])
+    app[UI_SESSIONS] = SessionStore()
     app[FLEET_GAUGES] = FleetGauges(app[METRICS], settings.metrics_cache_s)
     app[SOURCES] = source_settings(settings)
     app.on_response_prepare.append(echo_request_id)
