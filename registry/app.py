@@ -46,7 +46,6 @@ from registry.metrics import Metrics
 from registry.plugins import FetchLimits, SourceSettings
 from registry.plugins.staging import StagingArea
 from registry.query import strict_query_middleware
-from registry.ui.sessions import SessionStore
 from registry.reconcile.runner import ReconcileConfig, Reconciler, TreeCacheConfig
 from registry.reconcile.worker import ReconcileWorker, new_owner_id
 from registry.refusals import RefusalLog
@@ -54,6 +53,7 @@ from registry.retention import Pruner
 from registry.routes import setup_routes
 from registry.settings import Settings
 from registry.tolerance import IgnoredFieldReporter
+from registry.ui.sessions import SessionStore
 
 log = logging.getLogger(__name__)
 

@@ -49,8 +49,9 @@ def _file(name: str) -> web.Response:
     return response
 
 
-async def get_root(request: web.Request) -> web.StreamResponse:
-    raise web.HTTPFound("/ui/")
+async def get_root(request: web.Request) -> web.Response:
+    # No body: HTTPFound's "302: Found" text would be one more thing to document.
+    return web.Response(status=302, headers={"Location": "/ui/"})
 
 
 async def get_ui(request: web.Request) -> web.Response:
