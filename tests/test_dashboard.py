@@ -296,10 +296,14 @@ async def test_csp_is_strict_and_the_page_requests_nothing_from_another_origin(
 
 @pytest.mark.parametrize("width", [1280, 390])
 async def test_both_views_render_at_the_width(
-    browser: Browser, url: str, tmp_path: Path, width: int
+    browser: Browser, url: str, tmp_path: Path, plugin_sources: Path, width: int
 ) -> None:
+    plugin = write_tree(plugin_sources / "seo", {"run.py": "print(1)\n"})
     for n in range(3):
-        workspace_id, token = await workspace(url, f"agent-{n}", labels={"team": "search"})
+        plugins = [{"source": f"file://{plugin}", "name": "seo"}] if n == 1 else []
+        workspace_id, token = await workspace(
+            url, f"agent-{n}", labels={"team": "search"}, plugins=plugins
+        )
         if n:
             await heartbeat(url, workspace_id, token)
     ctx = await browser.new_context(base_url=url, viewport={"width": width, "height": 800})
@@ -308,15 +312,18 @@ async def test_both_views_render_at_the_width(
         page = await ctx.new_page()
         await login(page, ADMIN_TOKEN)
         await expect(page.get_by_test_id("row")).to_have_count(3)
+        await expect(page.get_by_test_id("count-online")).to_contain_text("2")
         await assert_fits(page, width)
         await page.screenshot(path=str(tmp_path / f"fleet-{width}.png"), full_page=True)
 
-        await page.get_by_role("link", name="agent-0").click()
-        await expect(page.get_by_test_id("why")).not_to_be_empty()
+        await page.get_by_role("link", name="agent-1").click()
+        await expect(page.get_by_test_id("reconcile-step").first).to_be_visible()
+        await expect(page.get_by_test_id("workspace-status")).to_have_text("online")
         await assert_fits(page, width)
         await page.screenshot(path=str(tmp_path / f"workspace-{width}.png"), full_page=True)
     finally:
         await ctx.close()
+    # REGISTRY_DASHBOARD_SCREENSHOTS=docs refreshes the README's pictures.
     if os.environ.get("REGISTRY_DASHBOARD_SCREENSHOTS") == "docs" and width == 1280:
         for view in ("fleet", "workspace"):
             shutil.copy(tmp_path / f"{view}-{width}.png", DOCS / f"dashboard-{view}.png")
