@@ -25,6 +25,7 @@ from playwright.async_api import (
     expect,
 )
 
+from tests.processes import RegistryProcess
 from tests.support import ADMIN, ADMIN_TOKEN, write_tree
 from tests.test_cli import heartbeat, registry_env, registry_process, url
 
@@ -97,7 +98,7 @@ async def login(page: Page, token: str) -> None:
 
 
 async def test_login_sets_a_strict_httponly_cookie_and_logout_ends_the_session(
-    page: Page, context: BrowserContext, url: str
+    page: Page, context: BrowserContext, url: str, registry_process: RegistryProcess
 ) -> None:
     token = await api_token(url, "alice", "read")
 
@@ -128,6 +129,20 @@ async def test_login_sets_a_strict_httponly_cookie_and_logout_ends_the_session(
         "/workspaces", headers={"Cookie": f"registry_session={cookie['value']}"}
     )
     assert stale.status == 401
+    log = registry_process.log()
+    assert token not in log
+    assert cookie["value"] not in log
+
+
+async def test_revoking_the_token_ends_its_sessions(page: Page, url: str) -> None:
+    await login(page, await api_token(url, "short-lived", "read"))
+    assert (await page.request.get("/workspaces")).status == 200
+
+    await call(url, "DELETE", "/tokens/short-lived")
+
+    ended = await page.request.get("/workspaces")
+    assert ended.status == 401
+    assert (await ended.json())["error"]["code"] == "session_ended"
 
 
 async def test_a_wrong_token_is_refused_at_login(page: Page) -> None:
