@@ -306,7 +306,10 @@ function workspaceView(id) {
         el("p", {}, "status ", el("span", { class: `status status-${w.status}`, "data-testid": "workspace-status", text: w.status }),
           " · plugins ", el("span", { class: `sync-${w.plugins_sync}`, text: w.plugins_sync })),
         el("p", { "data-testid": "why", text: w.why ?? "Online and in sync." }),
-        el("p", { class: "muted", text: `last heartbeat: ${w.heartbeat?.last_heartbeat_at ?? "never"}` })),
+        el("p", { class: "muted", text: `last heartbeat: ${w.heartbeat?.last_heartbeat_at ?? "never"}` }),
+        w.last_refusal
+          ? el("p", { class: "error", "data-testid": "refusal", text: `runtime refused ${w.last_refusal.count}× since ${w.last_refusal.since}: ${w.last_refusal.status} ${w.last_refusal.code}${w.last_refusal.field ? ` (${w.last_refusal.field})` : ""}, last at ${w.last_refusal.at}` })
+          : null),
       actions(w),
       el("section", { class: "card table-wrap" }, el("h2", { text: "Plugins" }), plugins(w)),
       el("section", { class: "card" }, el("h2", { text: "Pending actions" }),
