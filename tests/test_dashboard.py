@@ -11,11 +11,13 @@ from __future__ import annotations
 import os
 import shutil
 import time
+import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
+import asyncpg
 import pytest
 from playwright.async_api import (
     Browser,
@@ -27,6 +29,7 @@ from playwright.async_api import (
 )
 
 from bench.filters import seed as seed_fleet
+from registry.db import events as events_db
 from tests.processes import RegistryProcess
 from tests.support import ADMIN, ADMIN_TOKEN, write_tree
 from tests.test_cli import heartbeat, registry_env, registry_process, url
@@ -375,3 +378,44 @@ async def test_the_fleet_view_of_ten_thousand_workspaces_renders_one_page(
     await page.get_by_test_id("next").click()
     await expect(page.get_by_test_id("page-info")).to_have_text("page 2")
     await expect(page.get_by_test_id("row")).to_have_count(50)
+
+
+BURST = 2_000
+INSERT_BURST = """
+INSERT INTO workspace_events (workspace_id, kind, from_status, to_status, cause, actor)
+SELECT $1, 'status', 'online', 'degraded', 'burst', 'test' FROM generate_series(1, $2)
+"""
+
+
+async def test_a_burst_of_events_is_rendered_at_most_every_half_second(
+    page: Page, url: str, db: asyncpg.Connection
+) -> None:
+    workspace_id, token = await workspace(url, "bursty")
+    await heartbeat(url, workspace_id, token)
+    await login(page, ADMIN_TOKEN)
+    await expect(page.get_by_test_id("count-online")).to_contain_text("1")
+    await page.wait_for_function("() => !window.registryDashboard.due")
+    before = await page.evaluate("window.registryDashboard")
+    await page.evaluate("window.registryDashboard.firstAt = null")  # the burst's first, below
+
+    await db.execute(INSERT_BURST, uuid.UUID(workspace_id), BURST)
+    await events_db.sequence_pending(db, batch=BURST)  # numbers them and notifies the feed
+
+    want = before["events"] + BURST
+    await page.wait_for_function(f"() => window.registryDashboard.events >= {want}")
+    await page.wait_for_function("() => !window.registryDashboard.due")
+    stats = await page.evaluate("window.registryDashboard")
+    spread_ms = stats["lastAt"] - stats["firstAt"]
+    renders = stats["renders"] - before["renders"]
+    # At most one render per 500 ms of the burst, plus the one after its last event: without
+    # the throttle every event would be one.
+    assert 1 <= renders <= spread_ms / 500 + 2, (renders, spread_ms)
+    # Still live after the burst: a flip shows.
+    second_id, second_token = await workspace(url, "after-burst")
+    await heartbeat(url, second_id, second_token)
+    await expect(page.get_by_test_id("count-online")).to_contain_text("2")
+    rate = BURST / max(spread_ms / 1000, 0.001)
+    print(
+        f"burst of {BURST} events taken in over {spread_ms:.0f} ms "
+        f"({rate:.0f}/s), {renders} renders"
+    )

@@ -14,6 +14,10 @@ const main = document.getElementById("main");
 let session = null; // {name, role}
 let stream = null;
 let view = null; // the current view's {refresh} so live events know what to redraw
+// Counters for whoever looks (tests, an operator's console): events taken in, live re-renders,
+// when the first and last event came, and whether a re-render is still due.
+const stats = { events: 0, renders: 0, firstAt: null, lastAt: null, due: false };
+window.registryDashboard = stats;
 
 function el(tag, attrs = {}, ...children) {
   const node = document.createElement(tag);
@@ -103,7 +107,12 @@ function openStream() {
   closeStream();
   // Same origin: the session cookie goes along; no token in the URL.
   stream = new EventSource("/events");
-  const onEvent = () => view?.changed();
+  const onEvent = () => {
+    stats.events += 1;
+    stats.lastAt = performance.now();
+    stats.firstAt ??= stats.lastAt;
+    view?.changed();
+  };
   for (const kind of EVENT_KINDS) stream.addEventListener(kind, onEvent);
   stream.addEventListener("dropped", () => { openStream(); view?.changed(); });
 }
@@ -117,11 +126,15 @@ function throttled(fn) {
     timer = null;
     if (running) { again = true; return; }
     running = true;
+    stats.renders += 1;
     try { await fn(); } catch { /* shown by the next successful render */ }
     running = false;
-    if (again) { again = false; schedule(); }
+    if (again) { again = false; schedule(); } else { stats.due = false; }
   };
-  const schedule = () => { if (timer === null) timer = setTimeout(run, RENDER_EVERY_MS); };
+  const schedule = () => {
+    stats.due = true;
+    if (timer === null) timer = setTimeout(run, RENDER_EVERY_MS);
+  };
   return schedule;
 }
 
