@@ -902,7 +902,11 @@ async def _check_dashboard_routes(client: TestClient[Any, Any], check: Any) -> N
     assert root.headers["Location"] == "/ui/"
     await check(root, "get_root")
     await check(await client.get("/ui/"), "get_ui")
-    for name in ("app.js", "app.css", "index.html"):
+    # The document names every file the package ships there, and only those.
+    spec = load_spec()["paths"]["/ui/static/{name}"]["get"]["parameters"][0]["schema"]
+    shipped = Path(registry_package.__file__).parent / "ui" / "static"
+    assert sorted(spec["enum"]) == sorted(p.name for p in shipped.iterdir())
+    for name in spec["enum"]:
         await check(await client.get(f"/ui/static/{name}"), "get_ui_asset")
     await check(await client.get("/ui/static/nope.js"), "get_ui_asset")
     await check(await client.post("/ui/login", json={"token": "x"}), "post_ui_login")  # 403

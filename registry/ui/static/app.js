@@ -107,11 +107,11 @@ function openStream() {
   closeStream();
   // Same origin: the session cookie goes along; no token in the URL.
   stream = new EventSource("/events");
-  const onEvent = () => {
+  const onEvent = (message) => {
     stats.events += 1;
     stats.lastAt = performance.now();
     stats.firstAt ??= stats.lastAt;
-    view?.changed();
+    if (view && view.wants(message)) view.changed();
   };
   for (const kind of EVENT_KINDS) stream.addEventListener(kind, onEvent);
   stream.addEventListener("dropped", () => { openStream(); view?.changed(); });
@@ -232,7 +232,8 @@ function fleetView(params) {
         el("th", { class: "why", text: "why" }))), rows)),
     el("div", { class: "pager" }, prev, next, info));
   const refresh = async () => { await Promise.all([renderCounts(), renderRows()]); };
-  return { refresh, changed: throttled(refresh) };
+  // Any event may change a count or a row of the page.
+  return { refresh, changed: throttled(refresh), wants: () => true };
 }
 
 // --- workspace view ------------------------------------------------------------------------
@@ -335,7 +336,16 @@ function workspaceView(id) {
           `${e.at} ${e.kind} ${e.from ?? ""}${e.to ? ` → ${e.to}` : ""} ${e.cause ?? ""} ${e.actor ? `by ${e.actor}` : ""}`))))
     );
   }
-  return { refresh, changed: throttled(refresh) };
+  // Only this workspace's events (and fleet-wide ones) change what this page shows.
+  const wants = (message) => {
+    try {
+      const event = JSON.parse(message.data);
+      return event.workspace_id === id || event.workspace_id === null;
+    } catch {
+      return true;
+    }
+  };
+  return { refresh, changed: throttled(refresh), wants };
 }
 
 // --- routing -------------------------------------------------------------------------------
