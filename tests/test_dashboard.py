@@ -8,8 +8,10 @@ timeout. A missing chromium fails these tests (it never skips them): CI installs
 
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
+import ssl
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -19,6 +21,7 @@ from typing import Any
 import aiohttp
 import asyncpg
 import pytest
+from aiohttp.test_utils import TestServer
 from playwright.async_api import (
     Browser,
     BrowserContext,
@@ -29,7 +32,9 @@ from playwright.async_api import (
 )
 
 from bench.filters import seed as seed_fleet
+from registry.app import create_app
 from registry.db import events as events_db
+from registry.settings import Settings
 from registry.ui import sessions
 from registry.ui.sessions import SESSION_TTL_S, SessionStore
 from tests.processes import RegistryProcess
@@ -449,3 +454,40 @@ def test_a_full_store_forgets_its_oldest_session_first(monkeypatch: pytest.Monke
     assert store.find(first, now=3.0) is None
     assert store.find(second, now=3.0) is not None
     assert store.find(third, now=3.0) is not None
+
+
+async def test_over_https_the_session_cookie_is_secure(
+    settings: Settings, dsn: str, db: asyncpg.Connection, tmp_path: Path
+) -> None:
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    made = await asyncio.create_subprocess_exec(
+        *("openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"),
+        *("-keyout", str(key), "-out", str(cert), "-subj", "/CN=127.0.0.1"),
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.DEVNULL,
+    )
+    assert await made.wait() == 0
+    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    tls.load_cert_chain(cert, key)
+    server = TestServer(create_app(settings, dsn), scheme="https")
+    await server.start_server(ssl=tls)
+    try:
+        base = str(server.make_url("")).rstrip("/")
+        async with (
+            aiohttp.ClientSession() as session,
+            session.post(
+                f"{base}/ui/login",
+                json={"token": ADMIN_TOKEN},
+                headers={"Origin": base},
+                ssl=False,  # the test's own self-signed certificate
+            ) as response,
+        ):
+            assert response.status == 200, await response.text()
+            cookie = response.headers["Set-Cookie"]
+    finally:
+        await server.close()
+
+    assert base.startswith("https://")
+    attributes = {part.strip().split("=")[0].lower() for part in cookie.split(";")}
+    assert {"secure", "httponly", "samesite", "max-age", "path"} <= attributes
+    assert "SameSite=Strict" in cookie
