@@ -64,6 +64,7 @@ function canOperate() {
 
 function showLogin(message) {
   session = null;
+  view = null;
   closeStream();
   document.getElementById("who").textContent = "";
   document.getElementById("logout").hidden = true;
