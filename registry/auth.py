@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
@@ -16,6 +17,7 @@ from aiohttp import web
 from registry.db import api_tokens
 from registry.errors import Forbidden, Handler, Unauthorized
 from registry.keys import POOL, SETTINGS
+from registry.ui.sessions import COOKIE, SessionStore
 
 WORKSPACE_TOKEN_PREFIX = "rwt_"
 API_TOKEN_PREFIX = "rat_"
@@ -34,6 +36,10 @@ PUBLIC_ROUTES = frozenset(
     {"get_healthz", "get_readyz", "get_buildinfo", "get_openapi", "get_metrics"}
 )
 WORKSPACE_TOKEN_ROUTES = frozenset({"post_heartbeat", "post_register"})
+# The dashboard's pages and its login/logout (issue 17): no token, since they are how a
+# browser gets a session; login checks the token it is given, logout only ends a session.
+UI_ROUTES = frozenset({"get_root", "get_ui", "get_ui_asset", "post_ui_login", "post_ui_logout"})
+UI_SESSIONS = web.AppKey("ui_sessions", SessionStore)
 
 
 class Role(StrEnum):
@@ -63,6 +69,7 @@ ROUTE_ROLES: Mapping[str, Role] = MappingProxyType(
         "get_fleet": Role.READ,
         "get_workspace_reconciles": Role.READ,
         "get_reconcile": Role.READ,
+        "get_ui_session": Role.READ,
         "post_workspaces": Role.OPERATE,
         "put_workspace_plugins": Role.OPERATE,
         "patch_workspace_labels": Role.OPERATE,
@@ -188,15 +195,59 @@ async def authenticate(request: web.Request, token: str) -> Principal:
     return Principal(found.name, Role(found.role))
 
 
+class CrossOrigin(Forbidden):
+    code = "cross_origin"
+
+
+# Methods a browser may send cross-site without asking (SameSite aside): they change nothing.
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+
+
+def check_same_origin(request: web.Request) -> None:
+    """CSRF: a cookie-authenticated change must come from a page of this very origin. Browsers
+    send Origin with every POST/PUT/PATCH/DELETE, so a missing one is refused too."""
+    if request.method in SAFE_METHODS:
+        return
+    origin = request.headers.get("Origin")
+    if origin != f"{request.scheme}://{request.host}":
+        raise CrossOrigin("a browser session may only change things from this origin's pages")
+
+
+async def session_principal(request: web.Request, session_id: str) -> Principal:
+    """The principal of a dashboard session: its token is re-read on every request, so a
+    token revoked or expired since the login ends the session too."""
+    store = request.app[UI_SESSIONS]
+    session = store.find(session_id, time.monotonic())
+    if session is None:
+        raise Unauthorized("the session has ended; log in again", code="session_ended")
+    if session.lookup is not None:
+        async with request.app[POOL].acquire() as conn:
+            found = await api_tokens.find_by_lookup(conn, session.lookup)
+        if found is None or found.revoked or found.expired:
+            store.drop(session_id)
+            raise Unauthorized("the session's token is no longer valid", code="session_ended")
+    check_same_origin(request)
+    return Principal(session.name, Role(session.role))
+
+
+async def caller(request: web.Request) -> Principal:
+    """A Bearer token when one is sent (never subject to the Origin check), else the
+    dashboard's session cookie, else 401."""
+    session_id = request.cookies.get(COOKIE)
+    if "Authorization" not in request.headers and session_id:
+        return await session_principal(request, session_id)
+    return await authenticate(request, bearer_token(request))
+
+
 @web.middleware
 async def admin_auth_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """The gate of every token-checked route: who calls (PRINCIPAL), and whether their role
     is the one required_role() names for the route."""
     name = request.match_info.route.name
-    if name in PUBLIC_ROUTES or name in WORKSPACE_TOKEN_ROUTES or name is None:
+    if name in PUBLIC_ROUTES or name in WORKSPACE_TOKEN_ROUTES or name in UI_ROUTES or name is None:
         # name None: no route matched; the router answers 404/405 without touching anything.
         return await handler(request)
-    principal = await authenticate(request, bearer_token(request))
+    principal = await caller(request)
     needed = required_role(name)
     if not principal.role.allows(needed):
         raise RoleRequired(principal, needed)

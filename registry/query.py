@@ -130,6 +130,12 @@ ALLOWED_PARAMETERS: dict[str, frozenset[str]] = {
     "get_tokens": frozenset({"include_revoked"}),
     "delete_token": frozenset(),
     "post_guard_ack": frozenset(),
+    "get_root": frozenset(),
+    "get_ui": frozenset(),
+    "get_ui_asset": frozenset(),
+    "post_ui_login": frozenset(),
+    "post_ui_logout": frozenset(),
+    "get_ui_session": frozenset(),
 }
 # Liberal on the runtime path: a runtime's unknown parameters are ignored and reported like
 # its unknown body fields (registry/handlers/runtime.py), never refused.

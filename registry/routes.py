@@ -16,6 +16,7 @@ from registry.handlers import (
     tokens,
     workspaces,
 )
+from registry.ui import handlers as ui
 
 # Routes that health checkers and load balancers probe, often with HEAD.
 PROBES = frozenset({"/healthz", "/readyz", "/metrics"})
@@ -55,6 +56,13 @@ def setup_routes(app: web.Application) -> None:
         ("GET", "/tokens", tokens.get_tokens),
         ("DELETE", "/tokens/{id}", tokens.delete_token),
         ("POST", "/fleet/guard/ack", guard.post_guard_ack),
+        # Issue 17: the dashboard.
+        ("GET", "/", ui.get_root),
+        ("GET", "/ui/", ui.get_ui),
+        ("GET", "/ui/static/{name}", ui.get_ui_asset),
+        ("POST", "/ui/login", ui.post_ui_login),
+        ("POST", "/ui/logout", ui.post_ui_logout),
+        ("GET", "/ui/session", ui.get_ui_session),
     ]
     for method, path, handler in table:
         if path in PROBES:

@@ -56,6 +56,13 @@ RUNTIME_AND_PROBE_OPERATIONS = {
     "get_buildinfo",
     "get_openapi",
     "get_metrics",
+    # The dashboard's pages and browser sessions (issue 17): the CLI has its token already.
+    "get_root",
+    "get_ui",
+    "get_ui_asset",
+    "post_ui_login",
+    "post_ui_logout",
+    "get_ui_session",
 }
 
 

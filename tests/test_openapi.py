@@ -31,12 +31,12 @@ from referencing import Resource
 from referencing.jsonschema import DRAFT202012
 
 import registry as registry_package
-from registry.auth import PUBLIC_ROUTES, WORKSPACE_TOKEN_ROUTES, required_role
+from registry.auth import PUBLIC_ROUTES, UI_ROUTES, WORKSPACE_TOKEN_ROUTES, required_role
 from registry.handlers import operations as operations_handlers
 from registry.plugins import SourceSettings, parse_source
 from registry.plugins.sources import default_plugin_name, validate_plugin_name
 from registry.startup import stand_in
-from tests.support import ADMIN, Registry, Workspace, bearer, write_tree
+from tests.support import ADMIN, ADMIN_TOKEN, Registry, Workspace, bearer, write_tree
 
 SPEC_FILE = Path(registry_package.__file__).parent / "openapi.json"
 SPEC_URI = "urn:registry:openapi"
@@ -196,7 +196,7 @@ def test_security_matches_the_auth_rules() -> None:
         assert (scheme["type"], scheme["scheme"]) == ("http", "bearer")
     for (method, path), operation in documented_operations(spec).items():
         name = operation["operationId"]
-        if name in PUBLIC_ROUTES:
+        if name in PUBLIC_ROUTES or name in UI_ROUTES:
             expected: list[dict[str, list[str]]] = []
         elif name in WORKSPACE_TOKEN_ROUTES:
             expected = [{"workspaceToken": []}]
@@ -348,6 +348,8 @@ async def test_every_documented_response_is_produced_and_conforms(
         wrong_method = await client.post(path)
         assert wrong_method.status == 405
         assert not conformance.error_schema_errors(await wrong_method.json())
+
+    await _check_dashboard_routes(client, check)
 
     async def pending(conn: Any) -> list[str]:
         return ["9999_not_applied.sql"]
@@ -891,6 +893,36 @@ async def test_every_documented_response_is_produced_and_conforms(
 
     missing = conformance.all_documented() - conformance.seen
     assert not missing, f"documented responses never produced: {sorted(missing)}"
+
+
+async def _check_dashboard_routes(client: TestClient[Any, Any], check: Any) -> None:
+    """Issue 17's routes: pages, login (every refusal), the session, logout."""
+    origin = {"Origin": str(client.make_url("")).rstrip("/")}
+    root = await client.get("/", allow_redirects=False)
+    assert root.headers["Location"] == "/ui/"
+    await check(root, "get_root")
+    await check(await client.get("/ui/"), "get_ui")
+    # The document names every file the package ships there, and only those.
+    spec = load_spec()["paths"]["/ui/static/{name}"]["get"]["parameters"][0]["schema"]
+    shipped = Path(registry_package.__file__).parent / "ui" / "static"
+    assert sorted(spec["enum"]) == sorted(p.name for p in shipped.iterdir())
+    for name in spec["enum"]:
+        await check(await client.get(f"/ui/static/{name}"), "get_ui_asset")
+    await check(await client.get("/ui/static/nope.js"), "get_ui_asset")
+    await check(await client.post("/ui/login", json={"token": "x"}), "post_ui_login")  # 403
+    await check(await client.post("/ui/login", json={}, headers=origin), "post_ui_login")
+    wrong = await client.post("/ui/login", json={"token": "wrong"}, headers=origin)
+    await check(wrong, "post_ui_login")
+    await check(await client.get("/ui/session"), "get_ui_session")  # 401
+    login = await client.post("/ui/login", json={"token": ADMIN_TOKEN}, headers=origin)
+    assert (await check(login, "post_ui_login")) == {"name": "admin", "role": "admin"}
+    # Sent by hand: the test client's cookie jar keeps no cookie of an IP address.
+    cookie = {"Cookie": f"registry_session={login.cookies['registry_session'].value}"}
+    session = await client.get("/ui/session", headers=cookie)
+    assert (await check(session, "get_ui_session")) == {"name": "admin", "role": "admin"}
+    await check(await client.post("/ui/logout", headers=cookie), "post_ui_logout")  # 403
+    await check(await client.post("/ui/logout", headers=origin | cookie), "post_ui_logout")
+    assert (await client.get("/ui/session", headers=cookie)).status == 401
 
 
 # --- request schemas accept what the handlers accept ---------------------------------------

@@ -61,6 +61,11 @@ def test_the_wheel_carries_every_module_and_every_migration(wheel: Path) -> None
     expected = {path.relative_to(ROOT).as_posix() for path in (ROOT / "registry").rglob("*.py")} | {
         f"registry/migrations/{path.name}" for path in (ROOT / "migrations").glob("*.sql")
     }
+    # The dashboard's pages are package data too (issue 17).
+    expected |= {
+        path.relative_to(ROOT).as_posix()
+        for path in (ROOT / "registry" / "ui" / "static").iterdir()
+    }
 
     assert expected - shipped == set()
 

@@ -1,0 +1,1 @@
+"""The operator dashboard (issue 17): static pages served under /ui/ and browser sessions."""

@@ -1,0 +1,105 @@
+"""The dashboard's routes: its static files, login, logout and who the session is."""
+
+from __future__ import annotations
+
+import time
+from importlib import resources
+
+from aiohttp import web
+
+from registry import auth
+from registry import validation as v
+from registry.errors import InvalidField, NotFound
+from registry.jsonio import json_response
+from registry.ui.sessions import COOKIE, SESSION_TTL_S
+
+# No inline script or style, nothing from another origin, no framing.
+CSP = (
+    "default-src 'self'; script-src 'self'; style-src 'self'; img-src 'self'; "
+    "connect-src 'self'; frame-ancestors 'none'; base-uri 'none'; form-action 'self'"
+)
+_TYPES = {
+    ".html": "text/html",
+    ".js": "text/javascript",
+    ".css": "text/css",
+    ".svg": "image/svg+xml",
+}
+_STATIC = resources.files("registry.ui") / "static"
+
+
+def _harden(response: web.StreamResponse) -> web.StreamResponse:
+    response.headers["Content-Security-Policy"] = CSP
+    response.headers["X-Content-Type-Options"] = "nosniff"
+    response.headers["Referrer-Policy"] = "no-referrer"
+    response.headers["Cache-Control"] = "no-store"
+    return response
+
+
+def _file(name: str) -> web.Response:
+    suffix = name[name.rfind(".") :] if "." in name else ""
+    # Only plain names of files the package ships: no path, no other file of the package.
+    if suffix not in _TYPES or "/" in name or name.startswith("."):
+        raise NotFound(f"no such dashboard file: {name}")
+    resource = _STATIC / name
+    if not resource.is_file():
+        raise NotFound(f"no such dashboard file: {name}")
+    body = resource.read_bytes()
+    response = web.Response(body=body, content_type=_TYPES[suffix], charset="utf-8")
+    _harden(response)
+    return response
+
+
+async def get_root(request: web.Request) -> web.Response:
+    # No body: HTTPFound's "302: Found" text would be one more thing to document.
+    return web.Response(status=302, headers={"Location": "/ui/"})
+
+
+async def get_ui(request: web.Request) -> web.Response:
+    return _file("index.html")
+
+
+async def get_ui_asset(request: web.Request) -> web.Response:
+    return _file(request.match_info["name"])
+
+
+async def post_ui_login(request: web.Request) -> web.Response:
+    auth.check_same_origin(request)
+    body = await v.read_json_object(request)
+    v.reject_unknown_fields(body, ("token",))
+    token = v.required(body, "token")
+    if not isinstance(token, str) or not token or len(token) > 512:
+        raise InvalidField("token must be a non-empty string", field="token")
+    principal = await auth.authenticate(request, token)
+    session_id = request.app[auth.UI_SESSIONS].create(
+        principal.name, principal.role.value, auth.api_token_lookup(token), time.monotonic()
+    )
+    response = json_response({"name": principal.name, "role": principal.role.value})
+    response.set_cookie(
+        COOKIE,
+        session_id,
+        max_age=SESSION_TTL_S,
+        path="/",
+        httponly=True,
+        samesite="Strict",
+        secure=request.secure,
+    )
+    _harden(response)
+    return response
+
+
+async def post_ui_logout(request: web.Request) -> web.Response:
+    auth.check_same_origin(request)
+    session_id = request.cookies.get(COOKIE)
+    if session_id:
+        request.app[auth.UI_SESSIONS].drop(session_id)
+    response = web.Response(status=204)
+    response.del_cookie(COOKIE, path="/")
+    _harden(response)
+    return response
+
+
+async def get_ui_session(request: web.Request) -> web.Response:
+    principal = request[auth.PRINCIPAL]
+    response = json_response({"name": principal.name, "role": principal.role.value})
+    _harden(response)
+    return response
