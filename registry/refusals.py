@@ -49,7 +49,7 @@ class _Refusals:
 # A refusal is keyed by its token (the workspace's current one or its previous, rotated
 # one), or by the workspace id the body named when the token matched nobody. The count runs
 # from the first refusal after the last accepted beat, so it says how long this has gone on.
-RECORD_REFUSALS = """
+_RECORD_REFUSALS = """
 WITH r AS (
     SELECT * FROM unnest($1::bytea[], $2::uuid[], $3::int[], $4::text[], $5::text[],
                          $6::int[], $7::float8[], $8::float8[])
@@ -62,17 +62,17 @@ stamped AS (
     FROM r
 ),
 owner AS (
-    SELECT w.id, r.* FROM stamped r JOIN workspaces w ON w.token_hash = r.token_hash
+    SELECT w.id, r.* FROM stamped r JOIN {table} w ON w.token_hash = r.token_hash
     UNION ALL
-    SELECT w.id, r.* FROM stamped r JOIN workspaces w ON w.previous_token_hash = r.token_hash
+    SELECT w.id, r.* FROM stamped r JOIN {table} w ON w.previous_token_hash = r.token_hash
     UNION ALL
-    SELECT w.id, r.* FROM stamped r JOIN workspaces w ON w.id = r.workspace_id
+    SELECT w.id, r.* FROM stamped r JOIN {table} w ON w.id = r.workspace_id
 ),
 ongoing AS (
     SELECT o.*, w.refused_since > COALESCE(w.last_heartbeat_at, '-infinity') AS continues
-    FROM owner o JOIN workspaces w ON w.id = o.id
+    FROM owner o JOIN {table} w ON w.id = o.id
 )
-UPDATE workspaces w SET
+UPDATE {table} w SET
     refused_at = o.last_at,
     refused_status = o.status,
     refused_code = o.code,
@@ -83,6 +83,11 @@ FROM ongoing o
 WHERE w.id = o.id
 RETURNING w.id, o.status, o.code, o.field, w.refused_count
 """
+# Live workspaces, then tombstones (a table of their own, migration 0017): a removed
+# workspace's runtime still beating shows its 410s on the tombstone.
+RECORD_REFUSALS = tuple(
+    _RECORD_REFUSALS.format(table=table) for table in ("workspaces", "removed_workspaces")
+)
 
 
 # Who was refused: a token's hash, or (for a token of nobody) the workspace id it claimed.
@@ -125,18 +130,19 @@ class RefusalLog:
             return 0
         pending, self._pending = self._pending, {}
         now = self._clock()
+        args = (
+            [k if isinstance(k, bytes) else None for k in pending],
+            [k if isinstance(k, uuid.UUID) else None for k in pending],
+            [r.status for r in pending.values()],
+            [r.code for r in pending.values()],
+            [r.field for r in pending.values()],
+            [r.count for r in pending.values()],
+            [now - r.first_at for r in pending.values()],
+            [now - r.last_at for r in pending.values()],
+        )
         try:
-            rows = await conn.fetch(
-                RECORD_REFUSALS,
-                [k if isinstance(k, bytes) else None for k in pending],
-                [k if isinstance(k, uuid.UUID) else None for k in pending],
-                [r.status for r in pending.values()],
-                [r.code for r in pending.values()],
-                [r.field for r in pending.values()],
-                [r.count for r in pending.values()],
-                [now - r.first_at for r in pending.values()],
-                [now - r.last_at for r in pending.values()],
-            )
+            async with conn.transaction():  # all or nothing: a failed flush is retried whole
+                rows = [row for sql in RECORD_REFUSALS for row in await conn.fetch(sql, *args)]
         except BaseException:
             self._merge_back(pending)
             raise

@@ -211,6 +211,7 @@ TABLES = (
     "installed_plugins",
     "declared_plugins",
     "workspaces",
+    "removed_workspaces",
     "fleet_expirations",
     "api_tokens",
 )

@@ -30,6 +30,7 @@ SPEC: dict[str, Any] = json.loads(
 # refreshes it on its own schedule, whatever the requests do.
 STATE_TABLES = (
     "workspaces",
+    "removed_workspaces",
     "declared_plugins",
     "installed_plugins",
     "reconciles",
@@ -215,7 +216,8 @@ def database_down(
 
 TRUNCATE = (
     "TRUNCATE workspace_actions, reconcile_steps, reconciles, workspace_events, "
-    "installed_plugins, declared_plugins, workspaces, api_tokens RESTART IDENTITY CASCADE"
+    "installed_plugins, declared_plugins, workspaces, removed_workspaces, api_tokens "
+    "RESTART IDENTITY CASCADE"
 )
 
 

@@ -313,7 +313,7 @@ async def test_migration_renames_later_duplicates_deterministically(empty_dsn: s
             "WHERE id = '00000000-0000-0000-0000-000000000004'"
         )
         await migrate(empty_dsn)
-        rows = await conn.fetch("SELECT id::text, name FROM workspaces ORDER BY id")
+        rows = await conn.fetch("SELECT id::text, name FROM all_workspaces ORDER BY id")
     finally:
         await conn.close()
     names = {r["id"][-1]: r["name"] for r in rows}

@@ -15,6 +15,7 @@ import pytest
 
 from registry.db import events, workspaces
 
+# Tombstones inserted into `workspaces` move to `removed_workspaces` (migration 0017).
 SEED = """
 INSERT INTO workspaces (id, name, status, token_hash)
 SELECT gen_random_uuid(), 'w' || g, CASE WHEN g % 10 = 0 THEN 'online' ELSE 'removed' END,
@@ -24,6 +25,7 @@ INSERT INTO workspace_events (workspace_id, kind, cause, seq)
 SELECT ids[1 + g % array_length(ids, 1)], 'status', 'seed', g
 FROM generate_series(1, 20000) AS g, (SELECT array_agg(id) AS ids FROM workspaces) AS w;
 ANALYZE workspaces;
+ANALYZE removed_workspaces;
 ANALYZE workspace_events;
 """
 
@@ -39,7 +41,7 @@ HOT_QUERIES = [
         "live list page",
         workspaces.SELECT_LIVE_PAGE,
         f"('{workspaces.FIRST_ID}', 100)",
-        "workspaces_live_idx",
+        "workspaces_pkey",
     ),
     (
         "status list page",
@@ -52,6 +54,18 @@ HOT_QUERIES = [
         workspaces.SELECT_ALL_PAGE,
         f"('{workspaces.FIRST_ID}', 100)",
         "workspaces_pkey",
+    ),
+    (
+        "list page with tombstones (their table)",
+        workspaces.SELECT_ALL_PAGE,
+        f"('{workspaces.FIRST_ID}', 100)",
+        "removed_workspaces_pkey",
+    ),
+    (
+        "removed list page",
+        workspaces.SELECT_REMOVED_PAGE,
+        f"('{workspaces.FIRST_ID}', 100)",
+        "removed_workspaces_pkey",
     ),
 ]
 

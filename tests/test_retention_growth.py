@@ -32,7 +32,7 @@ COUNTS = {
     "reconciles": "SELECT count(*) FROM reconciles",
     "reconcile_steps": "SELECT count(*) FROM reconcile_steps",
     "workspace_actions": "SELECT count(*) FROM workspace_actions",
-    "workspaces": "SELECT count(*) FROM workspaces",
+    "workspaces": "SELECT count(*) FROM all_workspaces",  # live ones and tombstones
 }
 FLEET_EVENTS = "SELECT count(*) FROM workspace_events WHERE workspace_id IS NULL"
 
@@ -45,8 +45,7 @@ AGE_BY_A_DAY = [
                              finished_at = finished_at - interval '1 day'""",
     """UPDATE workspace_actions SET created_at = created_at - interval '1 day',
                                     acked_at = acked_at - interval '1 day'""",
-    "UPDATE workspaces SET status_changed_at = status_changed_at - interval '1 day'"
-    " WHERE status = 'removed'",
+    "UPDATE removed_workspaces SET status_changed_at = status_changed_at - interval '1 day'",
 ]
 
 

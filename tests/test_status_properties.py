@@ -86,7 +86,7 @@ async def scenario(dsn: str, ops: list[Op]) -> None:
     conn = await asyncpg.connect(dsn)
     await init_connection(conn)
     try:
-        await conn.execute("TRUNCATE workspaces, workspace_events CASCADE")
+        await conn.execute("TRUNCATE workspaces, removed_workspaces, workspace_events CASCADE")
         workspace_id = await conn.fetchval(
             "INSERT INTO workspaces (name, token_hash) "
             "VALUES ('w-' || gen_random_uuid(), $1) RETURNING id",

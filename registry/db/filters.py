@@ -110,8 +110,6 @@ class _Statement:
 def build(filters: Filters, after: uuid.UUID | None, limit: int) -> tuple[str, list[Any]]:
     """The statement and its arguments; its text depends only on which filters are present."""
     s = _Statement(FIRST_ID if after is None else after, limit)
-    if filters.hides_removed:
-        s.where("w.status <> 'removed'")
     if filters.statuses:
         s.where(f"w.status = ANY({s.arg(list(filters.statuses))}::text[])")
     if filters.name_prefix is not None:
@@ -125,8 +123,10 @@ def build(filters: Filters, after: uuid.UUID | None, limit: int) -> tuple[str, l
         s.where(_HAS[has])
     if filters.syncs:
         s.where("(" + " OR ".join(f"({_SYNC_CANDIDATES[x]})" for x in filters.syncs) + ")")
+    # Tombstones are a table of their own (migration 0017), read only when asked for.
+    table = "workspaces" if filters.hides_removed else "all_workspaces"
     sql = (
-        f"SELECT {WORKSPACE_COLUMNS} FROM workspaces w WHERE "
+        f"SELECT {WORKSPACE_COLUMNS} FROM {table} w WHERE "
         + "\n  AND ".join(s.conditions)
         + "\nORDER BY w.id LIMIT $2"
     )

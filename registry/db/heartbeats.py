@@ -314,11 +314,15 @@ async def apply_beat(conn: Connection, beat: Beat) -> BeatResult:
 
 # The current token, else the previous one: in its grace period it is a valid token used for
 # another workspace (403); after it, a rotated token (401 token_rotated, not "unknown").
+# Tombstones too (they are not in `workspaces`, so the beat matched nothing): a removed
+# workspace's own token is answered 410 until the tombstone is pruned.
 SELECT_TOKEN_OWNER = """
-SELECT id, 'current' AS token FROM workspaces WHERE token_hash = $1
+SELECT id, 'current' AS token, status = 'removed' AS removed
+FROM all_workspaces WHERE token_hash = $1
 UNION ALL
-SELECT id, CASE WHEN previous_token_valid_until > now() THEN 'previous' ELSE 'rotated' END
-FROM workspaces WHERE previous_token_hash = $1
+SELECT id, CASE WHEN previous_token_valid_until > now() THEN 'previous' ELSE 'rotated' END,
+       status = 'removed'
+FROM all_workspaces WHERE previous_token_hash = $1
 LIMIT 1
 """
 
@@ -329,9 +333,15 @@ TokenState = Literal["current", "previous", "rotated"]
 class TokenOwner:
     workspace_id: uuid.UUID
     token: TokenState
+    removed: bool = False  # the token's workspace is a tombstone
+
+    def is_removed(self, workspace_id: uuid.UUID) -> bool:
+        """A token that still works, of this removed workspace: what a beat got 410 for when
+        tombstones were rows of `workspaces`."""
+        return self.removed and self.workspace_id == workspace_id and self.token != "rotated"
 
 
 async def token_owner(conn: Connection, token_hash: bytes) -> TokenOwner | None:
     """Slow path for a beat that matched nothing: whose token is this, if anyone's?"""
     row = await conn.fetchrow(SELECT_TOKEN_OWNER, token_hash)
-    return None if row is None else TokenOwner(row["id"], row["token"])
+    return None if row is None else TokenOwner(row["id"], row["token"], row["removed"])

@@ -10,6 +10,8 @@ import asyncpg
 
 from registry.db import Connection
 from registry.db.events import insert_reconcile_event
+from registry.db.workspaces import is_tombstone
+from registry.statuses import Status
 
 
 @dataclass(frozen=True, slots=True)
@@ -562,6 +564,8 @@ class Requested:
 async def lock_workspace_status(conn: Connection, workspace_id: uuid.UUID) -> str | None:
     """Lock the workspace row for this transaction; its status, or None if it does not exist."""
     status = await conn.fetchval(LOCK_WORKSPACE, workspace_id)
+    if status is None and await is_tombstone(conn, workspace_id):
+        return Status.REMOVED.value  # tombstones (migration 0017) never change: no lock
     return status if isinstance(status, str) else None
 
 

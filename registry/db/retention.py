@@ -147,13 +147,15 @@ async def prune_actions(conn: Connection, *, batch: int, retention_s: float) -> 
     return int(str(status).rsplit(" ", 1)[1])
 
 
-# Tombstones removed before the cutoff, oldest first; their plugins, runs, steps and actions
-# go by cascade, their events (no foreign key) explicitly, in the same statement. Once the
-# row is gone the workspace's token matches nothing: 401 instead of 410.
+# Tombstones removed before the cutoff, oldest first, with everything that was theirs: their
+# events, plugin records, runs (steps go by cascade) and actions, in the same statement (none
+# has a foreign key to the tombstone, migration 0017). Once the row is gone the workspace's
+# token matches nothing: 401 instead of 410. Only a refusal being recorded on it holds a
+# tombstone's row: passed over, like any row someone holds.
 PRUNE_TOMBSTONES = """
 WITH doomed AS (
-    SELECT id FROM workspaces
-    WHERE status = 'removed' AND status_changed_at < now() - make_interval(secs => $1)
+    SELECT id FROM removed_workspaces
+    WHERE status_changed_at < now() - make_interval(secs => $1)
     ORDER BY status_changed_at
     LIMIT $2
     FOR UPDATE SKIP LOCKED
@@ -166,8 +168,12 @@ mark AS (
         events_pruned_through, (SELECT max(seq) FROM events))
     WHERE EXISTS (SELECT 1 FROM events WHERE seq IS NOT NULL)
 ),
+declared AS (DELETE FROM declared_plugins p USING doomed d WHERE p.workspace_id = d.id),
+installed AS (DELETE FROM installed_plugins p USING doomed d WHERE p.workspace_id = d.id),
+actions AS (DELETE FROM workspace_actions a USING doomed d WHERE a.workspace_id = d.id),
+runs AS (DELETE FROM reconciles r USING doomed d WHERE r.workspace_id = d.id),
 gone AS (
-    DELETE FROM workspaces w USING doomed d WHERE w.id = d.id RETURNING 1
+    DELETE FROM removed_workspaces w USING doomed d WHERE w.id = d.id RETURNING 1
 )
 SELECT (SELECT count(*) FROM gone) AS workspaces, (SELECT count(*) FROM events) AS events
 """

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from registry.db import Connection
+from registry.db.workspaces import is_tombstone
 from registry.statuses import Status, legal_sources
 
 TRANSITION = """
@@ -66,6 +67,9 @@ async def transition(
     sources = [s.value for s in legal_sources(to) if only_from is None or s in only_from]
     row = await conn.fetchrow(TRANSITION, workspace_id, to.value, sources, cause, actor)
     if row is None:
+        # Not in `workspaces`: a tombstone, which never changes again, or nothing.
+        if await is_tombstone(conn, workspace_id):
+            return TransitionResult(Status.REMOVED, False)
         return TransitionResult(None, False)
     return TransitionResult(Status(row["previous_status"]), row["changed"])
 

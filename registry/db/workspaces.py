@@ -162,7 +162,8 @@ async def _created(
     return workspace
 
 
-SELECT_WORKSPACE = f"SELECT {WORKSPACE_COLUMNS} FROM workspaces WHERE id = $1"
+# Tombstones included (migration 0017's view): a removed workspace is shown until pruned.
+SELECT_WORKSPACE = f"SELECT {WORKSPACE_COLUMNS} FROM all_workspaces WHERE id = $1"
 
 
 async def get_workspace(conn: Connection, workspace_id: uuid.UUID) -> Workspace | None:
@@ -183,14 +184,23 @@ async def replace_declared(
     )
 
 
-WORKSPACE_EXISTS = "SELECT EXISTS (SELECT 1 FROM workspaces WHERE id = $1)"
+WORKSPACE_EXISTS = "SELECT EXISTS (SELECT 1 FROM all_workspaces WHERE id = $1)"
 
 
 async def workspace_exists(conn: Connection, workspace_id: uuid.UUID) -> bool:
     return bool(await conn.fetchval(WORKSPACE_EXISTS, workspace_id))
 
 
-SELECT_NAMES = "SELECT id, name FROM workspaces WHERE id = ANY($1::uuid[])"
+# Tombstones are rows of `removed_workspaces` (migration 0017), which never change again:
+# nothing to lock once a workspace is found there.
+TOMBSTONE_EXISTS = "SELECT EXISTS (SELECT 1 FROM removed_workspaces WHERE id = $1)"
+
+
+async def is_tombstone(conn: Connection, workspace_id: uuid.UUID) -> bool:
+    return bool(await conn.fetchval(TOMBSTONE_EXISTS, workspace_id))
+
+
+SELECT_NAMES = "SELECT id, name FROM all_workspaces WHERE id = ANY($1::uuid[])"
 
 
 async def names_of(conn: Connection, ids: set[uuid.UUID]) -> dict[uuid.UUID, str]:
@@ -282,19 +292,20 @@ async def forget_installed(conn: Connection, workspace_id: uuid.UUID, name: str)
 
 # Keyset pagination on id: stable under inserts, one index range scan per page. One
 # statement per filter shape (never "$1 IS NULL OR status = $1"): each one's generic plan is
-# the right one, the first page starts after the nil uuid. Tombstones are left out unless
-# asked for, through the partial index of live rows.
+# the right one, the first page starts after the nil uuid. Tombstones live in a table of
+# their own (migration 0017): read only when asked for, never passed over.
 FIRST_ID = uuid.UUID(int=0)
 
 SELECT_LIVE_PAGE = f"""
 SELECT {WORKSPACE_COLUMNS} FROM workspaces
-WHERE status <> 'removed' AND id > $1
+WHERE id > $1
 ORDER BY id
 LIMIT $2
 """
 
+# Both tables' primary keys, merged in id order.
 SELECT_ALL_PAGE = f"""
-SELECT {WORKSPACE_COLUMNS} FROM workspaces
+SELECT {WORKSPACE_COLUMNS} FROM all_workspaces
 WHERE id > $1
 ORDER BY id
 LIMIT $2
@@ -304,6 +315,13 @@ SELECT_STATUS_PAGE = f"""
 SELECT {WORKSPACE_COLUMNS} FROM workspaces
 WHERE status = $3 AND id > $1
 ORDER BY status, id
+LIMIT $2
+"""
+
+SELECT_REMOVED_PAGE = f"""
+SELECT {WORKSPACE_COLUMNS} FROM removed_workspaces
+WHERE id > $1
+ORDER BY id
 LIMIT $2
 """
 
@@ -317,7 +335,9 @@ async def list_workspaces(
     include_removed: bool = False,
 ) -> list[Workspace]:
     start = FIRST_ID if after is None else after
-    if status is not None:
+    if status == Status.REMOVED.value:
+        rows = await conn.fetch(SELECT_REMOVED_PAGE, start, limit)
+    elif status is not None:
         rows = await conn.fetch(SELECT_STATUS_PAGE, start, limit, status)
     elif include_removed:
         rows = await conn.fetch(SELECT_ALL_PAGE, start, limit)

@@ -187,6 +187,8 @@ async def _answer(request: web.Request, parsed: Parsed, kind: str) -> web.Respon
     if result.previous_status is None:
         async with app[POOL].acquire() as conn:
             owner = await token_owner(conn, beat.token_hash)
+        if owner is not None and owner.is_removed(beat.workspace_id):
+            raise Gone("the workspace was removed: stop heartbeating")
         if owner is None:
             # Shown on the workspace the body names, as unauthenticated: a runtime with a
             # wrong token is visible there (at one write per flush, whoever sends it).
