@@ -26,18 +26,19 @@ async def eventually(check: Callable[[], Awaitable[bool]], within_s: float = 10.
 
 async def status_of(registry: Registry, workspace: Workspace) -> str:
     status: str = await registry.db.fetchval(
-        "SELECT status FROM workspaces WHERE id = $1", uuid.UUID(workspace.id)
+        "SELECT status FROM all_workspaces WHERE id = $1", uuid.UUID(workspace.id)
     )
     return status
 
 
 async def make_silent(registry: Registry, workspaces: list[Workspace], seconds: float) -> None:
-    await registry.db.execute(
-        "UPDATE workspaces SET last_heartbeat_at = now() - make_interval(secs => $2) "
-        "WHERE id = ANY($1::uuid[])",
-        [uuid.UUID(w.id) for w in workspaces],
-        seconds,
-    )
+    for table in ("workspaces", "removed_workspaces"):  # tombstones too (migration 0017)
+        await registry.db.execute(
+            f"UPDATE {table} SET last_heartbeat_at = now() - make_interval(secs => $2) "
+            "WHERE id = ANY($1::uuid[])",
+            [uuid.UUID(w.id) for w in workspaces],
+            seconds,
+        )
 
 
 async def test_silent_workspace_goes_offline_at_its_deadline_and_not_before(
