@@ -191,8 +191,8 @@ async def workspace_exists(conn: Connection, workspace_id: uuid.UUID) -> bool:
     return bool(await conn.fetchval(WORKSPACE_EXISTS, workspace_id))
 
 
-# Tombstones are rows of `removed_workspaces` (migration 0017), which never change again:
-# nothing to lock once a workspace is found there.
+# Tombstones are rows of `removed_workspaces` (migration 0017), whose status never changes
+# again: a workspace found there is removed, with no lock to hold.
 TOMBSTONE_EXISTS = "SELECT EXISTS (SELECT 1 FROM removed_workspaces WHERE id = $1)"
 
 
