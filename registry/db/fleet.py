@@ -156,10 +156,8 @@ async def record_expirations(conn: Connection, n: int) -> None:
         await conn.execute(RECORD_EXPIRATIONS, n)
 
 
-# Live rows through their partial index, tombstones through theirs (an index-only count,
-# bounded by tombstone retention), so tombstones never make the live count scan them.
-# Live rows only (through workspaces_live_idx); tombstones are counted as they come and go
-# (migrations/0015_tombstone_count.sql), so a million of them cost nothing here.
+# Live rows only: tombstones are rows of `removed_workspaces`, counted as they come and go
+# (triggers of migrations 0015 and 0017), so a million of them cost nothing here.
 STATUS_COUNTS = """
 SELECT status, count(*) AS n FROM workspaces WHERE status <> 'removed' GROUP BY status
 UNION ALL

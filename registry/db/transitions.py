@@ -74,9 +74,8 @@ async def transition(
     return TransitionResult(Status(row["previous_status"]), row["changed"])
 
 
-# `status <> 'removed'` is implied by the legal sources, but a generic plan cannot see that:
-# written out, it lets the planner use the live-rows partial index (migration 0007), so
-# tombstones cost the sweeper nothing.
+# Tombstones are not in `workspaces` (migration 0017): they cost the sweeper nothing. The
+# `status <> 'removed'` below, implied by the legal sources anyway, is only a guard now.
 # A workspace is silent after `$2` seconds, or after `$6` of its own observed heartbeat
 # intervals if that is longer, up to `$7` seconds: the window follows each runtime's real
 # interval, computed row by row in the same set-based statement.
