@@ -103,7 +103,7 @@ class Registry:
         refuses others), as heartbeats, sweepers or operators would have."""
         current = Status(
             await self.db.fetchval(
-                "SELECT status FROM workspaces WHERE id = $1", uuid.UUID(workspace.id)
+                "SELECT status FROM all_workspaces WHERE id = $1", uuid.UUID(workspace.id)
             )
         )
         for step in legal_path(current, Status(status)):

@@ -86,7 +86,9 @@ async def scenario(dsn: str, ops: list[Op]) -> None:
     conn = await asyncpg.connect(dsn)
     await init_connection(conn)
     try:
-        await conn.execute("TRUNCATE workspaces, removed_workspaces, workspace_events CASCADE")
+        await conn.execute(
+            "TRUNCATE workspaces, removed_workspaces, workspace_events, reconciles CASCADE"
+        )
         workspace_id = await conn.fetchval(
             "INSERT INTO workspaces (name, token_hash) "
             "VALUES ('w-' || gen_random_uuid(), $1) RETURNING id",
@@ -95,7 +97,7 @@ async def scenario(dsn: str, ops: list[Op]) -> None:
         statuses = [Status.PROVISIONING]
         for op in ops:
             await apply(conn, workspace_id, op)
-            now = Status(await conn.fetchval("SELECT status FROM workspaces"))
+            now = Status(await conn.fetchval("SELECT status FROM all_workspaces"))
             if now is not statuses[-1]:
                 statuses.append(now)
         events = await conn.fetch(
