@@ -17,6 +17,7 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -261,8 +262,20 @@ def _serve(settings: Settings, dsn: str, argv: list[str]) -> int:
     _tune_garbage_collector()
     # Listens at once and answers 503 `starting` until migrations are applied and the app
     # has started (registry/startup.py).
-    asyncio.run(serve(settings, dsn, worker))
+    with asyncio.Runner(loop_factory=_loop_factory(settings.event_loop)) as runner:
+        runner.run(serve(settings, dsn, worker))
     return 0
+
+
+def _loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    if name == "asyncio":
+        return None
+    try:
+        import uvloop  # optional: imported only when asked for
+    except ImportError:
+        raise SettingsError("REGISTRY_EVENT_LOOP=uvloop: uvloop is not installed") from None
+    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+    return factory
 
 
 def _supervise(settings: Settings, dsn: str, argv: list[str]) -> int:

@@ -29,6 +29,8 @@ class Settings:
     port: int = 8080
     # Processes answering on the port (registry/workers.py); REGISTRY_WORKERS=auto: one per CPU.
     workers: int = 1
+    # asyncio's own loop, or uvloop (`pip install uvloop`); docs/benchmarks.md has the A/B.
+    event_loop: str = "asyncio"
     # None: `serve` generates one per start and prints it (development only).
     admin_token: str | None = None
     data_dir: Path = field(default_factory=default_data_dir)
@@ -189,6 +191,7 @@ class Settings:
 
         need(0 < self.port < 65536, f"port must be 1..65535, got {self.port}")
         need(self.workers >= 1, f"workers must be at least 1, got {self.workers}")
+        need(self.event_loop in ("asyncio", "uvloop"), "event_loop must be asyncio or uvloop")
         need(self.max_body_bytes >= 1024, "max_body_bytes must be at least 1024")
         need(self.max_header_bytes >= 1024, "max_header_bytes must be at least 1024")
         need(self.max_headers >= 8, "max_headers must be at least 8")
@@ -393,6 +396,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "host": _text,
     "port": _positive_int,
     "workers": parse_workers,
+    "event_loop": str.lower,
     "admin_token": _text,
     "data_dir": Path,
     "plugins_dir": Path,
