@@ -122,3 +122,25 @@ def start_many(dsn: str, work_dir: Path, env: dict[str, str], count: int) -> lis
             process.stop()
         raise
     return processes
+
+
+def worker_pids(url: str, workers: int, within_s: float = 30.0) -> list[int]:
+    """The pids of a `serve --workers N` process's workers, from its /metrics, once all N
+    answer there (the supervisor's /readyz is one worker's)."""
+    deadline = time.monotonic() + within_s
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/metrics", timeout=5) as response:  # noqa: S310
+                text = response.read().decode()
+        except (urllib.error.URLError, OSError):
+            text = ""
+        pids = [
+            int(float(line.rsplit(" ", 1)[1]))
+            for line in text.splitlines()
+            if line.startswith("registry_worker_pid{")
+        ]
+        if len(pids) == workers:
+            return pids
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"not all {workers} workers answered at {url}/metrics")
+        time.sleep(0.2)
