@@ -5,13 +5,17 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import uuid
 from pathlib import Path
 
 import aiohttp
 import asyncpg
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from registry.settings import Settings, SettingsError
+from registry.workers import cpu_count
 from tests.processes import Processes, RegistryProcess
 from tests.support import ADMIN, bearer
 
@@ -165,3 +169,34 @@ async def test_a_worker_that_dies_takes_the_whole_down(
     log = registry.log()
     assert f"worker 1 (pid {pids['1']}) exited with status -9; stopping the others" in log
     assert "registry.startup: stopped" in log  # the survivor drained as on SIGTERM
+
+
+def test_workers_auto_means_one_per_usable_cpu() -> None:
+    assert Settings.from_env({"REGISTRY_WORKERS": "auto"}).workers == cpu_count()
+    assert Settings.from_env({"REGISTRY_WORKERS": "3"}).workers == 3
+
+
+def test_workers_must_be_a_positive_count_or_auto() -> None:
+    with pytest.raises(SettingsError, match="REGISTRY_WORKERS='0'"):
+        Settings.from_env({"REGISTRY_WORKERS": "0"})
+    with pytest.raises(SettingsError, match="REGISTRY_WORKERS='many'"):
+        Settings.from_env({"REGISTRY_WORKERS": "many"})
+
+
+async def test_a_port_in_use_is_refused_before_any_worker_starts(
+    dsn: str, tmp_path: Path, processes: Processes
+) -> None:
+    """SO_REUSEPORT alone would let the workers join another listener of the same user."""
+    with socket.socket() as taken:
+        taken.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        registry = processes.registry(
+            dsn, tmp_path, env={"REGISTRY_WORKERS": "2", "REGISTRY_PORT": str(port)}
+        )
+        code = await asyncio.to_thread(registry.process.wait, 30)
+
+    assert code == 2
+    assert f"cannot listen on 127.0.0.1:{port}" in registry.log()
+    assert "supervising" not in registry.log()
