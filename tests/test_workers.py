@@ -63,10 +63,11 @@ async def _two_workers(dsn: str, tmp_path: Path, processes: Processes) -> Regist
     registry = processes.registry(
         dsn, tmp_path, env={"REGISTRY_WORKERS": "2", "REGISTRY_LOG_FORMAT": "text"}
     )
-    await registry.wait_healthy()
+    # Two processes importing the app at once on a busy machine: a generous bound.
+    await registry.wait_healthy(within_s=90)
     # /readyz answered from one worker; the other may still be starting (its stand-in answers
     # 503 meanwhile): until both views are in a scrape.
-    deadline = asyncio.get_running_loop().time() + 30
+    deadline = asyncio.get_running_loop().time() + 90
     while (await _scrape(registry.url, starting_ok=True)).get("registry_worker_up") != {
         "0": 1.0,
         "1": 1.0,
@@ -200,3 +201,21 @@ async def test_a_port_in_use_is_refused_before_any_worker_starts(
     assert code == 2
     assert f"cannot listen on 127.0.0.1:{port}" in registry.log()
     assert "supervising" not in registry.log()
+
+
+async def test_workers_stop_when_the_supervisor_is_killed(
+    dsn: str, db: asyncpg.Connection, tmp_path: Path, processes: Processes
+) -> None:
+    """SIGKILL leaves the supervisor no chance to stop them: the kernel signals them instead
+    (PR_SET_PDEATHSIG), so none keeps the port, its leases and its pools."""
+    registry = await _two_workers(dsn, tmp_path, processes)
+    pids = [int(pid) for pid in (await _scrape(registry.url))["registry_worker_pid"].values()]
+
+    registry.signal(signal.SIGKILL)
+    registry.process.wait(10)
+    deadline = asyncio.get_running_loop().time() + 40
+    while any(_alive(pid) for pid in pids):
+        assert asyncio.get_running_loop().time() < deadline, registry.log()
+        await asyncio.sleep(0.1)
+
+    assert registry.log().count("registry.startup: stopped") == 2  # each drained
