@@ -39,6 +39,7 @@ from registry.keys import (
     REFUSALS,
     SETTINGS,
     SOURCES,
+    WORKER,
 )
 from registry.liveness import LivenessSweeper
 from registry.logs import echo_request_id, request_id_middleware
@@ -54,6 +55,7 @@ from registry.routes import setup_routes
 from registry.settings import Settings
 from registry.tolerance import IgnoredFieldReporter
 from registry.ui.sessions import SessionStore
+from registry.workers import Worker
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +70,9 @@ POOL_CLOSE_S = 5.0
 HTTP_CLOSE_S = 5.0
 
 
-def create_app(settings: Settings, dsn: str) -> web.Application:
-    """Build the application; no I/O happens until it starts."""
+def create_app(settings: Settings, dsn: str, worker: Worker | None = None) -> web.Application:
+    """Build the application; no I/O happens until it starts. `worker`: which of several
+    processes on one port this is (default: the only one)."""
     metrics = Metrics()
     admission = Admission(settings.max_requests_in_flight, metrics.turned_away)
     app = web.Application(
@@ -86,6 +89,7 @@ def create_app(settings: Settings, dsn: str) -> web.Application:
     )
     app[SETTINGS] = settings
     app[DSN] = dsn
+    app[WORKER] = worker or Worker()
     app[METRICS] = metrics
     app[ADMISSION] = admission
     app[IGNORED_FIELDS] = IgnoredFieldReporter(app[METRICS])

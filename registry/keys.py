@@ -15,6 +15,7 @@ from registry.reconcile.worker import ReconcileWorker
 from registry.refusals import RefusalLog
 from registry.settings import Settings
 from registry.tolerance import IgnoredFieldReporter
+from registry.workers import Worker
 
 SETTINGS = web.AppKey("settings", Settings)
 DSN = web.AppKey("dsn", str)
@@ -29,3 +30,5 @@ IGNORED_FIELDS = web.AppKey("ignored_fields", IgnoredFieldReporter)
 REFUSALS = web.AppKey("refusals", RefusalLog)
 ADMISSION = web.AppKey("admission", Admission)
 FLEET_GAUGES = web.AppKey("fleet_gauges", FleetGauges)
+# Which of the processes sharing the port this is (registry/workers.py).
+WORKER = web.AppKey("worker", Worker)

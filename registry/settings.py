@@ -9,6 +9,8 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from registry.workers import cpu_count
+
 
 class SettingsError(ValueError):
     """A setting is missing or malformed; start-up stops with this message."""
@@ -25,6 +27,10 @@ class Settings:
     dsn: str | None = None
     host: str = "127.0.0.1"
     port: int = 8080
+    # Processes answering on the port (registry/workers.py); REGISTRY_WORKERS=auto: one per CPU.
+    workers: int = 1
+    # asyncio's own loop, or uvloop (`pip install uvloop`); docs/benchmarks.md has the A/B.
+    event_loop: str = "asyncio"
     # None: `serve` generates one per start and prints it (development only).
     admin_token: str | None = None
     data_dir: Path = field(default_factory=default_data_dir)
@@ -184,6 +190,8 @@ class Settings:
                 raise SettingsError(message)
 
         need(0 < self.port < 65536, f"port must be 1..65535, got {self.port}")
+        need(self.workers >= 1, f"workers must be at least 1, got {self.workers}")
+        need(self.event_loop in ("asyncio", "uvloop"), "event_loop must be asyncio or uvloop")
         need(self.max_body_bytes >= 1024, "max_body_bytes must be at least 1024")
         need(self.max_header_bytes >= 1024, "max_header_bytes must be at least 1024")
         need(self.max_headers >= 8, "max_headers must be at least 8")
@@ -345,6 +353,13 @@ def _positive_int(raw: str) -> int:
     return value
 
 
+def parse_workers(raw: str) -> int:
+    """A worker count, or `auto`: one per CPU this process may use."""
+    if raw.strip().lower() == "auto":
+        return cpu_count()
+    return _positive_int(raw)
+
+
 def _non_negative_int(raw: str) -> int:
     value = int(raw)
     if value < 0:
@@ -380,6 +395,8 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "dsn": _text,
     "host": _text,
     "port": _positive_int,
+    "workers": parse_workers,
+    "event_loop": str.lower,
     "admin_token": _text,
     "data_dir": Path,
     "plugins_dir": Path,
