@@ -15,7 +15,7 @@ import asyncpg
 from aiohttp import web
 
 from registry.admission import Admission
-from registry.auth import UI_SESSIONS, admin_auth_middleware
+from registry.auth import admin_auth_middleware
 from registry.db.heartbeats import BeatPolicy
 from registry.db.pool import create_heartbeat_pool, create_pool
 from registry.db.reconciles import RestartBudget
@@ -53,7 +53,6 @@ from registry.retention import Pruner
 from registry.routes import setup_routes
 from registry.settings import Settings
 from registry.tolerance import IgnoredFieldReporter
-from registry.ui.sessions import SessionStore
 
 log = logging.getLogger(__name__)
 
@@ -90,7 +89,6 @@ def create_app(settings: Settings, dsn: str) -> web.Application:
     app[ADMISSION] = admission
     app[IGNORED_FIELDS] = IgnoredFieldReporter(app[METRICS])
     app[REFUSALS] = RefusalLog(app[METRICS])
-    app[UI_SESSIONS] = SessionStore()
     app[FLEET_GAUGES] = FleetGauges(app[METRICS], settings.metrics_cache_s)
     app[SOURCES] = source_settings(settings)
     app.on_response_prepare.append(echo_request_id)

@@ -10,7 +10,7 @@ import asyncpg
 
 from registry.db import fleet, reconciles
 from registry.db.errors import DatabaseUnavailable
-from registry.db.fleet_counts import fleet_counts
+from registry.db.fleet_counts import FleetCounts, fleet_counts
 from registry.metrics import Metrics
 
 # Scrapes must answer quickly even when the database does not.
@@ -22,6 +22,8 @@ class FleetGauges:
         self._metrics = metrics
         self._ttl_s = ttl_s
         self._refreshed_at: float | None = None
+        # The last figures read, for GET /fleet's counts by plugins sync (the same read).
+        self.counts: FleetCounts | None = None
         # Scrapes that arrive while a refresh runs wait for it and share its figures.
         self._lock = asyncio.Lock()
 
@@ -58,4 +60,5 @@ class FleetGauges:
         for status, n in backlog.items():
             metrics.reconcile_backlog.labels(status).set(n)
         metrics.mass_expiry_guard_holding.set(1 if guard.holding else 0)
+        self.counts = counts
         self._refreshed_at = now

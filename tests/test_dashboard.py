@@ -35,8 +35,6 @@ from bench.filters import seed as seed_fleet
 from registry.app import create_app
 from registry.db import events as events_db
 from registry.settings import Settings
-from registry.ui import sessions
-from registry.ui.sessions import SESSION_TTL_S, SessionStore
 from tests.processes import RegistryProcess
 from tests.support import ADMIN, ADMIN_TOKEN, write_tree
 from tests.test_cli import heartbeat, registry_env, registry_process, url
@@ -426,34 +424,6 @@ async def test_a_burst_of_events_is_rendered_at_most_every_half_second(
         f"burst of {BURST} events taken in over {spread_ms:.0f} ms "
         f"({rate:.0f}/s), {renders} renders"
     )
-
-
-# --- the session store, on a clock of the test's own --------------------------------------
-
-
-def test_a_session_expires_after_its_ttl_and_only_its_hash_is_kept() -> None:
-    store = SessionStore()
-    session_id = store.create("alice", "read", "0123456789abcdef", now=1000.0)
-
-    found = store.find(session_id, now=1000.0 + SESSION_TTL_S - 1)
-    assert found is not None
-    assert (found.name, found.role, found.lookup) == ("alice", "read", "0123456789abcdef")
-    assert session_id not in repr(store._sessions)
-    assert store.find(session_id, now=1000.0 + SESSION_TTL_S) is None
-    assert len(store) == 0
-
-
-def test_a_full_store_forgets_its_oldest_session_first(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(sessions, "MAX_SESSIONS", 2)
-    store = SessionStore()
-    first = store.create("a", "read", None, now=0.0)
-    second = store.create("b", "read", None, now=1.0)
-
-    third = store.create("c", "read", None, now=2.0)
-
-    assert store.find(first, now=3.0) is None
-    assert store.find(second, now=3.0) is not None
-    assert store.find(third, now=3.0) is not None
 
 
 async def test_over_https_the_session_cookie_is_secure(
