@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import shutil
 import ssl
 import time
@@ -211,7 +212,8 @@ async def test_operate_actions_pause_resume_reconcile_and_delete_with_confirmati
     status = page.get_by_test_id("workspace-status")
 
     await page.get_by_test_id("reconcile").click()
-    await expect(page.get_by_test_id("action-message")).to_have_text("Reconcile: done")
+    # Progress, followed from the run's record until it ends.
+    await expect(page.get_by_test_id("action-message")).to_contain_text("Reconcile succeeded")
     await page.get_by_test_id("pause").click()
     await expect(status).to_have_text("paused")
     await page.get_by_test_id("resume").click()
@@ -254,6 +256,52 @@ async def test_filter_by_status_and_label_shows_only_those(page: Page, url: str)
     await page.get_by_role("button", name="Filter").click()
     await expect(rows).to_have_count(1)
     await expect(rows).to_contain_text("filter-online")
+
+
+async def test_plugins_sync_tiles_count_the_fleet_and_click_to_filter(
+    page: Page, url: str, plugin_sources: Path
+) -> None:
+    plugin = write_tree(plugin_sources / "tile", {"run.py": "print(1)\n"})
+    await workspace(url, "in-sync")
+    # Declared, never online, so never reconciled: out of sync.
+    await workspace(url, "behind", plugins=[{"source": f"file://{plugin}", "name": "tile"}])
+    await login(page, ADMIN_TOKEN)
+    rows = page.get_by_test_id("row")
+    await expect(rows).to_have_count(2)
+    await expect(page.get_by_test_id("sync-synced")).to_contain_text("1")
+    await expect(page.get_by_test_id("sync-out_of_sync")).to_contain_text("out of sync1")
+    await expect(page.get_by_test_id("sync-failed")).to_contain_text("0")
+
+    await page.get_by_test_id("sync-out_of_sync").click()
+
+    await expect(rows).to_have_count(1)
+    await expect(rows).to_contain_text("behind")
+    assert "plugins_sync=out_of_sync" in page.url
+    await expect(page.get_by_test_id("sync-out_of_sync")).to_have_attribute("aria-pressed", "true")
+    await expect(page.get_by_test_id("filter-plugins_sync")).to_have_value("out_of_sync")
+    await page.get_by_test_id("sync-out_of_sync").click()  # again: the filter goes
+    await expect(rows).to_have_count(2)
+
+
+async def test_the_chart_draws_the_last_hour_of_status_counts_and_follows_live_counts(
+    page: Page, url: str
+) -> None:
+    first_id, first_token = await workspace(url, "charted")
+    await heartbeat(url, first_id, first_token)
+    await login(page, ADMIN_TOKEN)
+    online = page.get_by_test_id("chart-online")
+    await expect(page.get_by_test_id("chart").locator("polyline")).to_have_count(6)
+    # 61 points a minute apart: nothing an hour ago, one online now.
+    await expect(online).to_have_attribute("data-values", "0," * 60 + "1")
+    await expect(page.get_by_test_id("chart-provisioning")).to_have_attribute(
+        "data-values", "0," * 60 + "0"
+    )
+
+    second_id, second_token = await workspace(url, "charted-too")
+    await heartbeat(url, second_id, second_token)
+
+    # The newest point is the live count, redrawn with the tiles (no reload).
+    await expect(online).to_have_attribute("data-values", "0," * 60 + "2")
 
 
 async def test_a_workspace_flipping_online_appears_live_without_reload(
@@ -343,6 +391,10 @@ async def test_both_views_render_at_the_width(
         await login(page, ADMIN_TOKEN)
         await expect(page.get_by_test_id("row")).to_have_count(3)
         await expect(page.get_by_test_id("count-online")).to_contain_text("2")
+        await expect(page.get_by_test_id("chart-online")).to_have_attribute(
+            "data-values", re.compile(r",2$")
+        )
+        await expect(page.get_by_test_id("sync-synced")).to_be_visible()
         await assert_fits(page, width)
         await page.screenshot(path=str(tmp_path / f"fleet-{width}.png"), full_page=True)
 

@@ -170,6 +170,12 @@ async def _follow(response: web.StreamResponse, sub: Subscription) -> None:
         await response.write(b"".join(frames) if frames else KEEPALIVE)
 
 
+# Dashboards re-read /fleet every half second while events flow: even with /metrics reading
+# on every scrape (REGISTRY_METRICS_CACHE_S=0), the counts by plugins sync are read at most
+# this often per process.
+FLEET_SYNC_MIN_AGE_S = 5.0
+
+
 async def get_fleet(request: web.Request) -> web.Response:
     """Counts by status (exact) and by plugins sync (from /metrics' cached read of the fleet's
     gauges: at 100k workspaces that read costs the database ~1 s, too much for every page
@@ -179,7 +185,7 @@ async def get_fleet(request: web.Request) -> web.Response:
         guard = await fleet.read_guard(conn)
         counts = await fleet.status_counts(conn)
     gauges = request.app[FLEET_GAUGES]
-    await gauges.refresh(pool)
+    await gauges.refresh(pool, min_ttl_s=FLEET_SYNC_MIN_AGE_S)
     if gauges.counts is None:  # never read: the database failed that read just now
         raise DatabaseUnavailable("the fleet's counts by plugins sync could not be read")
     return json_response(
