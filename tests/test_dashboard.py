@@ -320,6 +320,22 @@ async def test_a_workspace_flipping_online_appears_live_without_reload(
     assert await page.evaluate("window.notReloaded") is True
 
 
+async def test_a_refused_event_stream_is_opened_again_and_the_page_stays_live(
+    page: Page, url: str
+) -> None:
+    workspace_id, token = await workspace(url, "revived")
+    # The first stream is refused (as while a registry restarts): browsers give up on it.
+    await page.route("**/events", lambda route: route.fulfill(status=503), times=1)
+    await login(page, ADMIN_TOKEN)
+    row = page.locator(f'[data-testid=row][data-id="{workspace_id}"]')
+    await expect(row.get_by_test_id("row-status")).to_have_text("provisioning")
+
+    await page.wait_for_function("() => window.registryDashboard.opened >= 1")
+    await heartbeat(url, workspace_id, token)
+
+    await expect(row.get_by_test_id("row-status")).to_have_text("online")
+
+
 async def test_the_detail_page_shows_why_and_the_steps_of_a_failed_reconcile(
     page: Page, url: str, plugin_sources: Path
 ) -> None:

@@ -12,14 +12,15 @@ const PAGE_SIZE = 50;
 // The chart's history is read again this often; between reads its last point is the live count.
 const HISTORY_EVERY_MS = 60_000;
 const SVG = "http://www.w3.org/2000/svg";
+const STREAM_RETRY_MS = 3000;
 
 const main = document.getElementById("main");
 let session = null; // {name, role}
 let stream = null;
 let view = null; // the current view's {refresh} so live events know what to redraw
 // Counters for whoever looks (tests, an operator's console): events taken in, live re-renders,
-// when the first and last event came, and whether a re-render is still due.
-const stats = { events: 0, renders: 0, firstAt: null, lastAt: null, due: false };
+// when the first and last event came, whether a re-render is still due, streams opened.
+const stats = { events: 0, renders: 0, firstAt: null, lastAt: null, due: false, opened: 0 };
 window.registryDashboard = stats;
 
 function el(tag, attrs = {}, ...children) {
@@ -130,6 +131,27 @@ function openStream() {
   };
   for (const kind of EVENT_KINDS) stream.addEventListener(kind, onEvent);
   stream.addEventListener("dropped", () => { openStream(); view?.changed(); });
+  // A refused stream (the session ended, a 503) is not retried by the browser: ask who we
+  // are (a 401 brings the login form back), then open it again.
+  const opened = stream;
+  stream.addEventListener("open", () => { stats.opened += 1; });
+  stream.addEventListener("error", () => {
+    if (opened.readyState === EventSource.CLOSED) reviveStream(opened);
+  });
+}
+
+function reviveStream(closed) {
+  setTimeout(async () => {
+    if (stream !== closed || !session) return; // replaced meanwhile, or logged out
+    try {
+      await api("GET", "/ui/session");
+    } catch (e) {
+      if (e.message !== "unauthorized") reviveStream(closed); // unreachable: try again later
+      return;
+    }
+    openStream();
+    view?.changed();
+  }, STREAM_RETRY_MS);
 }
 
 // Calls fn at most once per RENDER_EVERY_MS, however often it is asked, and never twice at once.
