@@ -24,6 +24,7 @@ from registry.errors import error_middleware
 from registry.event_feed import EventFeed
 from registry.events import EventHub
 from registry.fleet_gauges import FleetGauges
+from registry.fleet_history_cache import FleetHistoryCache
 from registry.http_metrics import http_metrics_middleware
 from registry.ingest import HeartbeatIngest
 from registry.keys import (
@@ -31,6 +32,7 @@ from registry.keys import (
     DSN,
     EVENT_HUB,
     FLEET_GAUGES,
+    FLEET_HISTORY,
     IGNORED_FIELDS,
     INGEST,
     METRICS,
@@ -90,6 +92,7 @@ def create_app(settings: Settings, dsn: str) -> web.Application:
     app[IGNORED_FIELDS] = IgnoredFieldReporter(app[METRICS])
     app[REFUSALS] = RefusalLog(app[METRICS])
     app[FLEET_GAUGES] = FleetGauges(app[METRICS], settings.metrics_cache_s)
+    app[FLEET_HISTORY] = FleetHistoryCache()
     app[SOURCES] = source_settings(settings)
     app.on_response_prepare.append(echo_request_id)
     setup_routes(app)

@@ -8,6 +8,7 @@ from aiohttp import web
 from registry.admission import Admission
 from registry.events import EventHub
 from registry.fleet_gauges import FleetGauges
+from registry.fleet_history_cache import FleetHistoryCache
 from registry.ingest import HeartbeatIngest
 from registry.metrics import Metrics
 from registry.plugins import SourceSettings
@@ -29,3 +30,4 @@ IGNORED_FIELDS = web.AppKey("ignored_fields", IgnoredFieldReporter)
 REFUSALS = web.AppKey("refusals", RefusalLog)
 ADMISSION = web.AppKey("admission", Admission)
 FLEET_GAUGES = web.AppKey("fleet_gauges", FleetGauges)
+FLEET_HISTORY = web.AppKey("fleet_history", FleetHistoryCache)

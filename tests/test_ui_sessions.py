@@ -319,6 +319,18 @@ async def test_fleet_history_rebuilds_each_minutes_counts_from_the_status_events
     assert len((await history(registry, "?minutes=5"))["points"]) == 6
 
 
+async def test_fleet_history_is_read_once_for_every_dashboard_within_the_cache_period(
+    registry: Registry,
+) -> None:
+    first = await history(registry)
+    await registry.create_workspace()  # a status event the cached figures do not have yet
+
+    again = await history(registry)
+
+    assert again == first
+    assert first["points"][-1]["statuses"]["provisioning"] == 0
+
+
 @pytest.mark.parametrize("minutes", ["0", "61", "ten", "1.5"])
 async def test_fleet_history_refuses_a_window_it_does_not_keep(
     registry: Registry, minutes: str

@@ -19,7 +19,7 @@ from registry.errors import HistoryPruned, workspace_not_found
 from registry.event_feed import PAGE, Subscription
 from registry.event_frames import KEEPALIVE, RETRY, dropped_frame, event_view, frame, reset_frame
 from registry.jsonio import json_response
-from registry.keys import EVENT_HUB, FLEET_GAUGES, POOL
+from registry.keys import EVENT_HUB, FLEET_GAUGES, FLEET_HISTORY, POOL
 
 MAX_EVENTS_PAGE = 500
 MAX_EVENT_ID = 2**63 - 1  # event ids are PostgreSQL bigints
@@ -202,12 +202,12 @@ MAX_HISTORY_MINUTES = 60
 
 async def get_fleet_history(request: web.Request) -> web.Response:
     """Status counts a minute apart over the last `minutes` (the dashboard's chart), rebuilt
-    from the event log in one read: cheaper than paging through an hour of /events/history."""
+    from the event log in one read (shared for HISTORY_CACHE_S by every dashboard of this
+    process): cheaper than paging through an hour of /events/history."""
     minutes = query.query_int(
         request, "minutes", MAX_HISTORY_MINUTES, minimum=1, maximum=MAX_HISTORY_MINUTES
     )
-    async with request.app[POOL].acquire() as conn:
-        points = await fleet_history.status_history(conn, minutes)
+    points = await request.app[FLEET_HISTORY].points(request.app[POOL], minutes)
     return json_response(
         {
             "bucket_s": fleet_history.BUCKET_S,
