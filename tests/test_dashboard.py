@@ -440,6 +440,9 @@ async def test_the_fleet_view_of_ten_thousand_workspaces_renders_one_page(
     await page.goto("/")
     await page.get_by_test_id("login-form").get_by_label("API token").fill(ADMIN_TOKEN)
     await page.get_by_role("button", name="Log in").click()
+    # Logged in (the cookie set) before the timed load: a load that overtook the login's
+    # answer would find no session and show the form again.
+    await expect(page.get_by_test_id("who")).to_have_text("admin (admin)")
     started = time.perf_counter()
     await page.goto("/ui/")
 

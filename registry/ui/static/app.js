@@ -305,11 +305,17 @@ function fleetView(params) {
         el("th", { text: "plugins" }), el("th", { class: "labels", text: "labels" }),
         el("th", { class: "why", text: "why" }))), rows)),
     el("div", { class: "pager" }, prev, next, info));
-  const refresh = async () => { await Promise.all([renderCounts(), renderRows()]); };
-  const historyTimer = setInterval(() => loadHistory().catch(() => {}), HISTORY_EVERY_MS);
-  loadHistory().catch(() => {});
+  let historyTimer = null;
+  const refresh = async () => {
+    await Promise.all([renderCounts(), renderRows()]);
+    // The chart once the table is up: its read is the slowest of the page's.
+    if (historyTimer === null) {
+      historyTimer = setInterval(() => loadHistory().catch(() => {}), HISTORY_EVERY_MS);
+      loadHistory().catch(() => {});
+    }
+  };
   // Any event may change a count or a row of the page.
-  return { refresh, changed: throttled(refresh), wants: () => true, stop: () => clearInterval(historyTimer) };
+  return { refresh, changed: throttled(refresh), wants: () => true, stop: () => { clearInterval(historyTimer); historyTimer = -1; } };
 }
 
 // --- workspace view ------------------------------------------------------------------------
