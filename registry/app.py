@@ -15,7 +15,7 @@ import asyncpg
 from aiohttp import web
 
 from registry.admission import Admission
-from registry.auth import UI_SESSIONS, admin_auth_middleware
+from registry.auth import admin_auth_middleware
 from registry.db.heartbeats import BeatPolicy
 from registry.db.pool import create_heartbeat_pool, create_pool
 from registry.db.reconciles import RestartBudget
@@ -24,6 +24,7 @@ from registry.errors import error_middleware
 from registry.event_feed import EventFeed
 from registry.events import EventHub
 from registry.fleet_gauges import FleetGauges
+from registry.fleet_history_cache import FleetHistoryCache
 from registry.http_metrics import http_metrics_middleware
 from registry.ingest import HeartbeatIngest
 from registry.keys import (
@@ -31,6 +32,7 @@ from registry.keys import (
     DSN,
     EVENT_HUB,
     FLEET_GAUGES,
+    FLEET_HISTORY,
     IGNORED_FIELDS,
     INGEST,
     METRICS,
@@ -54,7 +56,6 @@ from registry.retention import Pruner
 from registry.routes import setup_routes
 from registry.settings import Settings
 from registry.tolerance import IgnoredFieldReporter
-from registry.ui.sessions import SessionStore
 from registry.workers import Worker
 
 log = logging.getLogger(__name__)
@@ -94,8 +95,8 @@ def create_app(settings: Settings, dsn: str, worker: Worker | None = None) -> we
     app[ADMISSION] = admission
     app[IGNORED_FIELDS] = IgnoredFieldReporter(app[METRICS])
     app[REFUSALS] = RefusalLog(app[METRICS])
-    app[UI_SESSIONS] = SessionStore()
     app[FLEET_GAUGES] = FleetGauges(app[METRICS], settings.metrics_cache_s)
+    app[FLEET_HISTORY] = FleetHistoryCache()
     app[SOURCES] = source_settings(settings)
     app.on_response_prepare.append(echo_request_id)
     setup_routes(app)

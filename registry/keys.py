@@ -8,6 +8,7 @@ from aiohttp import web
 from registry.admission import Admission
 from registry.events import EventHub
 from registry.fleet_gauges import FleetGauges
+from registry.fleet_history_cache import FleetHistoryCache
 from registry.ingest import HeartbeatIngest
 from registry.metrics import Metrics
 from registry.plugins import SourceSettings
@@ -32,3 +33,4 @@ ADMISSION = web.AppKey("admission", Admission)
 FLEET_GAUGES = web.AppKey("fleet_gauges", FleetGauges)
 # Which of the processes sharing the port this is (registry/workers.py).
 WORKER = web.AppKey("worker", Worker)
+FLEET_HISTORY = web.AppKey("fleet_history", FleetHistoryCache)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import ipaddress
 import math
 import os
 from collections.abc import Callable, Mapping
@@ -14,6 +16,21 @@ from registry.workers import cpu_count
 
 class SettingsError(ValueError):
     """A setting is missing or malformed; start-up stops with this message."""
+
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@functools.lru_cache(maxsize=8)
+def parse_networks(entries: tuple[str, ...]) -> tuple[Network, ...]:
+    """Addresses or CIDR blocks; ValueError names the first that is neither."""
+    networks = []
+    for entry in entries:
+        try:
+            networks.append(ipaddress.ip_network(entry, strict=False))
+        except ValueError:
+            raise ValueError(f"{entry!r} is not an IP address or CIDR block") from None
+    return tuple(networks)
 
 
 def default_data_dir() -> Path:
@@ -78,6 +95,10 @@ class Settings:
     # /metrics reads the fleet-wide gauges from the database at most this often (0: every
     # scrape): at 100k workspaces one read takes the database ~0.75 s (docs/benchmarks.md).
     metrics_cache_s: float = 30.0
+    # Peers (addresses or CIDR blocks) whose X-Forwarded-Proto is believed: a TLS-terminating
+    # proxy in front makes the dashboard's cookie Secure and its Origin check expect https.
+    # Empty (the default): the header is ignored from everyone.
+    trusted_proxies: tuple[str, ...] = ()
     # Token rotation: the previous token keeps working this long (0: at once, for a leaked
     # token; a rotation request can also ask for 0).
     token_rotation_grace_s: float = 3600.0
@@ -203,6 +224,10 @@ class Settings:
             1 <= self.pool_min_size <= self.pool_max_size,
             "need 1 <= pool_min_size <= pool_max_size",
         )
+        try:
+            parse_networks(self.trusted_proxies)
+        except ValueError as exc:
+            raise SettingsError(f"trusted_proxies: {exc}") from None
         need(
             self.admin_token is None or len(self.admin_token) >= 16,
             "admin_token must be at least 16 characters",
@@ -422,6 +447,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "drift_settle_s": _float,
     "drift_reconcile_every_s": _float,
     "metrics_cache_s": _float,
+    "trusted_proxies": _prefix_list,
     "mass_expiry_share": _float,
     "mass_expiry_min_fleet": _non_negative_int,
     "mass_expiry_rate": _float,

@@ -213,6 +213,7 @@ TABLES = (
     "workspaces",
     "fleet_expirations",
     "api_tokens",
+    "ui_sessions",
 )
 
 
