@@ -213,6 +213,7 @@ TABLES = (
     "workspaces",
     "fleet_expirations",
     "api_tokens",
+    "plugins_sync_dirty",
 )
 
 
