@@ -23,6 +23,8 @@ CREATE INDEX workspaces_plugins_sync_idx ON workspaces (plugins_sync, id);
 CREATE TABLE plugins_sync_dirty (
     workspace_id uuid NOT NULL
 );
+-- The refresher takes every mark of the workspaces it judges at once.
+CREATE INDEX plugins_sync_dirty_workspace_idx ON plugins_sync_dirty (workspace_id);
 
 -- Existing workspaces: every one is judged once by the registry after this migration (the
 -- backfill runs in batches in the background of `registry serve`; until a workspace is

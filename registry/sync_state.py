@@ -36,16 +36,17 @@ log = logging.getLogger(__name__)
 
 REFRESH_LOCK_KEY = 0x7379_6E63  # "sync"
 REFRESH_INTERVAL_S = 1.0
-# Marks taken per transaction (a workspace may have several: one per changed row).
-MARKS_PER_BATCH = 5000
+# Workspaces judged per transaction, at most.
+MARKS_PER_BATCH = 2000
 
 LOCK = "SELECT pg_advisory_xact_lock($1)"
 
-# The marks committed when this statement starts; those committed later stay for the next
+# Every mark of up to $1 marked workspaces (a workspace changed by several rows has several),
+# among those committed when this statement starts; marks committed later stay for the next
 # round, so a change that commits while a batch is judged is judged again, never lost.
 TAKE_MARKS = """
 DELETE FROM plugins_sync_dirty
-WHERE ctid = ANY(ARRAY(SELECT ctid FROM plugins_sync_dirty LIMIT $1))
+WHERE workspace_id = ANY(ARRAY(SELECT workspace_id FROM plugins_sync_dirty LIMIT $1))
 RETURNING workspace_id
 """
 
@@ -126,15 +127,13 @@ async def refresh(
         rounds = None if rounds is None else rounds - 1
         async with conn.transaction():
             await conn.execute(LOCK, REFRESH_LOCK_KEY)
-            marks = [row["workspace_id"] for row in await conn.fetch(TAKE_MARKS, batch)]
+            marks = {row["workspace_id"] for row in await conn.fetch(TAKE_MARKS, batch)}
             if not marks:
                 return stored
-            changed = await judge_marked(conn, sorted(set(marks)))
+            changed = await judge_marked(conn, sorted(marks))
             if changed:
                 await conn.execute(STORE, list(changed), list(changed.values()))
         stored += len(changed)
-        if len(marks) < batch:
-            break
     return stored
 
 
