@@ -51,7 +51,8 @@ async def timed_round(
             for b in beats(fleet, start, args.batch, uptime)
         ]
         await apply_beats(conn, batch)
-    return (loop.time() - started) / (args.batch * args.batches_per_round)
+    beats_n: int = args.batch * args.batches_per_round
+    return (loop.time() - started) / beats_n
 
 
 async def compare(
