@@ -55,6 +55,7 @@ from registry.refusals import RefusalLog
 from registry.retention import Pruner
 from registry.routes import setup_routes
 from registry.settings import Settings
+from registry.sync_state import run_forever as refresh_sync_forever
 from registry.tolerance import IgnoredFieldReporter
 from registry.workers import Worker
 
@@ -235,6 +236,7 @@ async def _background(app: web.Application) -> AsyncIterator[None]:
         app[RECONCILER] = worker
         app[EVENT_HUB] = hub
         stop_refusals = asyncio.Event()
+        stop_sync = asyncio.Event()
         # Each loop with what stops it; a coroutine is made only when it is spawned, so a
         # failed spawn leaves none that was never awaited.
         starts: list[tuple[str, Callable[[], Coroutine[Any, Any, None]], Callable[[], None]]] = [
@@ -254,6 +256,11 @@ async def _background(app: web.Application) -> AsyncIterator[None]:
                     stop_refusals,
                 ),
                 stop_refusals.set,
+            ),
+            (
+                "plugins-sync-refresher",
+                functools.partial(refresh_sync_forever, pool, stop_sync),
+                stop_sync.set,
             ),
         ]
         loops: list[tuple[aiojobs.Job[None], Callable[[], None]]] = []

@@ -8,6 +8,7 @@ import time
 
 import asyncpg
 
+from registry import sync_state
 from registry.db import fleet, reconciles
 from registry.db.errors import DatabaseUnavailable
 from registry.db.fleet_counts import FleetCounts, fleet_counts
@@ -47,6 +48,9 @@ class FleetGauges:
         metrics = self._metrics
         try:
             async with pool.acquire(timeout=QUERY_TIMEOUT_S) as conn:
+                # What changed since the refresher last ran is judged first, so the counts
+                # are current (one batch at most: a scrape never waits on a backfill).
+                await sync_state.refresh(conn, rounds=1)
                 counts = await fleet_counts(conn)
                 backlog = await reconciles.backlog(conn)
                 guard = await fleet.read_guard(conn)

@@ -214,6 +214,7 @@ TABLES = (
     "fleet_expirations",
     "api_tokens",
     "ui_sessions",
+    "plugins_sync_dirty",
 )
 
 
