@@ -214,6 +214,8 @@ TABLES = (
     "removed_workspaces",
     "fleet_expirations",
     "api_tokens",
+    "ui_sessions",
+    "plugins_sync_dirty",
 )
 
 
