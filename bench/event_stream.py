@@ -5,6 +5,7 @@ subscribers cost the database.
     .venv/bin/python -m bench.event_stream [--workspaces 1000] [--subscribers 500]
         [--heartbeat-rate 200] [--event-rate 100] [--duration 20] [--idle 15] [--rounds 3]
         [--profile FILE]   # py-spy (when installed) on the registry, loaded with subscribers
+        [--compare]        # A/B within one run: no subscribers, writer tasks, direct writes
 
 One registry process (`registry serve`). Events are inserted by this driver, one committed
 row each at --event-rate (what status flips and reconcile outcomes write; the stream cannot
@@ -202,6 +203,112 @@ def _profile(args: argparse.Namespace, pid: int) -> subprocess.Popen[bytes] | No
     return subprocess.Popen([*command, "--format", "raw", "-o", str(args.profile)])
 
 
+# --compare: the two ways of writing to subscribers (REGISTRY_EVENT_DIRECT_WRITES), each in a
+# registry process of its own on the same database, loaded one at a time.
+MODES = {"writers": "false", "direct": "true"}
+
+
+@dataclass(frozen=True, slots=True)
+class Window:
+    mode: str  # "none" (no subscribers) or one of MODES
+    load: Load
+    received: dict[str, object] | None
+
+    @property
+    def p99_s(self) -> float:
+        return self.load.measurement.latencies.p99_s
+
+    def delays(self) -> Latencies | None:
+        if self.received is None:
+            return None
+        return Latencies.of(d / 1e3 for d in self.received["delays_ms"])  # type: ignore[attr-defined]
+
+    def fewest_frames(self) -> int:
+        """What the unfiltered subscriber that got the least received."""
+        frames: list[int] = (self.received or {}).get("frames_unfiltered", [])  # type: ignore[assignment]
+        return min(frames, default=0)
+
+
+def compare(args: argparse.Namespace, work_dir: Path) -> bool:
+    """Rounds of three loaded windows, their order rotated each round (the machine's load
+    drifts): no subscribers, subscribers on the writer-task process, on the direct one."""
+    fleet = Fleet.new(args.workspaces)
+    dsn = asyncio.run(db.recreate(args.dsn, args.database))
+    asyncio.run(seed(dsn, fleet, status="online", heartbeat_age_s=1.0))
+    env = {
+        "REGISTRY_OFFLINE_AFTER_S": "3600",
+        "REGISTRY_EVENT_MAX_SUBSCRIBERS": str(args.subscribers + 10),
+    }
+    procs = {
+        mode: registry_proc.start(dsn, work_dir, {**env, "REGISTRY_EVENT_DIRECT_WRITES": flag})
+        for mode, flag in MODES.items()
+    }
+    windows: list[list[Window]] = []
+    try:
+        for proc in procs.values():
+            proc.wait_healthy()
+        order = ["none", *MODES]
+        for r in range(args.rounds):
+            windows.append([_window(args, procs, fleet, dsn, m) for m in _rotated(order, r)])
+    finally:
+        for proc in procs.values():
+            proc.stop()
+    return report_compare(args, windows)
+
+
+def _rotated(order: list[str], by: int) -> list[str]:
+    k = by % len(order)
+    return order[k:] + order[:k]
+
+
+def _window(
+    args: argparse.Namespace,
+    procs: dict[str, registry_proc.RegistryProcess],
+    fleet: Fleet,
+    dsn: str,
+    mode: str,
+) -> Window:
+    if mode == "none":
+        return Window(mode, heartbeats_with_events(args, procs["direct"], fleet, dsn), None)
+    subscribers = Subscribers(args, procs[mode].url, fleet)
+    try:
+        load = heartbeats_with_events(args, procs[mode], fleet, dsn)
+        time.sleep(args.drain)  # what is still on its way to the subscribers
+    finally:
+        received = subscribers.finish()
+    return Window(mode, load, received)
+
+
+def report_compare(args: argparse.Namespace, rounds: list[list[Window]]) -> bool:
+    ratios: dict[str, list[float]] = {mode: [] for mode in MODES}
+    print(
+        f"{args.subscribers} subscribers, {args.heartbeat_rate:g} beats/s, "
+        f"{args.event_rate:g} events/s, {args.duration:g} s windows"
+    )
+    for i, windows in enumerate(rounds, 1):
+        by_mode = {w.mode: w for w in windows}
+        base = by_mode["none"].p99_s
+        parts = [f"round {i} ({' '.join(w.mode for w in windows)}): p99 none {base * 1e3:.1f} ms"]
+        for mode in MODES:
+            w = by_mode[mode]
+            ratios[mode].append(w.p99_s / base)
+            delays = w.delays()
+            assert delays is not None and w.received is not None
+            parts.append(
+                f"{mode} {w.p99_s * 1e3:.1f} ms (x{w.p99_s / base:.2f}; registry "
+                f"{w.load.measurement.cpu.registry:.2f} cores; delay p50 "
+                f"{delays.p50_s * 1e3:.0f} / p99 {delays.p99_s * 1e3:.0f} ms; "
+                f"{w.received['dropped']} dropped, received "
+                f"{w.fewest_frames()}/{w.load.events})"
+            )
+        print("; ".join(parts))
+    for mode in MODES:
+        median = statistics.median(ratios[mode])
+        met = median <= TARGET_P99_RATIO
+        print(f"{mode}: median p99 ratio over {len(rounds)} rounds {median:.2f}: {verdict(met)}")
+    return statistics.median(ratios["direct"]) <= TARGET_P99_RATIO
+
+
 def _row(name: str, load: Load, note: str) -> Row:
     m = load.measurement
     return Row(name, m.rate, m.latencies, m.errors, m.cpu, note)
@@ -361,6 +468,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--subscriber-nice", type=int, default=0, help="nice the subscribers")
     parser.add_argument("--rounds", type=int, default=1, help="pairs of loaded windows")
     parser.add_argument("--profile", type=Path, default=None, help="py-spy raw output here")
+    parser.add_argument("--compare", action="store_true", help="no subscribers, writers, direct")
     args = parser.parse_args(argv)
     db.check_name(args.database)
     return args
@@ -370,7 +478,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     try:
         with tempfile.TemporaryDirectory(prefix="bench-event-stream-") as tmp:
-            run(args, Path(tmp))
+            (compare if args.compare else run)(args, Path(tmp))
     finally:
         asyncio.run(db.drop(args.dsn, args.database))
 
