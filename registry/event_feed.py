@@ -41,8 +41,9 @@ WAKE_SLICE = 25
 # Live sockets written per turn of the event loop (see EventFeed._write_live): a heartbeat
 # arriving meanwhile waits for one slice of non-blocking writes (~1 ms), not for all of them.
 WRITE_SLICE = 50
-# A live subscriber whose socket still holds this many bytes is dropped (and told), whatever
-# its count of events: the transport keeps a copy of what it could not send yet.
+# A live subscriber whose socket still holds more than this many bytes when the next page comes
+# is dropped (and told), whatever its count of events: the transport keeps a copy of what it
+# could not send yet, so this (plus one page) bounds the memory a stalled client holds.
 MAX_UNSENT_BYTES = 1 << 20
 # A client turned away at the subscriber cap retries after this long (Retry-After).
 RETRY_AFTER_FULL_S = 5
@@ -201,8 +202,9 @@ class Subscription:
         if transport.is_closing():
             self.close()  # the client went away; its handler ends the stream
             return False
+        # A page of its own never drops a subscriber whose socket took everything before it.
         unsent_bytes = self._settle(transport)
-        if self._backlog + count > self._capacity or unsent_bytes + len(wire) > MAX_UNSENT_BYTES:
+        if self._backlog + count > self._capacity or unsent_bytes > MAX_UNSENT_BYTES:
             self.dropped = True
             transport.write(sink.wire(dropped_frame(self.last_id)))
             self._dropped_now()

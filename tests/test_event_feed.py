@@ -15,6 +15,7 @@ import orjson
 import pytest
 from aiohttp import ClientResponse
 
+from registry import event_feed
 from registry.db import events
 from registry.db import pool as db_pool
 from registry.db.pool import create_pool
@@ -362,10 +363,22 @@ def _dechunk(body: bytes) -> list[bytes]:
     return parts
 
 
+@pytest.mark.parametrize(
+    ("direct", "bound"),
+    [(True, "events"), (True, "bytes"), (False, "events")],
+    ids=["direct-events-behind", "direct-bytes-unsent", "writer-tasks"],
+)
 async def test_a_subscriber_that_stops_reading_is_told_and_resumes_exactly_once(
-    make_registry: MakeRegistry,
+    make_registry: MakeRegistry, monkeypatch: pytest.MonkeyPatch, direct: bool, bound: str
 ) -> None:
-    registry = await make_registry(event_subscriber_queue=4)
+    """Dropped once it is 4 events behind, or (bytes) once its socket holds 200 KB unsent
+    with room for 1,000 events: without the byte bound it is never dropped within the 400
+    events this test writes."""
+    if bound == "bytes":
+        monkeypatch.setattr(event_feed, "MAX_UNSENT_BYTES", 200_000)
+    registry = await make_registry(
+        event_subscriber_queue=4 if bound == "events" else 1000, event_direct_writes=direct
+    )
     workspace = await registry.create_workspace()
     await all_numbered(registry)
     server = registry.client.server
@@ -402,3 +415,42 @@ async def test_a_subscriber_that_stops_reading_is_told_and_resumes_exactly_once(
     resumed.close()
     keeping_up.close()
     assert [e["id"] for e in rest] == [i for i in sent if i > last]
+
+
+async def test_a_live_subscriber_whose_client_left_is_let_go_at_the_next_page(
+    make_registry: MakeRegistry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its handler waits for no keep-alive to find out (none comes within the test): the
+    feed's write sees the socket closing and ends the stream (fails without that check)."""
+    monkeypatch.setattr(event_handlers, "KEEPALIVE_S", 3600)
+    registry = await make_registry()
+    workspace = await registry.create_workspace()
+    await all_numbered(registry)
+    feed = registry.client.app[EVENT_HUB].feed
+    staying, leaving = await open_stream(registry), await open_stream(registry)
+    await insert_event(registry.db, workspace.id)
+    await read_events(leaving, 1)
+    await read_events(staying, 1)
+    leaving.close()
+
+    await insert_event(registry.db, workspace.id)
+    await read_events(staying, 1)
+    async with asyncio.timeout(10):
+        while feed.subscribers > 1:
+            await asyncio.sleep(0.01)
+    staying.close()
+
+
+async def test_subscribers_of_everything_are_given_one_shared_page_of_frames(
+    pool: asyncpg.Pool, db: asyncpg.Connection
+) -> None:
+    """A page is joined once for all who get the same events, not once per subscriber."""
+    feed, ws, now = await new_feed(pool, db)
+    subs = [feed.subscribe(now, now, None) for _ in range(3)]
+    ids = await numbered(db, ws, 4)
+
+    await feed.read_new()
+
+    pages = [await sub.take(0) for sub in subs]
+    assert all(sse_ids(p) == ids for p in pages)
+    assert pages[1][0] is pages[0][0] and pages[2][0] is pages[0][0]
