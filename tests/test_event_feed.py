@@ -310,7 +310,7 @@ class RawStream:
         self.reader, self.writer = reader, writer
 
     @classmethod
-    async def open(cls, host: str, port: int, path: str) -> RawStream:
+    async def open(cls, host: str, port: int, path: str, version: str = "1.1") -> RawStream:
         sock = socket.socket()
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         sock.setblocking(False)
@@ -319,7 +319,7 @@ class RawStream:
         reader, writer = await asyncio.open_connection(sock=sock, limit=1024)
         auth = ADMIN["Authorization"]
         writer.write(
-            f"GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: {auth}\r\n"
+            f"GET {path} HTTP/{version}\r\nHost: x\r\nAuthorization: {auth}\r\n"
             "Connection: close\r\n\r\n".encode()
         )
         await writer.drain()
@@ -454,3 +454,31 @@ async def test_subscribers_of_everything_are_given_one_shared_page_of_frames(
     pages = [await sub.take(0) for sub in subs]
     assert all(sse_ids(p) == ids for p in pages)
     assert pages[1][0] is pages[0][0] and pages[2][0] is pages[0][0]
+
+
+async def test_an_http_1_0_stream_is_written_unchunked(make_registry: MakeRegistry) -> None:
+    """The feed frames its writes as aiohttp frames the response: no chunks for HTTP/1.0."""
+    registry = await make_registry()
+    workspace = await registry.create_workspace()
+    await all_numbered(registry)
+    server = registry.client.server
+    stream = await RawStream.open(str(server.host), int(server.port or 0), "/events", "1.0")
+    feed = registry.client.app[EVENT_HUB].feed
+    async with asyncio.timeout(5):
+        while feed.subscribers < 1:
+            await asyncio.sleep(0.01)
+    await insert_event(registry.db, workspace.id)
+    await insert_event(registry.db, workspace.id)
+
+    data = b""
+    async with asyncio.timeout(10):
+        while data.count(b"\nevent: reconcile\n") < 2:
+            data += await stream.reader.read(65536)
+    stream.close()
+    head, body = data.split(b"\r\n\r\n", 1)
+    assert b"transfer-encoding" not in head.lower()
+    assert b"\r\n" not in body
+    assert [block.split(b"\n")[1] for block in body.split(b"\n\n")[1:3]] == [
+        b"event: reconcile",
+        b"event: reconcile",
+    ]
