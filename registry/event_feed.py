@@ -1,10 +1,20 @@
 """One reader per process for the live event stream, fanning out to every subscriber.
 
 The feed reads what the sequencer numbered (woken by NOTIFY, and every poll interval in case
-a notification was lost), encodes each event's frame once and offers it to the bounded queue
-of every subscriber whose filter matches. Subscribers never query while they wait: an idle
-one costs a timer. One that lets its queue fill is dropped (and told), so a slow client holds
-neither memory nor the others back; it resumes from the database with Last-Event-ID.
+a notification was lost), a page at a time. It encodes each event's frame once and joins a
+page's frames once per distinct share (the whole page for every subscriber of everything, one
+workspace's events for those watching it). A subscriber still catching up from the database
+gets its share queued; a live one gets it written straight to its socket, in one pass over the
+live subscribers with no task woken and no await per socket (transport.write does not block;
+the loop is let go every WRITE_SLICE sockets so a heartbeat waits for one slice, not for all).
+Subscribers never query while they wait: an idle one costs a timer.
+
+Slow subscribers: what a live socket has not taken yet is its backlog. One whose backlog would
+pass REGISTRY_EVENT_SUBSCRIBER_QUEUE events, or whose socket still holds MAX_UNSENT_BYTES, is
+dropped: its last frame is `event: dropped` with the last event it was written, and nothing is
+written after it, so it resumes from the database with Last-Event-ID and misses nothing. A
+slow client holds neither memory nor the others back. (REGISTRY_EVENT_DIRECT_WRITES=false keeps
+the previous path, one writer task per subscriber draining its queue, to compare the two.)
 
 Exactly once across the hand-over: a subscriber joins at the feed's position `split` (the
 highest number the feed has read). It reads what it missed, (after, split], from the database
