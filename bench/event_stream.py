@@ -203,8 +203,7 @@ def _profile(args: argparse.Namespace, pid: int) -> subprocess.Popen[bytes] | No
     return subprocess.Popen([*command, "--format", "raw", "-o", str(args.profile)])
 
 
-# --compare: the two ways of writing to subscribers (REGISTRY_EVENT_DIRECT_WRITES), each in a
-# registry process of its own on the same database, loaded one at a time.
+# --compare: the two ways of writing to subscribers (REGISTRY_EVENT_DIRECT_WRITES).
 MODES = {"writers": "false", "direct": "true"}
 
 
@@ -231,7 +230,9 @@ class Window:
 
 def compare(args: argparse.Namespace, work_dir: Path) -> bool:
     """Rounds of three loaded windows, their order rotated each round (the machine's load
-    drifts): no subscribers, subscribers on the writer-task process, on the direct one."""
+    drifts): no subscribers, subscribers with writer tasks, with direct writes. One registry
+    process at a time, started for its window: two would each run a sequencer, numbering
+    events twice as often in smaller pages than one process does."""
     fleet = Fleet.new(args.workspaces)
     dsn = asyncio.run(db.recreate(args.dsn, args.database))
     asyncio.run(seed(dsn, fleet, status="online", heartbeat_age_s=1.0))
@@ -239,20 +240,19 @@ def compare(args: argparse.Namespace, work_dir: Path) -> bool:
         "REGISTRY_OFFLINE_AFTER_S": "3600",
         "REGISTRY_EVENT_MAX_SUBSCRIBERS": str(args.subscribers + 10),
     }
-    procs = {
-        mode: registry_proc.start(dsn, work_dir, {**env, "REGISTRY_EVENT_DIRECT_WRITES": flag})
-        for mode, flag in MODES.items()
-    }
     windows: list[list[Window]] = []
-    try:
-        for proc in procs.values():
-            proc.wait_healthy()
-        order = ["none", *MODES]
-        for r in range(args.rounds):
-            windows.append([_window(args, procs, fleet, dsn, m) for m in _rotated(order, r)])
-    finally:
-        for proc in procs.values():
-            proc.stop()
+    order = ["none", *MODES]
+    for r in range(args.rounds):
+        windows.append([])
+        for mode in _rotated(order, r):
+            flag = MODES.get(mode, "true")
+            [proc] = registry_proc.start_many(
+                dsn, work_dir, {**env, "REGISTRY_EVENT_DIRECT_WRITES": flag}, 1
+            )
+            try:
+                windows[-1].append(_window(args, proc, fleet, dsn, mode))
+            finally:
+                proc.stop()
     return report_compare(args, windows)
 
 
@@ -263,16 +263,16 @@ def _rotated(order: list[str], by: int) -> list[str]:
 
 def _window(
     args: argparse.Namespace,
-    procs: dict[str, registry_proc.RegistryProcess],
+    proc: registry_proc.RegistryProcess,
     fleet: Fleet,
     dsn: str,
     mode: str,
 ) -> Window:
     if mode == "none":
-        return Window(mode, heartbeats_with_events(args, procs["direct"], fleet, dsn), None)
-    subscribers = Subscribers(args, procs[mode].url, fleet)
+        return Window(mode, heartbeats_with_events(args, proc, fleet, dsn), None)
+    subscribers = Subscribers(args, proc.url, fleet)
     try:
-        load = heartbeats_with_events(args, procs[mode], fleet, dsn)
+        load = heartbeats_with_events(args, proc, fleet, dsn)
         time.sleep(args.drain)  # what is still on its way to the subscribers
     finally:
         received = subscribers.finish()
