@@ -212,6 +212,11 @@ class Window:
     mode: str  # "none" (no subscribers) or one of MODES
     load: Load
     received: dict[str, object] | None
+    # Registry cores while only events are written (no heartbeats), before the loaded window:
+    # what fanning them out costs, in CPU time, which the machine's load disturbs far less
+    # than it does latency.
+    events_only_cores: float
+    events_only_events: int
 
     @property
     def p99_s(self) -> float:
@@ -269,14 +274,28 @@ def _window(
     mode: str,
 ) -> Window:
     if mode == "none":
-        return Window(mode, heartbeats_with_events(args, proc, fleet, dsn), None)
+        fan_out = _events_only_cores(args, proc, fleet, dsn)
+        return Window(mode, heartbeats_with_events(args, proc, fleet, dsn), None, *fan_out)
     subscribers = Subscribers(args, proc.url, fleet)
     try:
+        fan_out = _events_only_cores(args, proc, fleet, dsn)
         load = heartbeats_with_events(args, proc, fleet, dsn)
         time.sleep(args.drain)  # what is still on its way to the subscribers
     finally:
         received = subscribers.finish()
-    return Window(mode, load, received)
+    return Window(mode, load, received, *fan_out)
+
+
+def _events_only_cores(
+    args: argparse.Namespace, proc: registry_proc.RegistryProcess, fleet: Fleet, dsn: str
+) -> tuple[float, int]:
+    """Registry cores while only events are written, and how many were."""
+    inserted = insert_events(dsn, fleet, args.event_rate, args.events_only)
+    start, used = time.monotonic(), cpu.process_cpu_s(proc.pid)
+    time.sleep(args.events_only)
+    cores = (cpu.process_cpu_s(proc.pid) - used) / (time.monotonic() - start)
+    time.sleep(0.5)  # the inserting thread's last commit
+    return cores, inserted[0]
 
 
 def report_compare(args: argparse.Namespace, rounds: list[list[Window]]) -> bool:
@@ -288,20 +307,37 @@ def report_compare(args: argparse.Namespace, rounds: list[list[Window]]) -> bool
     for i, windows in enumerate(rounds, 1):
         by_mode = {w.mode: w for w in windows}
         base = by_mode["none"].p99_s
-        parts = [f"round {i} ({' '.join(w.mode for w in windows)}): p99 none {base * 1e3:.1f} ms"]
+        parts = [
+            f"round {i} ({' '.join(w.mode for w in windows)}): p99 none {base * 1e3:.1f} ms "
+            f"(events only: registry {by_mode['none'].events_only_cores:.3f} cores)"
+        ]
         for mode in MODES:
             w = by_mode[mode]
             ratios[mode].append(w.p99_s / base)
             delays = w.delays()
             assert delays is not None and w.received is not None
             parts.append(
-                f"{mode} {w.p99_s * 1e3:.1f} ms (x{w.p99_s / base:.2f}; registry "
+                f"{mode} {w.p99_s * 1e3:.1f} ms (x{w.p99_s / base:.2f}; events only: registry "
+                f"{w.events_only_cores:.3f} cores; loaded: registry "
                 f"{w.load.measurement.cpu.registry:.2f} cores; delay p50 "
                 f"{delays.p50_s * 1e3:.0f} / p99 {delays.p99_s * 1e3:.0f} ms; "
                 f"{w.received['dropped']} dropped, received "
-                f"{w.fewest_frames()}/{w.load.events})"
+                f"{w.fewest_frames()}/{w.load.events + w.events_only_events})"
             )
         print("; ".join(parts))
+    for mode in ["none", *MODES]:
+        cores = statistics.median(
+            w.events_only_cores for ws in rounds for w in ws if w.mode == mode
+        )
+        print(f"{mode}: events only, registry cores, median {cores:.3f}")
+    for mode in MODES:
+        mode_delays = [w.delays() for ws in rounds for w in ws if w.mode == mode]
+        p50 = statistics.median(d.p50_s for d in mode_delays if d is not None)
+        p99 = statistics.median(d.p99_s for d in mode_delays if d is not None)
+        print(
+            f"{mode}: delivery delay, median over rounds: "
+            f"p50 {p50 * 1e3:.0f} ms, p99 {p99 * 1e3:.0f} ms"
+        )
     for mode in MODES:
         median = statistics.median(ratios[mode])
         met = median <= TARGET_P99_RATIO
@@ -469,6 +505,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=1, help="pairs of loaded windows")
     parser.add_argument("--profile", type=Path, default=None, help="py-spy raw output here")
     parser.add_argument("--compare", action="store_true", help="no subscribers, writers, direct")
+    parser.add_argument("--events-only", type=float, default=10.0, help="--compare: seconds")
     args = parser.parse_args(argv)
     db.check_name(args.database)
     return args
