@@ -420,10 +420,15 @@ async def test_a_subscriber_that_stops_reading_is_told_and_resumes_exactly_once(
 async def test_a_live_subscriber_whose_client_left_is_let_go_at_the_next_page(
     make_registry: MakeRegistry, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Its handler waits for no keep-alive to find out (none comes within the test): the
-    feed's write sees the socket closing and ends the stream (fails without that check)."""
+    """Its handler waits for no keep-alive to find out (none comes within the test) and is
+    not cancelled (as under `serve`): the feed's write sees the socket closing and ends the
+    stream (fails without that check)."""
     monkeypatch.setattr(event_handlers, "KEEPALIVE_S", 3600)
     registry = await make_registry()
+    # As `serve` runs: aiohttp's test server cancels a handler whose client hung up.
+    runner = registry.client.server.runner
+    assert runner is not None and runner.server is not None
+    runner.server.handler_cancellation = False
     workspace = await registry.create_workspace()
     await all_numbered(registry)
     feed = registry.client.app[EVENT_HUB].feed
