@@ -75,3 +75,13 @@ async def server_version(dsn: str) -> str:
         return str(await conn.fetchval("SHOW server_version"))
     finally:
         await conn.close()
+
+
+async def wal_lsn(dsn: str) -> int:
+    """The cluster's current WAL position in bytes (every database's writes move it)."""
+    conn = await asyncpg.connect(dsn)
+    try:
+        value = await conn.fetchval("SELECT pg_current_wal_lsn() - '0/0'::pg_lsn")
+    finally:
+        await conn.close()
+    return int(value)

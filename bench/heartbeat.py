@@ -2,7 +2,11 @@
 POST /registry/heartbeat, coalesced and per request, in one run on one seeded fleet.
 
     .venv/bin/python -m bench.heartbeat [--workspaces 10000] [--connections 64]
-        [--duration 10] [--processes 1|2] [--generator auto|wrk|python]
+        [--duration 10] [--processes 1|2] [--workers 1,2] [--generator auto|wrk|python]
+
+--workers 1,2 measures the coalesced mode once per count, each as one `registry serve
+--workers N` on one port. pgbench runs before and after the registry phases; the limit is the
+mean of the two.
 
 CPU columns are cores used on average over each measured window (2.00 = both cores busy).
 """
@@ -44,6 +48,7 @@ class Options:
     # unknown DSN query parameters as server settings): measures a lever without editing
     # registry/.
     pg_options: tuple[str, ...] = ()
+    workers: tuple[int, ...] = (1,)
 
 
 def measure_registry(
@@ -53,48 +58,66 @@ def measure_registry(
     work_dir: Path,
     env: dict[str, str],
     pg_options: tuple[str, ...],
-) -> generators.Measurement:
+    workers: int = 1,
+) -> tuple[generators.Measurement, float]:
+    """The measurement, and the cluster's WAL bytes per beat over it (warm-up included)."""
     registry_dsn = db.with_options(dsn, pg_options)
-    procs = registry_proc.start_many(registry_dsn, work_dir, env, options.processes)
-    pids = [p.pid for p in procs]
+    if workers > 1:
+        procs = registry_proc.start_many(
+            registry_dsn, work_dir, {**env, "REGISTRY_WORKERS": str(workers)}, 1
+        )
+        pids = registry_proc.worker_pids(procs[0].url, workers)
+    else:
+        procs = registry_proc.start_many(registry_dsn, work_dir, env, options.processes)
+        pids = [p.pid for p in procs]
     urls = [p.url for p in procs]
     try:
         # Each phase starts from a clean checkpoint, so no phase pays for another's WAL.
         asyncio.run(db.execute(dsn, "CHECKPOINT"))
-        if options.generator == "wrk":
-            script = wrk.write_script(work_dir, work_dir / "fleet.txt")
-            # wrk has no warm-up of its own: a short unmeasured run opens the pools and
-            # prepares the statements.
-            wrk.run_many(
-                [f"{u}/registry/heartbeat" for u in urls],
-                script,
-                options.connections,
-                options.warmup_s,
-            )
-            return generators.measure_wrk(
-                [f"{u}/registry/heartbeat" for u in urls],
-                pids,
-                script,
-                options.connections,
-                options.duration_s,
-            )
-        process = generators.spawn_python(
-            urls,
-            fleet,
-            connections=options.connections,
-            duration_s=options.duration_s,
-            warmup_s=options.warmup_s,
-        )
-        return generators.measure_python([process], pids)
+        before = asyncio.run(db.wal_lsn(dsn))
+        measured = _measure(options, fleet, work_dir, urls, pids)
+        wal = asyncio.run(db.wal_lsn(dsn)) - before
+        beats = measured.rate * (measured.wall_s + options.warmup_s)
+        return measured, wal / beats if beats else float("nan")
     finally:
         for proc in procs:
             proc.stop()
 
 
-def _phases(options: Options, dsn: str, fleet: Fleet, work_dir: Path) -> dict[str, object]:
-    rows: list[Row] = []
+def _measure(
+    options: Options, fleet: Fleet, work_dir: Path, urls: list[str], pids: list[int]
+) -> generators.Measurement:
+    if options.generator == "wrk":
+        script = wrk.write_script(work_dir, work_dir / "fleet.txt")
+        # wrk has no warm-up of its own: a short unmeasured run opens the pools and
+        # prepares the statements.
+        wrk.run_many(
+            [f"{u}/registry/heartbeat" for u in urls],
+            script,
+            options.connections,
+            options.warmup_s,
+        )
+        return generators.measure_wrk(
+            [f"{u}/registry/heartbeat" for u in urls],
+            pids,
+            script,
+            options.connections,
+            options.duration_s,
+        )
+    process = generators.spawn_python(
+        urls,
+        fleet,
+        connections=options.connections,
+        duration_s=options.duration_s,
+        warmup_s=options.warmup_s,
+    )
+    return generators.measure_python([process], pids)
+
+
+def _pgbench(options: Options, dsn: str, fleet: Fleet, work_dir: Path) -> pgbench.PgbenchResult:
+    """pgbench's single-statement limit, from a clean checkpoint like every phase."""
     asyncio.run(db.execute(dsn, "CHECKPOINT"))
-    limit = pgbench.run(
+    return pgbench.run(
         options.pgbench,
         dsn,
         fleet,
@@ -102,26 +125,43 @@ def _phases(options: Options, dsn: str, fleet: Fleet, work_dir: Path) -> dict[st
         duration_s=max(1, round(options.duration_s)),
         work_dir=work_dir,
     )
+
+
+def _phases(options: Options, dsn: str, fleet: Fleet, work_dir: Path) -> dict[str, object]:
+    rows: list[Row] = []
+    limit = _pgbench(options, dsn, fleet, work_dir)
     rows.append(
         Row("pgbench single statement", limit.tps, limit.latencies, limit.errors, limit.cpu)
     )
     base_env = {"REGISTRY_OFFLINE_AFTER_S": "3600"}
-    modes: list[tuple[str, dict[str, str], tuple[str, ...]]] = [
-        ("registry coalesced", {**base_env, "REGISTRY_HEARTBEAT_COALESCE": "true"}, ()),
-        ("registry per-request", {**base_env, "REGISTRY_HEARTBEAT_COALESCE": "false"}, ()),
+    coalesced_env = {**base_env, "REGISTRY_HEARTBEAT_COALESCE": "true"}
+    modes: list[tuple[str, dict[str, str], tuple[str, ...], int]] = [
+        ("registry coalesced", coalesced_env, (), 1),
+        ("registry per-request", {**base_env, "REGISTRY_HEARTBEAT_COALESCE": "false"}, (), 1),
+    ]
+    modes += [
+        (f"registry coalesced, {n} workers", coalesced_env, (), n) for n in options.workers if n > 1
     ]
     if options.pg_options:
         # The same two modes with the lever, in the same run, so the rows compare.
-        modes += [(f"{name} + pg options", env, options.pg_options) for name, env, _ in modes]
+        modes += [
+            (f"{name} + pg options", env, options.pg_options, 1) for name, env, _, _ in modes[:2]
+        ]
     measured: dict[str, generators.Measurement] = {}
-    for name, env, pg_options in modes:
-        m = measure_registry(options, dsn, fleet, work_dir, env, pg_options)
+    for name, env, pg_options, workers in modes:
+        m, wal_per_beat = measure_registry(options, dsn, fleet, work_dir, env, pg_options, workers)
         measured[name] = m
-        note = " ".join((f"{options.processes} proc, {options.generator}", *pg_options))
-        rows.append(Row(name, m.rate, m.latencies, m.errors, m.cpu, note))
+        shape = f"{workers} workers" if workers > 1 else f"{options.processes} proc"
+        note = " ".join((f"{shape}, {options.generator}", *pg_options))
+        rows.append(Row(name, m.rate, m.latencies, m.errors, m.cpu, note, wal_per_beat))
+    after = _pgbench(options, dsn, fleet, work_dir)
+    rows.append(
+        Row("pgbench single statement, after", after.tps, after.latencies, after.errors, after.cpu)
+    )
+    limit_tps = (limit.tps + after.tps) / 2
     coalesced = measured["registry coalesced"]
     per_request = measured["registry per-request"]
-    ratio = coalesced.rate / limit.tps
+    ratio = coalesced.rate / limit_tps
     vs_per_request = coalesced.rate / per_request.rate if per_request.rate else float("inf")
     summary = {
         "ratio_registry_to_pgbench": ratio,
@@ -135,7 +175,12 @@ def _phases(options: Options, dsn: str, fleet: Fleet, work_dir: Path) -> dict[st
     }
     print(markdown(rows))
     print()
+    print(f"pgbench limit = mean of before and after = {limit_tps:,.0f}/s")
     print(f"registry (coalesced) / pgbench = {ratio:.2f}  (target >= {TARGET_RATIO})")
+    for name, m in measured.items():
+        if "workers" in name:
+            to_one = m.rate / coalesced.rate
+            print(f"{name} / pgbench = {m.rate / limit_tps:.2f}; / 1 worker = {to_one:.2f}")
     print(f"coalesced / per-request        = {vs_per_request:.2f}  (target >= 1.5)")
     for target, ok in summary["targets"].items():  # type: ignore[attr-defined]
         print(f"  {target}: {verdict(ok)}")
@@ -180,6 +225,12 @@ def parse_args(argv: list[str] | None) -> Options:
     parser.add_argument("--duration", type=float, default=10.0, help="seconds per phase")
     parser.add_argument("--warmup", type=float, default=2.0, help="seconds before measuring")
     parser.add_argument("--processes", type=int, choices=(1, 2), default=1)
+    parser.add_argument(
+        "--workers",
+        type=lambda raw: tuple(int(n) for n in raw.split(",")),
+        default=(1,),
+        help="also measure coalesced with `serve --workers N` for each N > 1, e.g. 1,2",
+    )
     parser.add_argument("--generator", choices=("auto", "wrk", "python"), default="auto")
     parser.add_argument("--pgbench", default=None, help="pgbench binary (default: pgserver's)")
     parser.add_argument("--keep-database", action="store_true")
@@ -213,6 +264,7 @@ def parse_args(argv: list[str] | None) -> Options:
         keep_database=args.keep_database,
         json_path=args.json,
         pg_options=tuple(args.pg_option),
+        workers=args.workers,
     )
 
 

@@ -72,10 +72,12 @@ def spawn(
     work_dir: Path,
     env: dict[str, str],
     preexec_fn: Callable[[], None] | None = None,
+    python_args: tuple[str, ...] = (),
 ) -> tuple[subprocess.Popen[bytes], str, Path]:
     """`python -m registry serve` on a free port; returns the process, its URL and its log.
     The benchmark and the tests start registries this one way. `preexec_fn` runs in the child
-    before it starts (e.g. to lower its resource limits)."""
+    before it starts (e.g. to lower its resource limits); `python_args` go before `-m registry`
+    (e.g. `-m cProfile -o FILE`)."""
     port = free_port()
     log_path = work_dir / f"registry-{port}.log"
     environment = {
@@ -87,7 +89,7 @@ def spawn(
     }
     with log_path.open("wb") as log:
         process = subprocess.Popen(
-            [sys.executable, "-m", "registry", "serve"],
+            [sys.executable, *python_args, "-m", "registry", "serve"],
             env=environment,
             stdout=log,
             stderr=subprocess.STDOUT,
@@ -97,7 +99,9 @@ def spawn(
     return process, f"http://127.0.0.1:{port}", log_path
 
 
-def start(dsn: str, work_dir: Path, env: dict[str, str]) -> RegistryProcess:
+def start(
+    dsn: str, work_dir: Path, env: dict[str, str], python_args: tuple[str, ...] = ()
+) -> RegistryProcess:
     quiet = {
         "REGISTRY_ADMIN_TOKEN": ADMIN_TOKEN,
         "REGISTRY_LOG_FORMAT": "text",
@@ -105,7 +109,7 @@ def start(dsn: str, work_dir: Path, env: dict[str, str]) -> RegistryProcess:
         # anyway, but keep the log quiet so it costs nothing.
         "REGISTRY_LOG_LEVEL": "warning",
     }
-    return RegistryProcess(*spawn(dsn, work_dir, {**quiet, **env}))
+    return RegistryProcess(*spawn(dsn, work_dir, {**quiet, **env}, python_args=python_args))
 
 
 def start_many(dsn: str, work_dir: Path, env: dict[str, str], count: int) -> list[RegistryProcess]:
@@ -118,3 +122,25 @@ def start_many(dsn: str, work_dir: Path, env: dict[str, str], count: int) -> lis
             process.stop()
         raise
     return processes
+
+
+def worker_pids(url: str, workers: int, within_s: float = 30.0) -> list[int]:
+    """The pids of a `serve --workers N` process's workers, from its /metrics, once all N
+    answer there (the supervisor's /readyz is one worker's)."""
+    deadline = time.monotonic() + within_s
+    while True:
+        try:
+            with urllib.request.urlopen(f"{url}/metrics", timeout=5) as response:  # noqa: S310
+                text = response.read().decode()
+        except (urllib.error.URLError, OSError):
+            text = ""
+        pids = [
+            int(float(line.rsplit(" ", 1)[1]))
+            for line in text.splitlines()
+            if line.startswith("registry_worker_pid{")
+        ]
+        if len(pids) == workers:
+            return pids
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"not all {workers} workers answered at {url}/metrics")
+        time.sleep(0.2)

@@ -17,6 +17,14 @@ class Row:
     errors: int
     cpu: CpuSplit
     note: str = ""
+    # Bytes of WAL the whole cluster wrote per beat answered (nan: not measured); the
+    # cluster's, so other sessions on a shared server add to it.
+    wal_per_beat: float = math.nan
+
+    @property
+    def registry_us_per_beat(self) -> float:
+        """Registry CPU per beat answered: comparable across machines and loads."""
+        return self.cpu.registry * 1e6 / self.rate if self.rate else math.nan
 
 
 HEADER = (
@@ -29,6 +37,8 @@ HEADER = (
     "CPU postgres",
     "CPU loadgen",
     "CPU other",
+    "registry µs/beat",
+    "WAL B/beat",
     "note",
 )
 
@@ -48,6 +58,8 @@ def cells(row: Row) -> tuple[str, ...]:
         f"{row.cpu.postgres:.2f}",
         f"{row.cpu.loadgen:.2f}",
         f"{row.cpu.other:.2f}",
+        "n/a" if math.isnan(row.registry_us_per_beat) else f"{row.registry_us_per_beat:.0f}",
+        "n/a" if math.isnan(row.wal_per_beat) else f"{row.wal_per_beat:,.0f}",
         row.note,
     )
 

@@ -15,7 +15,7 @@ import asyncpg
 from aiohttp import web
 
 from registry.admission import Admission
-from registry.auth import UI_SESSIONS, admin_auth_middleware
+from registry.auth import admin_auth_middleware
 from registry.db.heartbeats import BeatPolicy
 from registry.db.pool import create_heartbeat_pool, create_pool
 from registry.db.reconciles import RestartBudget
@@ -24,6 +24,7 @@ from registry.errors import error_middleware
 from registry.event_feed import EventFeed
 from registry.events import EventHub
 from registry.fleet_gauges import FleetGauges
+from registry.fleet_history_cache import FleetHistoryCache
 from registry.http_metrics import http_metrics_middleware
 from registry.ingest import HeartbeatIngest
 from registry.keys import (
@@ -31,6 +32,7 @@ from registry.keys import (
     DSN,
     EVENT_HUB,
     FLEET_GAUGES,
+    FLEET_HISTORY,
     IGNORED_FIELDS,
     INGEST,
     METRICS,
@@ -39,6 +41,7 @@ from registry.keys import (
     REFUSALS,
     SETTINGS,
     SOURCES,
+    WORKER,
 )
 from registry.liveness import LivenessSweeper
 from registry.logs import echo_request_id, request_id_middleware
@@ -52,8 +55,9 @@ from registry.refusals import RefusalLog
 from registry.retention import Pruner
 from registry.routes import setup_routes
 from registry.settings import Settings
+from registry.sync_state import run_forever as refresh_sync_forever
 from registry.tolerance import IgnoredFieldReporter
-from registry.ui.sessions import SessionStore
+from registry.workers import Worker
 
 log = logging.getLogger(__name__)
 
@@ -68,8 +72,9 @@ POOL_CLOSE_S = 5.0
 HTTP_CLOSE_S = 5.0
 
 
-def create_app(settings: Settings, dsn: str) -> web.Application:
-    """Build the application; no I/O happens until it starts."""
+def create_app(settings: Settings, dsn: str, worker: Worker | None = None) -> web.Application:
+    """Build the application; no I/O happens until it starts. `worker`: which of several
+    processes on one port this is (default: the only one)."""
     metrics = Metrics()
     admission = Admission(settings.max_requests_in_flight, metrics.turned_away)
     app = web.Application(
@@ -86,12 +91,13 @@ def create_app(settings: Settings, dsn: str) -> web.Application:
     )
     app[SETTINGS] = settings
     app[DSN] = dsn
+    app[WORKER] = worker or Worker()
     app[METRICS] = metrics
     app[ADMISSION] = admission
     app[IGNORED_FIELDS] = IgnoredFieldReporter(app[METRICS])
     app[REFUSALS] = RefusalLog(app[METRICS])
-    app[UI_SESSIONS] = SessionStore()
     app[FLEET_GAUGES] = FleetGauges(app[METRICS], settings.metrics_cache_s)
+    app[FLEET_HISTORY] = FleetHistoryCache()
     app[SOURCES] = source_settings(settings)
     app.on_response_prepare.append(echo_request_id)
     setup_routes(app)
@@ -230,6 +236,7 @@ async def _background(app: web.Application) -> AsyncIterator[None]:
         app[RECONCILER] = worker
         app[EVENT_HUB] = hub
         stop_refusals = asyncio.Event()
+        stop_sync = asyncio.Event()
         # Each loop with what stops it; a coroutine is made only when it is spawned, so a
         # failed spawn leaves none that was never awaited.
         starts: list[tuple[str, Callable[[], Coroutine[Any, Any, None]], Callable[[], None]]] = [
@@ -249,6 +256,11 @@ async def _background(app: web.Application) -> AsyncIterator[None]:
                     stop_refusals,
                 ),
                 stop_refusals.set,
+            ),
+            (
+                "plugins-sync-refresher",
+                functools.partial(refresh_sync_forever, pool, stop_sync),
+                stop_sync.set,
             ),
         ]
         loops: list[tuple[aiojobs.Job[None], Callable[[], None]]] = []

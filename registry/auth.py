@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import hmac
 import secrets
-import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
@@ -14,10 +13,11 @@ from types import MappingProxyType
 
 from aiohttp import web
 
-from registry.db import api_tokens
+from registry.db import api_tokens, ui_sessions
 from registry.errors import Forbidden, Handler, Unauthorized
+from registry.forwarded import request_scheme
 from registry.keys import POOL, SETTINGS
-from registry.ui.sessions import COOKIE, SessionStore
+from registry.ui.sessions import COOKIE, admin_check, session_key
 
 WORKSPACE_TOKEN_PREFIX = "rwt_"
 API_TOKEN_PREFIX = "rat_"
@@ -39,7 +39,6 @@ WORKSPACE_TOKEN_ROUTES = frozenset({"post_heartbeat", "post_register"})
 # The dashboard's pages and its login/logout (issue 17): no token, since they are how a
 # browser gets a session; login checks the token it is given, logout only ends a session.
 UI_ROUTES = frozenset({"get_root", "get_ui", "get_ui_asset", "post_ui_login", "post_ui_logout"})
-UI_SESSIONS = web.AppKey("ui_sessions", SessionStore)
 
 
 class Role(StrEnum):
@@ -67,6 +66,7 @@ ROUTE_ROLES: Mapping[str, Role] = MappingProxyType(
         "get_events": Role.READ,
         "get_event_history": Role.READ,
         "get_fleet": Role.READ,
+        "get_fleet_history": Role.READ,
         "get_workspace_reconciles": Role.READ,
         "get_reconcile": Role.READ,
         "get_ui_session": Role.READ,
@@ -205,29 +205,36 @@ SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 def check_same_origin(request: web.Request) -> None:
     """CSRF: a cookie-authenticated change must come from a page of this very origin. Browsers
-    send Origin with every POST/PUT/PATCH/DELETE, so a missing one is refused too."""
+    send Origin with every POST/PUT/PATCH/DELETE, so a missing one is refused too. Behind a
+    trusted TLS-terminating proxy the origin is https (registry/forwarded.py)."""
     if request.method in SAFE_METHODS:
         return
     origin = request.headers.get("Origin")
-    if origin != f"{request.scheme}://{request.host}":
+    if origin != f"{request_scheme(request)}://{request.host}":
         raise CrossOrigin("a browser session may only change things from this origin's pages")
 
 
 async def session_principal(request: web.Request, session_id: str) -> Principal:
-    """The principal of a dashboard session: its token is re-read on every request, so a
-    token revoked or expired since the login ends the session too."""
-    store = request.app[UI_SESSIONS]
-    session = store.find(session_id, time.monotonic())
-    if session is None:
-        raise Unauthorized("the session has ended; log in again", code="session_ended")
-    if session.lookup is not None:
-        async with request.app[POOL].acquire() as conn:
-            found = await api_tokens.find_by_lookup(conn, session.lookup)
-        if found is None or found.revoked or found.expired:
-            store.drop(session_id)
+    """The principal of a dashboard session (one probe, which also reads its token's state):
+    a token revoked or expired since the login ends the session, as does a change of the
+    bootstrap admin token for the sessions it opened."""
+    key = session_key(session_id)
+    async with request.app[POOL].acquire() as conn:
+        session = await ui_sessions.find_session(conn, key)
+        if session is None:
+            raise Unauthorized("the session has ended; log in again", code="session_ended")
+        if session.token_dead or not _admin_check_holds(request, key, session.admin_check):
+            await ui_sessions.end_session(conn, key)
             raise Unauthorized("the session's token is no longer valid", code="session_ended")
     check_same_origin(request)
     return Principal(session.name, Role(session.role))
+
+
+def _admin_check_holds(request: web.Request, key: bytes, check: bytes | None) -> bool:
+    if check is None:
+        return True  # opened with an API token, whose state the probe read
+    admin_token = request.app[SETTINGS].admin_token
+    return admin_token is not None and hmac.compare_digest(check, admin_check(key, admin_token))
 
 
 async def caller(request: web.Request) -> Principal:

@@ -17,6 +17,7 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -50,8 +51,9 @@ from registry.db.migrate import MigrationError, migrate
 from registry.dev_token import development_token, read_development_token, token_path
 from registry.embedded_pg import EmbeddedPostgresError, start_embedded_postgres
 from registry.logs import configure_logging
-from registry.settings import Settings, SettingsError, default_data_dir
+from registry.settings import Settings, SettingsError, default_data_dir, parse_workers
 from registry.startup import StartupError, serve
+from registry.workers import Supervisor, Worker, check_port_free
 
 log = logging.getLogger("registry")
 
@@ -92,6 +94,13 @@ def _parser() -> argparse.ArgumentParser:
         if name == "serve":
             command.add_argument("--host", help="listen address (REGISTRY_HOST)")
             command.add_argument("--port", type=int, help="listen port (REGISTRY_PORT)")
+            command.add_argument(
+                "--workers",
+                type=worker_count,
+                metavar="N",
+                help="processes answering on the port, or `auto`: one per CPU "
+                "(REGISTRY_WORKERS; default 1)",
+            )
     workspace_actions = _add_client_commands(commands)
     cli_operate.add_workspace_commands(workspace_actions)
     cli_operate.add_commands(commands)
@@ -225,7 +234,7 @@ def _add_client_commands(commands: Any) -> Any:
 def _settings(args: argparse.Namespace) -> Settings:
     overrides: dict[str, Any] = {"dsn": args.dsn}
     if args.command == "serve":
-        overrides.update(host=args.host, port=args.port)
+        overrides.update(host=args.host, port=args.port, workers=args.workers)
     return Settings.from_env(**overrides)
 
 
@@ -235,7 +244,68 @@ def _database(settings: Settings) -> tuple[str, Any]:
     return start_embedded_postgres(settings.data_dir / "postgres")
 
 
-def _serve(settings: Settings, dsn: str) -> None:
+def _serve(settings: Settings, dsn: str, argv: list[str]) -> int:
+    worker = Worker.from_env()
+    settings = _with_admin_token(settings)
+    if settings.workers > 1 and not worker.shares_port:
+        return _supervise(settings, dsn, argv)
+    settings.resolved_plugins_dir.mkdir(parents=True, exist_ok=True)
+    info = build_info()
+    log.info(
+        "registry %s (git %s) listening on http://%s:%d",
+        info["version"],
+        info["git_sha"] or "unknown",
+        settings.host,
+        settings.port,
+        extra={"build": info, "worker": worker.index},
+    )
+    _tune_garbage_collector()
+    # Listens at once and answers 503 `starting` until migrations are applied and the app
+    # has started (registry/startup.py).
+    with asyncio.Runner(loop_factory=_loop_factory(settings.event_loop)) as runner:
+        runner.run(serve(settings, dsn, worker))
+    return 0
+
+
+def _loop_factory(name: str) -> Callable[[], asyncio.AbstractEventLoop] | None:
+    if name == "asyncio":
+        return None
+    try:
+        import uvloop  # optional: imported only when asked for
+    except ImportError:
+        raise SettingsError("REGISTRY_EVENT_LOOP=uvloop: uvloop is not installed") from None
+    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+    return factory
+
+
+def _supervise(settings: Settings, dsn: str, argv: list[str]) -> int:
+    """The workers are this same command again, told which one each is (registry/workers.py);
+    what the supervisor resolved (the embedded database, the development token) they inherit."""
+    try:
+        check_port_free(settings.host, settings.port)
+    except OSError as exc:
+        raise StartupError(f"cannot listen on {settings.host}:{settings.port}: {exc}") from exc
+    env = {**os.environ, "REGISTRY_DSN": dsn}
+    if settings.admin_token is not None:
+        env["REGISTRY_ADMIN_TOKEN"] = settings.admin_token
+    log.info(
+        "registry serve: %d workers on http://%s:%d",
+        settings.workers,
+        settings.host,
+        settings.port,
+    )
+    supervisor = Supervisor([sys.executable, "-m", "registry", *argv], env, settings.workers)
+    return supervisor.run(settings.shutdown_grace_s)
+
+
+def worker_count(raw: str) -> int:
+    try:
+        return parse_workers(raw)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{raw!r}: a positive integer or `auto`") from None
+
+
+def _with_admin_token(settings: Settings) -> Settings:
     if settings.admin_token is None:
         # Development convenience only: made once, kept (mode 0600) in the data dir, so a
         # restart does not log out a running `events --follow`; the CLI reads it from there.
@@ -247,20 +317,7 @@ def _serve(settings: Settings, dsn: str) -> None:
         else:
             print(f"REGISTRY_ADMIN_TOKEN not set; development admin token kept in {where}")
         settings = dataclasses.replace(settings, admin_token=token)
-    settings.resolved_plugins_dir.mkdir(parents=True, exist_ok=True)
-    info = build_info()
-    log.info(
-        "registry %s (git %s) listening on http://%s:%d",
-        info["version"],
-        info["git_sha"] or "unknown",
-        settings.host,
-        settings.port,
-        extra={"build": info},
-    )
-    _tune_garbage_collector()
-    # Listens at once and answers 503 `starting` until migrations are applied and the app
-    # has started (registry/startup.py).
-    asyncio.run(serve(settings, dsn))
+    return settings
 
 
 def _tune_garbage_collector() -> None:
@@ -276,7 +333,8 @@ def _tune_garbage_collector() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
-    args = parser.parse_args(_with_reconcile_run(sys.argv[1:] if argv is None else argv))
+    argv = sys.argv[1:] if argv is None else argv
+    args = parser.parse_args(_with_reconcile_run(argv))
     if args.command == "completion":
         print(shtab.complete(parser, shell=args.shell), end="")
         return EXIT_OK
@@ -291,7 +349,7 @@ def main(argv: list[str] | None = None) -> int:
             applied = asyncio.run(migrate(dsn))
             print(f"applied {len(applied)} migration(s)")
         else:
-            _serve(settings, dsn)
+            return _serve(settings, dsn, argv)
     except (SettingsError, MigrationError, StartupError, EmbeddedPostgresError) as exc:
         print(f"registry: {exc}", file=sys.stderr)
         return 2

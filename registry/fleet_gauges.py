@@ -8,9 +8,10 @@ import time
 
 import asyncpg
 
+from registry import sync_state
 from registry.db import fleet, reconciles
 from registry.db.errors import DatabaseUnavailable
-from registry.db.fleet_counts import fleet_counts
+from registry.db.fleet_counts import FleetCounts, fleet_counts
 from registry.metrics import Metrics
 
 # Scrapes must answer quickly even when the database does not.
@@ -22,20 +23,24 @@ class FleetGauges:
         self._metrics = metrics
         self._ttl_s = ttl_s
         self._refreshed_at: float | None = None
+        # The last figures read, for GET /fleet's counts by plugins sync (the same read).
+        self.counts: FleetCounts | None = None
         # Scrapes that arrive while a refresh runs wait for it and share its figures.
         self._lock = asyncio.Lock()
 
-    def _fresh(self) -> bool:
+    def _fresh(self, ttl_s: float) -> bool:
         at = self._refreshed_at
-        return at is not None and time.monotonic() - at < self._ttl_s
+        return at is not None and time.monotonic() - at < ttl_s
 
-    async def refresh(self, pool: asyncpg.Pool) -> None:
-        """Read the fleet's figures unless they are fresh; if the database is unreachable
-        they keep their last values and `registry_database_up` says 0."""
-        if self._fresh():
+    async def refresh(self, pool: asyncpg.Pool, min_ttl_s: float = 0.0) -> None:
+        """Read the fleet's figures unless they are fresh (younger than the configured period,
+        or `min_ttl_s` if longer); if the database is unreachable they keep their last values
+        and `registry_database_up` says 0."""
+        ttl_s = max(self._ttl_s, min_ttl_s)
+        if self._fresh(ttl_s):
             return
         async with self._lock:
-            if not self._fresh():
+            if not self._fresh(ttl_s):
                 await self._read(pool)
 
     async def _read(self, pool: asyncpg.Pool) -> None:
@@ -43,6 +48,9 @@ class FleetGauges:
         metrics = self._metrics
         try:
             async with pool.acquire(timeout=QUERY_TIMEOUT_S) as conn:
+                # What changed since the refresher last ran is judged first, so the counts
+                # are current (one batch at most: a scrape never waits on a backfill).
+                await sync_state.refresh(conn, rounds=1)
                 counts = await fleet_counts(conn)
                 backlog = await reconciles.backlog(conn)
                 guard = await fleet.read_guard(conn)
@@ -58,4 +66,5 @@ class FleetGauges:
         for status, n in backlog.items():
             metrics.reconcile_backlog.labels(status).set(n)
         metrics.mass_expiry_guard_holding.set(1 if guard.holding else 0)
+        self.counts = counts
         self._refreshed_at = now

@@ -44,5 +44,5 @@ async def http_metrics_middleware(request: web.Request, handler: Handler) -> web
         metrics = request.app[METRICS]
         route = route_name(request)
         method = request.method if request.method in METHODS else "other"
-        metrics.http_requests.labels(route, method, str(code)).inc()
-        metrics.http_seconds.labels(route, method).observe(time.perf_counter() - started)
+        metrics.http_requests_by.get(route, method, str(code)).inc()
+        metrics.http_seconds_by.get(route, method).observe(time.perf_counter() - started)

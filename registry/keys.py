@@ -8,6 +8,7 @@ from aiohttp import web
 from registry.admission import Admission
 from registry.events import EventHub
 from registry.fleet_gauges import FleetGauges
+from registry.fleet_history_cache import FleetHistoryCache
 from registry.ingest import HeartbeatIngest
 from registry.metrics import Metrics
 from registry.plugins import SourceSettings
@@ -15,6 +16,7 @@ from registry.reconcile.worker import ReconcileWorker
 from registry.refusals import RefusalLog
 from registry.settings import Settings
 from registry.tolerance import IgnoredFieldReporter
+from registry.workers import Worker
 
 SETTINGS = web.AppKey("settings", Settings)
 DSN = web.AppKey("dsn", str)
@@ -29,3 +31,6 @@ IGNORED_FIELDS = web.AppKey("ignored_fields", IgnoredFieldReporter)
 REFUSALS = web.AppKey("refusals", RefusalLog)
 ADMISSION = web.AppKey("admission", Admission)
 FLEET_GAUGES = web.AppKey("fleet_gauges", FleetGauges)
+# Which of the processes sharing the port this is (registry/workers.py).
+WORKER = web.AppKey("worker", Worker)
+FLEET_HISTORY = web.AppKey("fleet_history", FleetHistoryCache)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Generic, TypeVar
+
 from prometheus_client import (
     CollectorRegistry,
     Counter,
@@ -12,6 +14,7 @@ from prometheus_client import (
     ProcessCollector,
     disable_created_metrics,
 )
+from prometheus_client.metrics import MetricWrapperBase
 
 # No `_created` series: one per labelled child doubles what a scrape carries, and nothing here
 # reads them (Prometheus itself ignores them). Process-wide, like prometheus_client's setting.
@@ -21,6 +24,26 @@ FAST_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.
 SLOW_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0)
 # Every HTTP route: most answer in milliseconds, a few (an event stream) stay open for long.
 HTTP_BUCKETS = (*FAST_BUCKETS, 5.0, 10.0, 60.0)
+
+
+M = TypeVar("M", bound=MetricWrapperBase)
+
+
+class Children(Generic[M]):
+    """A labelled metric's children, each resolved once. `labels()` validates, joins and looks
+    the values up under a lock on every call; on the heartbeat path that was ~3% of the
+    process (docs/benchmarks.md). Only for label sets bounded by the caller (route names,
+    methods, status codes, outcomes), like the metric itself."""
+
+    def __init__(self, metric: M) -> None:
+        self._metric = metric
+        self._children: dict[tuple[str, ...], M] = {}
+
+    def get(self, *values: str) -> M:
+        child = self._children.get(values)
+        if child is None:
+            child = self._children[values] = self._metric.labels(*values)
+        return child
 
 
 class Metrics:
@@ -205,3 +228,8 @@ class Metrics:
             "REGISTRY_MAX_REQUESTS_IN_FLIGHT (probes, scrapes and event streams not counted).",
             registry=r,
         )
+        # The hot path's children (registry/http_metrics.py, handlers/runtime.py).
+        self.http_requests_by = Children(self.http_requests)
+        self.http_seconds_by = Children(self.http_seconds)
+        self.heartbeats_by = Children(self.heartbeats)
+        self.heartbeat_seconds_by = Children(self.heartbeat_seconds)

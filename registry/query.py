@@ -121,6 +121,7 @@ ALLOWED_PARAMETERS: dict[str, frozenset[str]] = {
     "get_events": frozenset({"workspace_id", "after"}),
     "get_event_history": frozenset({"workspace_id", "after", "limit"}),
     "get_fleet": frozenset(),
+    "get_fleet_history": frozenset({"minutes"}),
     "put_workspace_plugins": frozenset(),
     "post_workspace_reconcile": frozenset(),
     "get_workspace_reconciles": frozenset({"limit"}),

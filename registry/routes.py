@@ -46,6 +46,7 @@ def setup_routes(app: web.Application) -> None:
         ("GET", "/events", events.get_events),
         ("GET", "/events/history", events.get_event_history),
         ("GET", "/fleet", events.get_fleet),
+        ("GET", "/fleet/history", events.get_fleet_history),
         ("PUT", "/workspaces/{id}/plugins", workspaces.put_workspace_plugins),
         ("POST", "/internal/workspaces/{id}/reconcile", reconciles.post_workspace_reconcile),
         ("GET", "/internal/workspaces/{id}/reconciles", reconciles.get_workspace_reconciles),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import ipaddress
 import math
 import os
 from collections.abc import Callable, Mapping
@@ -9,9 +11,26 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from registry.workers import cpu_count
+
 
 class SettingsError(ValueError):
     """A setting is missing or malformed; start-up stops with this message."""
+
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@functools.lru_cache(maxsize=8)
+def parse_networks(entries: tuple[str, ...]) -> tuple[Network, ...]:
+    """Addresses or CIDR blocks; ValueError names the first that is neither."""
+    networks = []
+    for entry in entries:
+        try:
+            networks.append(ipaddress.ip_network(entry, strict=False))
+        except ValueError:
+            raise ValueError(f"{entry!r} is not an IP address or CIDR block") from None
+    return tuple(networks)
 
 
 def default_data_dir() -> Path:
@@ -25,6 +44,10 @@ class Settings:
     dsn: str | None = None
     host: str = "127.0.0.1"
     port: int = 8080
+    # Processes answering on the port (registry/workers.py); REGISTRY_WORKERS=auto: one per CPU.
+    workers: int = 1
+    # asyncio's own loop, or uvloop (`pip install uvloop`); docs/benchmarks.md has the A/B.
+    event_loop: str = "asyncio"
     # None: `serve` generates one per start and prints it (development only).
     admin_token: str | None = None
     data_dir: Path = field(default_factory=default_data_dir)
@@ -72,6 +95,10 @@ class Settings:
     # /metrics reads the fleet-wide gauges from the database at most this often (0: every
     # scrape): at 100k workspaces one read takes the database ~0.75 s (docs/benchmarks.md).
     metrics_cache_s: float = 30.0
+    # Peers (addresses or CIDR blocks) whose X-Forwarded-Proto is believed: a TLS-terminating
+    # proxy in front makes the dashboard's cookie Secure and its Origin check expect https.
+    # Empty (the default): the header is ignored from everyone.
+    trusted_proxies: tuple[str, ...] = ()
     # Token rotation: the previous token keeps working this long (0: at once, for a leaked
     # token; a rotation request can also ask for 0).
     token_rotation_grace_s: float = 3600.0
@@ -188,6 +215,8 @@ class Settings:
                 raise SettingsError(message)
 
         need(0 < self.port < 65536, f"port must be 1..65535, got {self.port}")
+        need(self.workers >= 1, f"workers must be at least 1, got {self.workers}")
+        need(self.event_loop in ("asyncio", "uvloop"), "event_loop must be asyncio or uvloop")
         need(self.max_body_bytes >= 1024, "max_body_bytes must be at least 1024")
         need(self.max_header_bytes >= 1024, "max_header_bytes must be at least 1024")
         need(self.max_headers >= 8, "max_headers must be at least 8")
@@ -199,6 +228,10 @@ class Settings:
             1 <= self.pool_min_size <= self.pool_max_size,
             "need 1 <= pool_min_size <= pool_max_size",
         )
+        try:
+            parse_networks(self.trusted_proxies)
+        except ValueError as exc:
+            raise SettingsError(f"trusted_proxies: {exc}") from None
         need(
             self.admin_token is None or len(self.admin_token) >= 16,
             "admin_token must be at least 16 characters",
@@ -349,6 +382,13 @@ def _positive_int(raw: str) -> int:
     return value
 
 
+def parse_workers(raw: str) -> int:
+    """A worker count, or `auto`: one per CPU this process may use."""
+    if raw.strip().lower() == "auto":
+        return cpu_count()
+    return _positive_int(raw)
+
+
 def _non_negative_int(raw: str) -> int:
     value = int(raw)
     if value < 0:
@@ -384,6 +424,8 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "dsn": _text,
     "host": _text,
     "port": _positive_int,
+    "workers": parse_workers,
+    "event_loop": str.lower,
     "admin_token": _text,
     "data_dir": Path,
     "plugins_dir": Path,
@@ -409,6 +451,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "drift_settle_s": _float,
     "drift_reconcile_every_s": _float,
     "metrics_cache_s": _float,
+    "trusted_proxies": _prefix_list,
     "mass_expiry_share": _float,
     "mass_expiry_min_fleet": _non_negative_int,
     "mass_expiry_rate": _float,

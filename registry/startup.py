@@ -20,11 +20,12 @@ therefore starts exactly as it always has (and as the tests start it), just behi
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import signal
 import socket
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
 
 from aiohttp import web
@@ -34,12 +35,16 @@ from registry.db.errors import DatabaseUnavailable, database_calls
 from registry.db.migrate import MigrationError, migrate
 from registry.errors import Starting, error_middleware
 from registry.handlers.openapi import get_openapi
-from registry.handlers.operations import get_buildinfo, get_healthz
+from registry.handlers.operations import get_buildinfo, get_healthz, process_view
 from registry.keys import METRICS
 from registry.logs import echo_request_id, request_id_middleware
 from registry.protocol import ConnectionLimits, EnvelopeAppRunner
 from registry.resources import connection_cap, install_accept_error_log, raise_fd_limit
 from registry.settings import Settings
+from registry.worker_metrics import view_app
+from registry.workers import Worker, view_address
+
+SOLE = Worker()
 
 log = logging.getLogger(__name__)
 
@@ -113,13 +118,13 @@ def connection_limits(settings: Settings, max_connections: int) -> ConnectionLim
 
 
 async def _started(
-    settings: Settings, dsn: str, limits: ConnectionLimits | None = None
+    settings: Settings, dsn: str, limits: ConnectionLimits | None = None, worker: Worker = SOLE
 ) -> web.AppRunner:
     """The app, started: pools open, background work running. A fresh app per attempt, since
     an aiohttp application starts only once; what a failed attempt opened is closed again.
     `limits`: as the settings say, unless `serve` lowered the connection cap."""
     limits = limits or connection_limits(settings, settings.max_connections)
-    app = create_app(settings, dsn)
+    app = create_app(settings, dsn, worker)
     turned_away = app[METRICS].turned_away
     runner = EnvelopeAppRunner(
         app,
@@ -140,7 +145,7 @@ async def _started(
 
 
 async def start_up(
-    settings: Settings, dsn: str, limits: ConnectionLimits | None = None
+    settings: Settings, dsn: str, limits: ConnectionLimits | None = None, worker: Worker = SOLE
 ) -> web.AppRunner:
     """Migrations applied and the app started, retrying while the database is unreachable."""
     try:
@@ -148,20 +153,26 @@ async def start_up(
             "migrations", lambda: migrate(dsn, connect_timeout_s=settings.db_timeout_s)
         )
         log.info("migrations: %d applied", len(applied))
-        return await until_reachable("opening the pools", lambda: _started(settings, dsn, limits))
+        return await until_reachable(
+            "opening the pools", lambda: _started(settings, dsn, limits, worker)
+        )
     except MigrationError:
         raise
     except Exception as exc:
         raise StartupError(f"start-up failed: {type(exc).__name__}: {exc}") from exc
 
 
-def _bind(host: str, port: int) -> list[socket.socket]:
-    """Listening sockets on every address `host` resolves to, as aiohttp's TCPSite would."""
+def _bind(host: str, port: int, shared: bool = False) -> list[socket.socket]:
+    """Listening sockets on every address `host` resolves to, as aiohttp's TCPSite would;
+    `shared`: with SO_REUSEPORT, so each worker of `serve --workers` binds the port too and the
+    kernel spreads new connections over them."""
     found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     listeners: list[socket.socket] = []
     try:
         for family, address in dict.fromkeys((info[0], info[4]) for info in found):
-            listeners.append(socket.create_server(address, family=family, backlog=BACKLOG))
+            listeners.append(
+                socket.create_server(address, family=family, backlog=BACKLOG, reuse_port=shared)
+            )
     except BaseException:
         for listener in listeners:
             listener.close()
@@ -169,11 +180,11 @@ def _bind(host: str, port: int) -> list[socket.socket]:
     return listeners
 
 
-async def _serve(settings: Settings, dsn: str) -> None:
+async def _serve(settings: Settings, dsn: str, worker: Worker) -> None:
     fd_limit = raise_fd_limit()
     install_accept_error_log(fd_limit)
     limits = connection_limits(settings, connection_cap(settings.max_connections, fd_limit))
-    listeners = _bind(settings.host, settings.port)
+    listeners = _bind(settings.host, settings.port, shared=worker.shares_port)
     waiting = EnvelopeAppRunner(
         stand_in(), limits=limits, access_log=None, shutdown_timeout=HANDOVER_GRACE_S
     )
@@ -183,13 +194,14 @@ async def _serve(settings: Settings, dsn: str) -> None:
         # leaves the app's open, and both accept meanwhile, so no connection is refused.
         for listener in listeners:
             await web.SockSite(waiting, listener.dup()).start()
-        runner = await start_up(settings, dsn, limits)
+        runner = await start_up(settings, dsn, limits, worker)
         try:
-            for listener in listeners:
-                await web.SockSite(runner, listener).start()
-            await waiting.cleanup()
-            log.info("ready")
-            await asyncio.Event().wait()  # until cancelled: SIGTERM or SIGINT
+            async with _sibling_view(runner.app, settings, worker):
+                for listener in listeners:
+                    await web.SockSite(runner, listener).start()
+                await waiting.cleanup()
+                log.info("ready")
+                await asyncio.Event().wait()  # until cancelled: SIGTERM or SIGINT
         finally:
             await runner.cleanup()
     finally:
@@ -200,7 +212,24 @@ async def _serve(settings: Settings, dsn: str) -> None:
             listener.close()
 
 
-async def serve(settings: Settings, dsn: str) -> None:
+@contextlib.asynccontextmanager
+async def _sibling_view(
+    app: web.Application, settings: Settings, worker: Worker
+) -> AsyncIterator[None]:
+    """With several workers: this one's own /metrics for its siblings (worker_metrics.py)."""
+    if not worker.shares_port:
+        yield
+        return
+    runner = web.AppRunner(view_app(lambda: process_view(app)), access_log=None)
+    await runner.setup()
+    try:
+        await web.UnixSite(runner, view_address(settings.host, settings.port, worker.index)).start()
+        yield
+    finally:
+        await runner.cleanup()
+
+
+async def serve(settings: Settings, dsn: str, worker: Worker = SOLE) -> None:
     """Serve until SIGTERM or SIGINT, which also interrupt a start-up still in progress.
     Raises MigrationError or StartupError when start-up fails for good."""
     task = asyncio.current_task()
@@ -211,6 +240,6 @@ async def serve(settings: Settings, dsn: str) -> None:
         # `finally` clauses above close what was opened, the app within its grace period.
         loop.add_signal_handler(signum, task.cancel)
     try:
-        await _serve(settings, dsn)
+        await _serve(settings, dsn, worker)
     except asyncio.CancelledError:
         log.info("stopped")

@@ -112,16 +112,24 @@ def _converged(state: Recorded) -> bool:
 
 
 def _sync(state: Recorded) -> Sync:
+    sync = recorded_sync(state)
+    if state.refused_sources and sync is not Sync.RECONCILING and _converged(state):
+        # Installed and declared, but the allowlist refuses it now (a refresh of it fails
+        # with source_denied): not in the state the policy asks for.
+        return Sync.OUT_OF_SYNC
+    return sync
+
+
+def recorded_sync(state: Recorded) -> Sync:
+    """The plugin state from what the database records alone, the allowlist aside: the value
+    stored in workspaces.plugins_sync (registry/sync_state.py). The allowlist, a setting of
+    each process, can only turn a converged, idle workspace's state into out_of_sync."""
     last = state.last
     failed = last is not None and last.status == "failed"
     if last is not None and last.active:
         return Sync.RECONCILING
     if not _converged(state):
         return Sync.FAILED if failed else Sync.OUT_OF_SYNC
-    if state.refused_sources:
-        # Installed and declared, but the allowlist refuses it now (a refresh of it fails
-        # with source_denied): not in the state the policy asks for.
-        return Sync.OUT_OF_SYNC
     if failed:
         return Sync.FAILED  # e.g. a refresh that could not resolve: nothing was checked
     # Installed, but not loaded: the runtime was not asked to restart, or has not yet.

@@ -213,6 +213,8 @@ TABLES = (
     "workspaces",
     "fleet_expirations",
     "api_tokens",
+    "ui_sessions",
+    "plugins_sync_dirty",
 )
 
 

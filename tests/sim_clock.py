@@ -5,11 +5,18 @@ guard read that much into the past, which is the same to every statement that co
 with now(). A heartbeat written now() is then a beat at the simulated present. `monotonic` is
 the clock for the process's own start-up grace (LivenessSweeper(clock=...)).
 
-Real time still passes meanwhile (milliseconds per step), so scenarios keep their events off
-the exact deadlines.
+Real time still passes meanwhile, and it would age every timestamp too: on a loaded machine a
+scenario's 66 simulated seconds took minutes, and a runtime backing off 16 simulated seconds
+looked silent for a minute. So each advance moves timestamps by the simulated seconds minus
+the real seconds that passed since the previous one (measured on the database's clock): at
+every advance, each age is exactly its simulated age, however slow the machine. Only the real
+time within one step (between an advance and the sweep after it) is left, and it does not add
+up; scenarios keep their events off the exact deadlines for it.
 """
 
 from __future__ import annotations
+
+from datetime import datetime
 
 import asyncpg
 
@@ -34,12 +41,16 @@ class SimClock:
     def __init__(self, db: asyncpg.Connection) -> None:
         self._db = db
         self.now = 0.0  # simulated seconds since the scenario began
+        self.last_advance: datetime | None = None  # on the database's clock
 
     def monotonic(self) -> float:
         return self.now
 
     async def advance(self, seconds: float) -> None:
         async with self._db.transaction():
+            real_now: datetime = await self._db.fetchval("SELECT clock_timestamp()")
+            passed = (real_now - (self.last_advance or real_now)).total_seconds()
+            self.last_advance = real_now
             for statement in (AGE_WORKSPACES, AGE_EXPIRATIONS, AGE_GUARD):
-                await self._db.execute(statement, seconds)
+                await self._db.execute(statement, seconds - passed)
         self.now += seconds

@@ -152,3 +152,24 @@ async def test_event_stream_bench_completes_and_prints_its_figures(
         "idle, database transactions/s:",
     ):
         assert figure in printed, printed
+
+
+async def test_sync_marks_bench_compares_the_marks_on_and_off(
+    server_dsn: str, tmp_path: Path, processes: Processes
+) -> None:
+    database = f"bench_smoke_{uuid.uuid4().hex[:8]}"
+    code, printed = await run_bench(
+        processes,
+        tmp_path,
+        "sync_marks",
+        f"--dsn={server_dsn}",
+        f"--database={database}",
+        "--workspaces=100",
+        "--batch=10",
+        "--rounds=2",
+        "--batches-per-round=2",
+    )
+    assert code == 0, printed
+    assert printed.count("on / off (median time per beat) =") == 2, printed
+    # Round 0 changed 2 batches of 10 reports once; unchanged reports after it wrote none.
+    assert "marks written meanwhile (round 0 changed every report once): 20" in printed, printed

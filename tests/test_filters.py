@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 
+from registry import sync_state
 from registry.db.migrate import load_migrations, migrate
 from registry.labels import MAX_LABELS
 from registry.query import ALLOWED_PARAMETERS, RUNTIME_ROUTES
@@ -212,16 +213,24 @@ async def test_a_sync_filter_pages_on_when_its_scan_budget_runs_out(
     pages = 0
     cursor = ""
     found = []
-    while True:
-        response = await registry.client.get(
-            f"/workspaces?plugins_sync=failed&limit=5{cursor}", headers=ADMIN
-        )
-        body = await response.json()
-        pages += 1
-        found += [w["name"] for w in body["workspaces"]]
-        if body["next_cursor"] is None:
-            break
-        cursor = f"&cursor={body['next_cursor']}"
+    # Every workspace changed since its value was stored (marked, and the refresher held off):
+    # each one is a candidate the handler judges.
+    db = registry.db
+    await db.execute("SELECT pg_advisory_lock($1)", sync_state.REFRESH_LOCK_KEY)
+    try:
+        await db.execute("INSERT INTO plugins_sync_dirty SELECT id FROM workspaces")
+        while True:
+            response = await registry.client.get(
+                f"/workspaces?plugins_sync=failed&limit=5{cursor}", headers=ADMIN
+            )
+            body = await response.json()
+            pages += 1
+            found += [w["name"] for w in body["workspaces"]]
+            if body["next_cursor"] is None:
+                break
+            cursor = f"&cursor={body['next_cursor']}"
+    finally:
+        await db.execute("SELECT pg_advisory_unlock($1)", sync_state.REFRESH_LOCK_KEY)
     assert found == ["db-2"]
     assert pages > 1, "a short page with a cursor, not a scan of the whole fleet"
 

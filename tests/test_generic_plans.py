@@ -14,6 +14,9 @@ import asyncpg
 import pytest
 
 from registry.db import events, workspaces
+from registry.db.heartbeats import HEARTBEATS
+from registry.db.migrate import migrate
+from registry.db.pool import HEARTBEAT_SERVER_SETTINGS
 
 SEED = """
 INSERT INTO workspaces (id, name, status, token_hash)
@@ -72,3 +75,40 @@ async def test_the_generic_plan_uses_the_index(
         await db.execute("RESET plan_cache_mode")
     assert f"Index Scan using {index}" in plan, plan
     assert "Seq Scan" not in plan, plan
+
+
+async def test_the_heartbeat_plan_made_on_an_empty_table_reads_by_primary_key(
+    empty_dsn: str,
+) -> None:
+    """Mutant: the heartbeat pool without `enable_seqscan = off`: a fresh registry's first
+    generic plan scans the (then empty, never analysed) workspaces table, and keeps doing so for
+    every batch once the fleet has grown, until the table is next analysed."""
+    await migrate(empty_dsn)
+    conn = await asyncpg.connect(empty_dsn, server_settings=HEARTBEAT_SERVER_SETTINGS)
+    try:
+        await conn.execute(f"PREPARE beat AS {HEARTBEATS}")
+        fresh = await _plan(conn)
+        await conn.execute(
+            "INSERT INTO workspaces (name, token_hash, status) "
+            "SELECT 'w' || g, sha256(g::text::bytea), 'online' FROM generate_series(1, 20000) g"
+        )
+        grown = await _plan(conn)
+    finally:
+        await conn.close()
+    for plan in (fresh, grown):
+        assert "Seq Scan on workspaces" not in plan, plan
+        assert "Index Scan using workspaces_pkey on workspaces" in plan, plan
+
+
+# One beat's parameters, in HEARTBEATS' order.
+BEAT_ARGS = (
+    f"ARRAY['{uuid.uuid4()}'::uuid], ARRAY['\\x00'::bytea], ARRAY['healthy'], ARRAY[0.0::float8],"
+    " ARRAY[''], ARRAY[1], ARRAY[1.0::float8], ARRAY[''], ARRAY[0.0::float8], ARRAY['ok'],"
+    " ARRAY[NULL::text], ARRAY[NULL::text], ARRAY[NULL::text], ARRAY['heartbeat'],"
+    " ARRAY['healthy'], ARRAY['online'], ARRAY['online'], ARRAY['provisioning'],"
+    " ARRAY['online'], '{}'::uuid[], '{}'::uuid[], 300.0, 300.0, ARRAY[NULL::text]"
+)
+
+
+async def _plan(conn: asyncpg.Connection) -> str:
+    return "\n".join(r[0] for r in await conn.fetch(f"EXPLAIN EXECUTE beat({BEAT_ARGS})"))

@@ -277,6 +277,10 @@ async def test_guard_figures_are_fresh_from_the_first_sweep_after_start(
     for workspace in fleet:
         await first.heartbeat(workspace)
     await make_silent(first, fleet[:1], 3600)
+    # Stopped, so only the new process's sweeps write figures: on a loaded machine the first
+    # one's sweeper (in its own start-up grace, counting nobody silent) could write after the
+    # reset below and be taken for the new one's.
+    await first.client.close()
     # Figures no sweep could have written (an old updated_at would read as an outage).
     await first.db.execute("UPDATE fleet_guard SET live = 0, stale = 0")
 

@@ -752,6 +752,17 @@ async def test_every_documented_response_is_produced_and_conforms(
     assert response.status == 401
     await check(response, "get_fleet")
 
+    # GET /fleet/history
+    points = await check(await client.get("/fleet/history", headers=ADMIN), "get_fleet_history")
+    assert len(points["points"]) == 61
+    for path, headers, status in [
+        ("/fleet/history?minutes=0", ADMIN, 400),
+        ("/fleet/history", NO_AUTH, 401),
+    ]:
+        response = await client.get(path, headers=headers)
+        assert response.status == status
+        await check(response, "get_fleet_history")
+
     # POST /tokens, GET /tokens: the secret shown once, never listed.
     token_request = {"name": "conformance-reader", "role": "read"}
     assert not conformance.request_errors("post_tokens", token_request)
@@ -850,6 +861,8 @@ async def test_every_documented_response_is_produced_and_conforms(
             ("get_events", "GET", "/events", None, ADMIN),
             ("get_event_history", "GET", "/events/history", None, ADMIN),
             ("get_fleet", "GET", "/fleet", None, ADMIN),
+            # A window not read yet: the hour read above is answered from memory for 30 s.
+            ("get_fleet_history", "GET", "/fleet/history?minutes=7", None, ADMIN),
             ("post_tokens", "POST", "/tokens", token_request, ADMIN),
             ("get_tokens", "GET", "/tokens", None, ADMIN),
             ("delete_token", "DELETE", "/tokens/someone", None, ADMIN),

@@ -288,3 +288,29 @@ async def test_fleet_shows_since_when_silence_is_counted_after_nobody_swept(
     assert response.status == 200
     assert guard["silence_counted_from"] == stored.isoformat().replace("+00:00", "Z")
     assert guard["released_at"] is None
+
+
+async def test_the_simulated_clock_ages_by_simulated_seconds_however_slow_the_machine(
+    db: asyncpg.Connection,
+) -> None:
+    # A loaded machine spends real time between steps; it must not count as silence.
+    [runtime] = await _fleet(db, 1, random.Random(1))
+    clock = SimClock(db)
+
+    async def age_at_last_advance() -> float:
+        age: float = await db.fetchval(
+            "SELECT extract(epoch FROM $1::timestamptz - last_heartbeat_at)::float8 "
+            "FROM workspaces WHERE id = $2",
+            clock.last_advance,
+            runtime.workspace_id,
+        )
+        return age
+
+    await clock.advance(1.0)
+    before = await age_at_last_advance()
+    await asyncio.sleep(0.5)  # real time passing between two steps
+    await clock.advance(1.0)
+    after = await age_at_last_advance()
+
+    # One simulated second older, to the microsecond; without the compensation 1.5 s.
+    assert after - before == pytest.approx(1.0, abs=1e-3)

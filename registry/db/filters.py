@@ -5,9 +5,12 @@ present, and every value is a parameter: no request text ever reaches the SQL. O
 per combination of filters (never `$n IS NULL OR ...`), so each combination's prepared plan
 is the right one for it (see registry/db/workspaces.py's pages).
 
-`plugins_sync` is derived in Python from everything recorded (registry/verdicts.py, the one
-derivation), so SQL only narrows the candidates to those it can be (a necessary condition);
-the handler judges them and keeps the matches.
+`plugins_sync` is read from its stored value (workspaces.plugins_sync, kept by
+registry/sync_state.py with the one derivation, registry/verdicts.py) by index. SQL selects the
+candidates (the stored value matches, or it is not known yet: the workspace is marked as
+changed), and the handler judges them and keeps the matches: a marked workspace is shown as it
+is now, and so is one whose source the allowlist refuses now (a setting of this process, not
+stored: see `_sync_candidates`).
 """
 
 from __future__ import annotations
@@ -24,9 +27,6 @@ from registry.statuses import Status, Sync
 
 HAS = ("refusal", "pending_restart", "failed_reconcile")
 
-# The status of the workspace's latest reconcile run (last_reconciles' order).
-_LATEST = """(SELECT r.status FROM reconciles r WHERE r.workspace_id = w.id
-              ORDER BY r.created_at DESC, r.id DESC LIMIT 1)"""
 # The conditions that hold for few workspaces are said as `w.id = ANY(ARRAY(...))`: the set
 # is computed once, from a partial index, and the page read from the primary key in id order.
 # Said as a correlated EXISTS, the planner walked the fleet in id order probing each row
@@ -40,20 +40,35 @@ _FAILED_RECONCILE = """w.id = ANY(ARRAY(SELECT r.workspace_id FROM reconciles r
     WHERE r.status = 'failed' AND r.id = (
         SELECT n.id FROM reconciles n WHERE n.workspace_id = r.workspace_id
         ORDER BY n.created_at DESC, n.id DESC LIMIT 1)))"""
-# Active runs (reconciles_due_idx).
-_ACTIVE_RECONCILE = """w.id = ANY(ARRAY(SELECT r.workspace_id FROM reconciles r
-    WHERE r.status IN ('queued', 'running')))"""
+# Workspaces whose stored value is not known to be current: changed since it was last judged
+# (marked by the database; judged again within about a second), or never judged (NULL, and
+# marked too). Few.
+_MARKED = "SELECT m.workspace_id FROM plugins_sync_dirty m"
+# A converged, idle workspace whose source the allowlist refuses now is out_of_sync while its
+# stored value (the database's part) says synced or failed (verdicts._sync).
+_REFUSED_SOURCE = "SELECT d.workspace_id FROM declared_plugins d WHERE d.source = ANY({}::text[])"
 
-# Sync → a condition every workspace of that sync state meets (see verdicts._sync): only a
-# workspace with an active run is reconciling (its latest is), only one whose latest run
-# failed is failed, a synced one has neither nor a pending restart.
-_SYNC_CANDIDATES = {
-    Sync.RECONCILING: _ACTIVE_RECONCILE,
-    Sync.FAILED: _FAILED_RECONCILE,
-    Sync.SYNCED: f"COALESCE({_LATEST} NOT IN ('queued', 'running', 'failed'), true) "
-    f"AND NOT ({_PENDING_RESTART})",
-    Sync.OUT_OF_SYNC: f"COALESCE({_LATEST} NOT IN ('queued', 'running'), true)",
-}
+
+def _sync_candidates(s: _Statement, filters: Filters) -> str:
+    """Every workspace that may be in one of the sync states asked for (the handler judges):
+    its stored value is one of them, or it is marked, or (for out_of_sync) it declares a
+    source the allowlist refuses now."""
+    syncs = s.arg([x.value for x in filters.syncs])
+    others = [_MARKED]
+    if Sync.OUT_OF_SYNC in filters.syncs and filters.refused_sources:
+        others.append(_REFUSED_SOURCE.format(s.arg(list(filters.refused_sources))))
+    if Sync.SYNCED in filters.syncs:
+        # Most of a fleet: a page is its first rows in id order, read with a predicate.
+        arms = [f"w.plugins_sync = ANY({syncs}::text[])"]
+        arms += [f"w.id = ANY(ARRAY({other}))" for other in others]
+        return "(" + " OR ".join(arms) + ")"
+    # The rare states, like the other rare conditions: their ids read once, from the index
+    # alone (workspaces_plugins_sync_idx), and the page from the primary key in id order. Said
+    # as a predicate OR'ed with the marks, the planner read all 1,000 out_of_sync rows of a
+    # 100k fleet from the heap and sorted them (23-33 ms, bench/filters.py's fleet).
+    stored = f"SELECT s.id FROM workspaces s WHERE s.plugins_sync = ANY({syncs}::text[])"
+    return f"w.id = ANY(ARRAY({' UNION ALL '.join([stored, *others])}))"
+
 
 # The same condition as verdicts._refusal_reason: refused since its last accepted beat.
 _HAS = {
@@ -74,6 +89,8 @@ class Filters:
     name_prefix: str | None = None
     has: tuple[str, ...] = ()
     include_removed: bool = False
+    # Declared sources the allowlist of this process refuses now (set by the handler).
+    refused_sources: tuple[str, ...] = ()
 
     @property
     def hides_removed(self) -> bool:
@@ -124,7 +141,7 @@ def build(filters: Filters, after: uuid.UUID | None, limit: int) -> tuple[str, l
     for has in filters.has:
         s.where(_HAS[has])
     if filters.syncs:
-        s.where("(" + " OR ".join(f"({_SYNC_CANDIDATES[x]})" for x in filters.syncs) + ")")
+        s.where(_sync_candidates(s, filters))
     sql = (
         f"SELECT {WORKSPACE_COLUMNS} FROM workspaces w WHERE "
         + "\n  AND ".join(s.conditions)
@@ -169,3 +186,21 @@ async def list_filtered(
         await conn.execute(CUSTOM_PLANS)
         rows = await conn.fetch(sql, *args)
     return [Workspace.from_record(row) for row in rows]
+
+
+# The distinct declared sources, one probe of declared_plugins_source_idx each (a loose index
+# scan): a fleet declares few sources however many workspaces declare them.
+DECLARED_SOURCES = """
+WITH RECURSIVE s AS (
+    (SELECT source FROM declared_plugins ORDER BY source LIMIT 1)
+    UNION ALL
+    SELECT (SELECT d.source FROM declared_plugins d WHERE d.source > s.source
+            ORDER BY d.source LIMIT 1)
+    FROM s WHERE s.source IS NOT NULL
+)
+SELECT source FROM s WHERE source IS NOT NULL
+"""
+
+
+async def declared_sources(conn: Connection) -> list[str]:
+    return [row["source"] for row in await conn.fetch(DECLARED_SOURCES)]

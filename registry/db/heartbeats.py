@@ -121,7 +121,12 @@ beat AS (
         current_task = COALESCE(tr.current_task, w.current_task),
         monthly_spend = COALESCE(tr.monthly_spend, w.monthly_spend),
         runtime_state = COALESCE(tr.runtime_state, w.runtime_state),
-        observed_plugins = COALESCE(tr.observed_plugins::jsonb, w.observed_plugins),
+        -- Written only when it changed: a list that stays is kept as the same value, so a
+        -- large one (TOASTed) costs no new TOAST rows and no WAL for them (bench/wal.py).
+        observed_plugins = CASE
+            WHEN tr.observed_plugins IS NOT NULL
+                 AND tr.observed_plugins::jsonb IS DISTINCT FROM w.observed_plugins
+            THEN tr.observed_plugins::jsonb ELSE w.observed_plugins END,
         -- When the report last changed: a mismatch with the records is drift only once the
         -- report has stood still a while (registry/drift.py).
         observed_plugins_at = CASE

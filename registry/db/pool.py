@@ -105,6 +105,15 @@ async def create_pool(settings: Settings, dsn: str) -> asyncpg.Pool:
     return await _pool(dsn, settings, settings.pool_min_size, settings.pool_max_size, {}, None)
 
 
+# Generic plans (above), and no sequential scan where an index can serve: the generic plan is
+# made once per connection and kept until the table's statistics change, so one made while the
+# workspaces table was still empty (a fresh registry, statistics not yet gathered) scanned the
+# whole table for every batch once the fleet had grown, until autovacuum next analysed it
+# (docs/benchmarks.md). Every scan this statement needs has an index; the setting only rules
+# out the plan an empty table makes look cheapest.
+HEARTBEAT_SERVER_SETTINGS = {"plan_cache_mode": "force_generic_plan", "enable_seqscan": "off"}
+
+
 async def create_heartbeat_pool(settings: Settings, dsn: str) -> asyncpg.Pool:
     """Connections of the heartbeat hot path only: one per batch in flight.
 
@@ -115,8 +124,7 @@ async def create_heartbeat_pool(settings: Settings, dsn: str) -> asyncpg.Pool:
     is the same plan: it joins arrays to the primary key.
     """
     size = settings.heartbeat_max_in_flight
-    generic = {"plan_cache_mode": "force_generic_plan"}
-    return await _pool(dsn, settings, 1, size, generic, _no_reset)
+    return await _pool(dsn, settings, 1, size, HEARTBEAT_SERVER_SETTINGS, _no_reset)
 
 
 async def _pool(

@@ -12,13 +12,14 @@ from aiohttp import web
 
 from registry import query
 from registry import validation as v
-from registry.db import Connection, events, fleet, retention, workspaces
+from registry.db import Connection, events, fleet, fleet_history, retention, workspaces
+from registry.db.errors import DatabaseUnavailable
 from registry.db.events import Event
 from registry.errors import HistoryPruned, workspace_not_found
 from registry.event_feed import PAGE, Sink, Subscription
 from registry.event_frames import KEEPALIVE, RETRY, dropped_frame, event_view, frame, reset_frame
 from registry.jsonio import json_response
-from registry.keys import EVENT_HUB, POOL, SETTINGS
+from registry.keys import EVENT_HUB, FLEET_GAUGES, FLEET_HISTORY, POOL, SETTINGS
 
 MAX_EVENTS_PAGE = 500
 MAX_EVENT_ID = 2**63 - 1  # event ids are PostgreSQL bigints
@@ -196,12 +197,50 @@ async def _follow(response: web.StreamResponse, sub: Subscription) -> None:
         await response.write(b"".join(frames) if frames else KEEPALIVE)
 
 
+# Dashboards re-read /fleet every half second while events flow: even with /metrics reading
+# on every scrape (REGISTRY_METRICS_CACHE_S=0), the counts by plugins sync are read at most
+# this often per process.
+FLEET_SYNC_MIN_AGE_S = 5.0
+
+
 async def get_fleet(request: web.Request) -> web.Response:
-    """Counts by status and the mass-expiry guard's state."""
-    async with request.app[POOL].acquire() as conn:
+    """Counts by status (exact) and by plugins sync (from /metrics' cached read of the fleet's
+    gauges: at 100k workspaces that read costs the database ~1 s, too much for every page
+    refresh; REGISTRY_METRICS_CACHE_S bounds their age), and the mass-expiry guard's state."""
+    pool = request.app[POOL]
+    async with pool.acquire() as conn:
         guard = await fleet.read_guard(conn)
         counts = await fleet.status_counts(conn)
-    return json_response({"statuses": counts, "mass_expiry_guard": guard_view(guard)})
+    gauges = request.app[FLEET_GAUGES]
+    await gauges.refresh(pool, min_ttl_s=FLEET_SYNC_MIN_AGE_S)
+    if gauges.counts is None:  # never read: the database failed that read just now
+        raise DatabaseUnavailable("the fleet's counts by plugins sync could not be read")
+    return json_response(
+        {
+            "statuses": counts,
+            "plugins_sync": gauges.counts.by_sync,
+            "mass_expiry_guard": guard_view(guard),
+        }
+    )
+
+
+MAX_HISTORY_MINUTES = 60
+
+
+async def get_fleet_history(request: web.Request) -> web.Response:
+    """Status counts a minute apart over the last `minutes` (the dashboard's chart), rebuilt
+    from the event log in one read (shared for HISTORY_CACHE_S by every dashboard of this
+    process): cheaper than paging through an hour of /events/history."""
+    minutes = query.query_int(
+        request, "minutes", MAX_HISTORY_MINUTES, minimum=1, maximum=MAX_HISTORY_MINUTES
+    )
+    points = await request.app[FLEET_HISTORY].points(request.app[POOL], minutes)
+    return json_response(
+        {
+            "bucket_s": fleet_history.BUCKET_S,
+            "points": [{"at": p.at, "statuses": p.statuses} for p in points],
+        }
+    )
 
 
 def guard_view(guard: fleet.Guard) -> dict[str, Any]:

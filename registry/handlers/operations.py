@@ -9,7 +9,8 @@ from registry.buildinfo import build_info
 from registry.db.migrate import pending_migrations
 from registry.errors import ServiceUnavailable
 from registry.jsonio import json_response
-from registry.keys import ADMISSION, EVENT_HUB, FLEET_GAUGES, METRICS, POOL
+from registry.keys import ADMISSION, EVENT_HUB, FLEET_GAUGES, METRICS, POOL, SETTINGS, WORKER
+from registry.worker_metrics import merged_view
 
 # Probes must answer quickly even when the database does not.
 READINESS_TIMEOUT_S = 2.0
@@ -33,16 +34,26 @@ async def get_buildinfo(request: web.Request) -> web.Response:
     return json_response(build_info())
 
 
-async def get_metrics(request: web.Request) -> web.Response:
-    """Prometheus text format: this process's series, and the fleet's (registry/fleet_gauges.py)."""
-    metrics, pool = request.app[METRICS], request.app[POOL]
+def process_view(app: web.Application) -> bytes:
+    """This process's series (and the fleet gauges as last refreshed), in the text format."""
+    metrics, pool = app[METRICS], app[POOL]
     metrics.pool_connections.labels("in_use").set(pool.get_size() - pool.get_idle_size())
     metrics.pool_connections.labels("idle").set(pool.get_idle_size())
-    metrics.event_subscribers.set(request.app[EVENT_HUB].subscribers)
-    metrics.requests_in_flight.set(request.app[ADMISSION].in_flight)
+    metrics.event_subscribers.set(app[EVENT_HUB].subscribers)
+    metrics.requests_in_flight.set(app[ADMISSION].in_flight)
     info = build_info()
     metrics.build_info.labels(info["version"] or "unknown", info["git_sha"] or "unknown").set(1)
-    await request.app[FLEET_GAUGES].refresh(pool)
-    return web.Response(
-        body=generate_latest(metrics.registry), headers={"Content-Type": CONTENT_TYPE_LATEST}
-    )
+    return generate_latest(metrics.registry)
+
+
+async def get_metrics(request: web.Request) -> web.Response:
+    """Prometheus text format: this process's series, and the fleet's (registry/fleet_gauges.py);
+    with several workers, every worker's series (registry/worker_metrics.py)."""
+    app = request.app
+    await app[FLEET_GAUGES].refresh(app[POOL])
+    body = process_view(app)
+    worker = app[WORKER]
+    if worker.shares_port:
+        settings = app[SETTINGS]
+        body = await merged_view(body, worker, settings.host, settings.port)
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})

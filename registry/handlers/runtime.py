@@ -259,8 +259,8 @@ async def _observed(
             code, outcome = CLIENT_GONE_STATUS, "client_gone"
         raise
     finally:
-        metrics.heartbeats.labels(kind, outcome, str(code)).inc()
-        metrics.heartbeat_seconds.labels(kind).observe(time.perf_counter() - started)
+        metrics.heartbeats_by.get(kind, outcome, str(code)).inc()
+        metrics.heartbeat_seconds_by.get(kind).observe(time.perf_counter() - started)
 
 
 def _is_refusal(exc: ApiError) -> bool:

@@ -12,7 +12,7 @@ from aiohttp import web
 from registry import audit, query
 from registry import validation as v
 from registry.auth import RESERVED_ACTORS, Role, actor, hash_token, new_api_token
-from registry.db import api_tokens
+from registry.db import api_tokens, ui_sessions
 from registry.db.api_tokens import ApiToken, NameTaken
 from registry.errors import Conflict, InvalidField, NotFound
 from registry.jsonio import json_response
@@ -131,5 +131,12 @@ async def delete_token(request: web.Request) -> web.Response:
             if not await api_tokens.was_revoked(conn, ref):
                 raise NotFound(f"no token {ref}", code="token_not_found")
         else:
-            entry.detail = {"token_id": str(token.id), "name": token.name, "role": token.role}
+            # Its dashboard sessions end with it (each request checks the token as well).
+            ended = await ui_sessions.end_token_sessions(conn, token.id)
+            entry.detail = {
+                "token_id": str(token.id),
+                "name": token.name,
+                "role": token.role,
+                "sessions_ended": ended,
+            }
     return web.Response(status=204)

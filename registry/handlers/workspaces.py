@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import uuid
 from typing import Any
 
@@ -12,7 +13,7 @@ from registry import validation as v
 from registry.auth import actor, hash_token, new_workspace_token
 from registry.db import Connection, actions, events, fleet, reconciles, workspaces
 from registry.db.clock import db_now
-from registry.db.filters import list_filtered
+from registry.db.filters import declared_sources, list_filtered
 from registry.db.workspaces import DeclaredPlugin
 from registry.errors import (
     AlreadyExists,
@@ -35,7 +36,8 @@ from registry.plugins import (
     validate_plugin_name,
 )
 from registry.settings import Settings
-from registry.statuses import LIVE, Status
+from registry.statuses import LIVE, Status, Sync
+from registry.sync_state import PluginRecords
 from registry.verdicts import Liveness, Recorded, judge
 from registry.views import workspace_summary, workspace_view
 
@@ -180,9 +182,10 @@ async def get_workspace(request: web.Request) -> web.Response:
 MAX_PAGE = 500
 
 
-# Rows a plugins_sync filter judges per request at most: SQL narrows the candidates, the
-# verdict decides. A page may then come back short (even empty) with a next_cursor: the
-# scan goes on from there, so a client pages on while next_cursor is not null.
+# Rows a plugins_sync filter judges per request at most: SQL selects the candidates by the
+# stored value (and those changed since it was stored), the verdict decides. A page may then
+# come back short (even empty) with a next_cursor: the scan goes on from there, so a client
+# pages on while next_cursor is not null.
 SYNC_SCAN_BUDGET = 1000
 
 
@@ -195,8 +198,12 @@ async def get_workspaces(request: web.Request) -> web.Response:
     next_cursor: uuid.UUID | None = None
     scanned = 0
     async with request.app[POOL].acquire() as conn:
+        if Sync.OUT_OF_SYNC in filters.syncs:
+            filters = dataclasses.replace(
+                filters, refused_sources=await _refused_fleet_sources(conn, sources)
+            )
         while True:
-            chunk = limit + 1 if not filters.syncs else min(max(limit + 1, 250), SYNC_SCAN_BUDGET)
+            chunk = limit + 1
             page = await list_filtered(conn, filters, after=after, limit=chunk)
             recorded = await _recorded_page(conn, page, settings, sources)
             for state in recorded:
@@ -222,6 +229,13 @@ async def get_workspaces(request: web.Request) -> web.Response:
     )
 
 
+async def _refused_fleet_sources(conn: Connection, sources: SourceSettings) -> tuple[str, ...]:
+    """The declared sources the allowlist of this process refuses now (the part of
+    plugins_sync that is not stored: registry/db/filters.py)."""
+    declared = [DeclaredPlugin(source, source) for source in await declared_sources(conn)]
+    return tuple(refused_sources(declared, sources))
+
+
 async def _recorded_page(
     conn: Connection,
     page: list[workspaces.Workspace],
@@ -230,27 +244,19 @@ async def _recorded_page(
 ) -> list[Recorded]:
     """The recorded state of a page of workspaces, for their verdicts: one statement per
     table for the whole page, not per workspace."""
-    ids = [w.id for w in page]
-    declared = await workspaces.declared_plugins_of(conn, ids)
-    installed = await workspaces.installed_plugins_of(conn, ids)
-    last = await reconciles.last_reconciles(conn, ids)
-    pending = await actions.pending_actions_of(conn, ids)
+    records = await PluginRecords.read(conn, [w.id for w in page])
     causes = await events.status_causes(conn, [(w.id, w.status, w.status_changed_at) for w in page])
     guard = await fleet.read_guard(conn)
     liveness, now = Liveness.from_settings(settings), await db_now(conn)
     checked: dict[str, str | None] = {}
     return [
-        Recorded(
+        records.recorded(
             w,
-            declared=declared[w.id],
-            installed=installed[w.id],
-            last=last.get(w.id),
-            liveness=liveness,
-            now=now,
-            pending=pending[w.id],
+            liveness,
+            now,
             status_cause=causes.get(w.id),
             guard=guard,
-            refused_sources=refused_sources(declared[w.id], sources, checked),
+            refused_sources=refused_sources(records.declared[w.id], sources, checked),
             allowlist=sources.allowlist,
         )
         for w in page

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
-import time
 from importlib import resources
 
 from aiohttp import web
 
 from registry import auth
 from registry import validation as v
+from registry.db import ui_sessions
 from registry.errors import InvalidField, NotFound
+from registry.forwarded import request_scheme
 from registry.jsonio import json_response
-from registry.ui.sessions import COOKIE, SESSION_TTL_S
+from registry.keys import POOL, SETTINGS
+from registry.ui.sessions import COOKIE, SESSION_TTL_S, admin_check, new_session_id, session_key
 
 # No inline script or style, nothing from another origin, no framing.
 CSP = (
@@ -70,9 +72,22 @@ async def post_ui_login(request: web.Request) -> web.Response:
     if not isinstance(token, str) or not token or len(token) > 512:
         raise InvalidField("token must be a non-empty string", field="token")
     principal = await auth.authenticate(request, token)
-    session_id = request.app[auth.UI_SESSIONS].create(
-        principal.name, principal.role.value, auth.api_token_lookup(token), time.monotonic()
-    )
+    session_id = new_session_id()
+    key = session_key(session_id)
+    lookup = auth.api_token_lookup(token)
+    admin_token = request.app[SETTINGS].admin_token
+    # The bootstrap admin has no token row to refer to: its session checks the token instead.
+    bootstrap = principal.name == auth.BOOTSTRAP_ADMIN and admin_token is not None
+    async with request.app[POOL].acquire() as conn:
+        await ui_sessions.open_session(
+            conn,
+            id_hash=key,
+            name=principal.name,
+            role=principal.role.value,
+            token_lookup=None if bootstrap else lookup,
+            admin_check=admin_check(key, admin_token) if bootstrap and admin_token else None,
+            ttl_s=SESSION_TTL_S,
+        )
     response = json_response({"name": principal.name, "role": principal.role.value})
     response.set_cookie(
         COOKIE,
@@ -81,7 +96,8 @@ async def post_ui_login(request: web.Request) -> web.Response:
         path="/",
         httponly=True,
         samesite="Strict",
-        secure=request.secure,
+        # Behind a trusted TLS-terminating proxy too (registry/forwarded.py).
+        secure=request_scheme(request) == "https",
     )
     _harden(response)
     return response
@@ -91,7 +107,8 @@ async def post_ui_logout(request: web.Request) -> web.Response:
     auth.check_same_origin(request)
     session_id = request.cookies.get(COOKIE)
     if session_id:
-        request.app[auth.UI_SESSIONS].drop(session_id)
+        async with request.app[POOL].acquire() as conn:
+            await ui_sessions.end_session(conn, session_key(session_id))
     response = web.Response(status=204)
     response.del_cookie(COOKIE, path="/")
     _harden(response)

@@ -9,14 +9,18 @@ const EVENT_KINDS = ["status", "reconcile", "runtime", "token", "fleet", "audit"
 // Live updates re-render at most this often, so a burst of flips cannot freeze the page.
 const RENDER_EVERY_MS = 500;
 const PAGE_SIZE = 50;
+// The chart's history is read again this often; between reads its last point is the live count.
+const HISTORY_EVERY_MS = 60_000;
+const SVG = "http://www.w3.org/2000/svg";
+const STREAM_RETRY_MS = 3000;
 
 const main = document.getElementById("main");
 let session = null; // {name, role}
 let stream = null;
 let view = null; // the current view's {refresh} so live events know what to redraw
 // Counters for whoever looks (tests, an operator's console): events taken in, live re-renders,
-// when the first and last event came, and whether a re-render is still due.
-const stats = { events: 0, renders: 0, firstAt: null, lastAt: null, due: false };
+// when the first and last event came, whether a re-render is still due, streams opened.
+const stats = { events: 0, renders: 0, firstAt: null, lastAt: null, due: false, opened: 0 };
 window.registryDashboard = stats;
 
 function el(tag, attrs = {}, ...children) {
@@ -33,6 +37,16 @@ function el(tag, attrs = {}, ...children) {
       node.append(typeof child === "string" ? document.createTextNode(child) : child);
     }
   }
+  return node;
+}
+
+function svg(tag, attrs = {}, ...children) {
+  const node = document.createElementNS(SVG, tag);
+  for (const [key, value] of Object.entries(attrs)) {
+    if (key === "text") node.textContent = value;
+    else node.setAttribute(key, value);
+  }
+  node.append(...children);
   return node;
 }
 
@@ -64,6 +78,7 @@ function canOperate() {
 
 function showLogin(message) {
   session = null;
+  view?.stop?.();
   view = null;
   closeStream();
   document.getElementById("who").textContent = "";
@@ -116,6 +131,27 @@ function openStream() {
   };
   for (const kind of EVENT_KINDS) stream.addEventListener(kind, onEvent);
   stream.addEventListener("dropped", () => { openStream(); view?.changed(); });
+  // A refused stream (the session ended, a 503) is not retried by the browser: ask who we
+  // are (a 401 brings the login form back), then open it again.
+  const opened = stream;
+  stream.addEventListener("open", () => { stats.opened += 1; });
+  stream.addEventListener("error", () => {
+    if (opened.readyState === EventSource.CLOSED) reviveStream(opened);
+  });
+}
+
+function reviveStream(closed) {
+  setTimeout(async () => {
+    if (stream !== closed || !session) return; // replaced meanwhile, or logged out
+    try {
+      await api("GET", "/ui/session");
+    } catch (e) {
+      if (e.message !== "unauthorized") reviveStream(closed); // unreachable: try again later
+      return;
+    }
+    openStream();
+    view?.changed();
+  }, STREAM_RETRY_MS);
 }
 
 // Calls fn at most once per RENDER_EVERY_MS, however often it is asked, and never twice at once.
@@ -152,6 +188,10 @@ function fleetView(params) {
   let page = 0;
 
   const counts = el("div", { class: "counts", "data-testid": "counts" });
+  const syncCounts = el("div", { class: "counts", "data-testid": "sync-counts" });
+  const chart = el("figure", { class: "chart", "data-testid": "chart" });
+  let history = null; // {points: [{at, statuses}]} from /fleet/history; its last point is now
+  let liveStatuses = null; // the counts of the last /fleet read
   const guard = el("p", { "data-testid": "guard" });
   const rows = el("tbody", { "data-testid": "rows" });
   const info = el("span", { class: "muted", "data-testid": "page-info" });
@@ -179,20 +219,52 @@ function fleetView(params) {
   async function renderCounts() {
     const fleet = await api("GET", "/fleet");
     const total = Object.values(fleet.statuses).reduce((a, b) => a + b, 0);
-    const button = (status, n) => el("button", {
-      type: "button", class: `count${filters.status === status ? " active" : ""}`,
-      "data-testid": `count-${status || "all"}`,
-      onclick: () => setFilter("status", filters.status === status ? "" : status),
-    }, el("span", { class: status ? `status status-${status}` : "", text: status || "all" }),
-    el("b", { text: String(n) }));
-    counts.replaceChildren(button("", total),
-      ...STATUSES.map((s) => button(s, fleet.statuses[s] ?? 0)));
+    const tile = (name, value, n, testid, cls) => el("button", {
+      type: "button", class: `count${filters[name] === value ? " active" : ""}`,
+      "data-testid": testid, "aria-pressed": String(filters[name] === value),
+      onclick: () => setFilter(name, filters[name] === value ? "" : value),
+    }, el("span", { class: cls, text: (value || "all").replaceAll("_", " ") }), el("b", { text: String(n) }));
+    counts.replaceChildren(tile("status", "", total, "count-all", ""),
+      ...STATUSES.map((s) => tile("status", s, fleet.statuses[s] ?? 0, `count-${s}`, `status status-${s}`)));
+    syncCounts.replaceChildren(
+      ...SYNCS.map((s) => tile("plugins_sync", s, fleet.plugins_sync[s] ?? 0, `sync-${s}`, `status sync-${s}`)));
+    liveStatuses = fleet.statuses;
+    drawChart();
     const g = fleet.mass_expiry_guard;
     guard.className = g.holding ? "guard-holding" : "muted";
     guard.textContent = g.holding
       ? `Mass-expiry guard HOLDING since ${g.since}: ${g.silent} silent of ${g.live + g.silent} live`
         + (g.acknowledged ? ` (acknowledged by ${g.acknowledged_by})` : "")
       : "Mass-expiry guard: not holding";
+  }
+
+  async function loadHistory() {
+    history = await api("GET", "/fleet/history");
+    drawChart();
+  }
+
+  // A line per status over the last hour, one point a minute; the newest is the live count.
+  function drawChart() {
+    if (!history) return;
+    const points = history.points.map((p) => p.statuses);
+    if (liveStatuses) points[points.length - 1] = Object.fromEntries(STATUSES.map((s) => [s, liveStatuses[s] ?? 0]));
+    const W = 600, H = 120, PAD = 4;
+    const top = Math.max(1, ...points.flatMap((p) => STATUSES.map((s) => p[s] ?? 0)));
+    const x = (i) => PAD + (i * (W - 2 * PAD)) / Math.max(1, points.length - 1);
+    const y = (n) => H - PAD - (n * (H - 2 * PAD)) / top;
+    const lines = STATUSES.map((s) => {
+      const values = points.map((p) => p[s] ?? 0);
+      return svg("polyline", {
+        class: `line line-${s}`, "data-testid": `chart-${s}`, "data-values": values.join(","),
+        points: values.map((n, i) => `${x(i).toFixed(1)},${y(n).toFixed(1)}`).join(" "),
+      }, svg("title", { text: `${s}: ${values[values.length - 1]} now` }));
+    });
+    chart.replaceChildren(
+      svg("svg", { viewBox: `0 0 ${W} ${H}`, preserveAspectRatio: "none", role: "img",
+        "aria-label": "workspaces per status over the last hour" },
+      svg("line", { class: "axis", x1: PAD, y1: H - PAD, x2: W - PAD, y2: H - PAD }), ...lines),
+      el("figcaption", { class: "muted" }, `last hour, per minute · peak ${top} · `,
+        ...STATUSES.flatMap((s) => [el("span", { class: `key key-${s}`, text: s }), " "])));
   }
 
   async function renderRows() {
@@ -225,16 +297,25 @@ function fleetView(params) {
   next.addEventListener("click", () => { if (cursors[page + 1]) { page += 1; renderRows(); } });
 
   main.replaceChildren(
-    el("section", { class: "card" }, el("h1", { text: "Fleet" }), counts, guard),
+    el("section", { class: "card" }, el("h1", { text: "Fleet" }), counts,
+      el("h2", { text: "Plugins sync" }), syncCounts, chart, guard),
     form,
     el("div", { class: "table-wrap" }, el("table", { "data-testid": "workspaces" },
       el("thead", {}, el("tr", {}, el("th", { text: "name" }), el("th", { text: "status" }),
         el("th", { text: "plugins" }), el("th", { class: "labels", text: "labels" }),
         el("th", { class: "why", text: "why" }))), rows)),
     el("div", { class: "pager" }, prev, next, info));
-  const refresh = async () => { await Promise.all([renderCounts(), renderRows()]); };
+  let historyTimer = null;
+  const refresh = async () => {
+    await Promise.all([renderCounts(), renderRows()]);
+    // The chart once the table is up: its read is the slowest of the page's.
+    if (historyTimer === null) {
+      historyTimer = setInterval(() => loadHistory().catch(() => {}), HISTORY_EVERY_MS);
+      loadHistory().catch(() => {});
+    }
+  };
   // Any event may change a count or a row of the page.
-  return { refresh, changed: throttled(refresh), wants: () => true };
+  return { refresh, changed: throttled(refresh), wants: () => true, stop: () => { clearInterval(historyTimer); historyTimer = -1; } };
 }
 
 // --- workspace view ------------------------------------------------------------------------
@@ -248,17 +329,34 @@ function workspaceView(id) {
   const message = el("p", { "data-testid": "action-message", "aria-live": "polite" });
   main.replaceChildren(el("p", {}, el("a", { href: "#/", text: "← Fleet" })), message, body);
 
+  let tracked = null; // the reconcile run started from this page, followed until it ends
+
   async function act(label, method, path, payload) {
     message.className = "";
     message.textContent = `${label}…`;
     try {
-      await api(method, path, payload);
-      message.textContent = `${label}: done`;
+      const answer = await api(method, path, payload);
+      if (answer?.reconcile) {
+        tracked = answer.reconcile.id;
+        showProgress(answer.reconcile);
+      } else {
+        message.textContent = `${label}: done`;
+      }
     } catch (e) {
       message.className = "error";
       message.textContent = `${label}: ${e.message}`;
     }
     await refresh().catch(() => {});
+  }
+
+  // Reconcile progress, from the run's own record: re-read as its events arrive.
+  function showProgress(run) {
+    // Steps are recorded as each one finishes.
+    const steps = run.steps.length ? ` · ${run.steps.length} step${run.steps.length > 1 ? "s" : ""} done` : "";
+    const ended = run.status === "succeeded" || run.status === "failed";
+    message.className = run.status === "failed" ? "error" : "";
+    message.textContent = `Reconcile ${run.status}${steps}${run.status === "failed" && run.error ? `: ${run.error}` : ""}`;
+    if (ended) tracked = null;
   }
 
   function actions(w) {
@@ -310,11 +408,13 @@ function workspaceView(id) {
   }
 
   async function refresh() {
-    const [w, runs, events] = await Promise.all([
+    const [w, runs, events, run] = await Promise.all([
       api("GET", `/workspaces/${id}`),
       api("GET", `/internal/workspaces/${id}/reconciles?limit=10`),
       api("GET", `/workspaces/${id}/events?limit=100`),
+      tracked ? api("GET", `/internal/reconciles/${tracked}`) : null,
     ]);
+    if (run) showProgress(run);
     body.replaceChildren(
       el("section", { class: "card" },
         el("h1", { "data-testid": "workspace-name", text: w.name }),
@@ -356,6 +456,7 @@ function route() {
   const hash = location.hash.replace(/^#/, "") || "/";
   const [path, query = ""] = hash.split("?");
   const match = path.match(/^\/w\/([0-9a-f-]{36})$/);
+  view?.stop?.();
   view = match ? workspaceView(match[1]) : fleetView(new URLSearchParams(query));
   view.refresh().catch((e) => {
     if (e.message !== "unauthorized") main.append(el("p", { class: "error", text: e.message }));

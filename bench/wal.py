@@ -1,0 +1,161 @@
+"""WAL bytes per heartbeat by the size of the reported plugin list, now against a revision.
+
+    .venv/bin/python -m bench.wal [--rev 98883e5] [--plugins 0,20,500] [--workspaces 1000]
+        [--rounds 6] [--batch 100] [--dsn DSN]
+
+The runtimes report the same plugin list every beat (what a steady fleet does) with a growing
+uptime. Each round applies one beat to every workspace, through the heartbeat statement of each
+side in turn (alternating who goes first), on one connection, and reads the WAL written from
+`pg_current_wal_lsn()`. That position is the cluster's, so by default the bench runs on an
+embedded PostgreSQL of its own (the `pgserver` wheel) where nothing else writes; with --dsn
+other sessions' WAL is counted too. The first round of each size is not counted (it stores
+the list; afterwards it is unchanged).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import hashlib
+import statistics
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+
+from bench import db
+from bench.fleet import Fleet, seed
+from bench.statement_ab import ApplyBeats, module_at
+from registry.auth import hash_token
+from registry.db import heartbeats as current
+from registry.db.heartbeats import Beat
+from registry.db.migrate import migrate
+from registry.embedded_pg import start_embedded_postgres
+from registry.statuses import Health
+
+
+def plugin_list(count: int) -> list[dict[str, str]]:
+    """As runtimes report them: a name and a commit sha each (shas do not compress)."""
+    return [
+        {"name": f"plugin-{i:03d}", "sha": hashlib.sha1(f"p{i}".encode()).hexdigest()}  # noqa: S324
+        for i in range(count)
+    ]
+
+
+def beats(fleet: Fleet, start: int, count: int, uptime: float, plugins: Any) -> list[Beat]:
+    return [
+        Beat(
+            workspace_id=fleet.workspace_id(n),
+            token_hash=hash_token(fleet.token(n)),
+            health=Health.HEALTHY,
+            error_rate=0.0,
+            sample_error=None,
+            active_tasks=n % 3,
+            uptime_seconds=uptime,
+            current_task=None,
+            monthly_spend=None,
+            runtime_state="ok",
+            observed_plugins=plugins,
+            acks=[],
+        )
+        for n in range(start, min(start + count, fleet.size + 1))
+    ]
+
+
+async def wal_lsn(conn: asyncpg.Connection) -> int:
+    value: int = await conn.fetchval("SELECT pg_current_wal_lsn() - '0/0'::pg_lsn")
+    return int(value)
+
+
+async def one_round(
+    conn: asyncpg.Connection,
+    apply: ApplyBeats,
+    fleet: Fleet,
+    batch: int,
+    uptime: float,
+    plugins: Any,
+) -> float:
+    """WAL bytes per beat for one beat to every workspace."""
+    before = await wal_lsn(conn)
+    for start in range(1, fleet.size + 1, batch):
+        await apply(conn, beats(fleet, start, batch, uptime, plugins))
+    return (await wal_lsn(conn) - before) / fleet.size
+
+
+async def measure(dsn: str, args: argparse.Namespace) -> dict[tuple[int, str], list[float]]:
+    old = module_at(args.rev)
+    sides: dict[str, ApplyBeats] = {f"at {args.rev}": old.apply_beats, "now": current.apply_beats}
+    fleet = Fleet.new(args.workspaces)
+    await seed(dsn, fleet, status="online", heartbeat_age_s=1.0)
+    for statement in args.setup_sql:
+        await db.execute(dsn, statement)
+    figures: dict[tuple[int, str], list[float]] = {}
+    conn = await asyncpg.connect(dsn)
+    try:
+        uptime = 3600.0
+        for count in args.plugins:
+            plugins = plugin_list(count)
+            for round_ in range(args.rounds + 1):
+                order = list(sides.items()) if round_ % 2 == 0 else list(sides.items())[::-1]
+                for name, apply in order:
+                    uptime += 1.0
+                    per_beat = await one_round(conn, apply, fleet, args.batch, uptime, plugins)
+                    if round_ > 0:
+                        figures.setdefault((count, name), []).append(per_beat)
+    finally:
+        await conn.close()
+    return figures
+
+
+async def run(args: argparse.Namespace) -> None:
+    if args.dsn:
+        dsn = await db.recreate(args.dsn, args.database)
+        try:
+            await migrate(dsn)
+            figures = await measure(dsn, args)
+        finally:
+            await db.drop(args.dsn, args.database)
+    else:
+        with tempfile.TemporaryDirectory(prefix="bench-wal-") as tmp:
+            dsn, server = await asyncio.to_thread(
+                start_embedded_postgres, Path(tmp) / "pg", keep_data=False
+            )
+            try:
+                await migrate(dsn)
+                figures = await measure(dsn, args)
+            finally:
+                await asyncio.to_thread(server.cleanup)  # stops it, deletes its data
+    print(f"{'plugins':>7}  {'side':<14} {'median WAL B/beat':>18} {'min':>9} {'max':>9}")
+    for (count, name), values in figures.items():
+        print(
+            f"{count:>7}  {name:<14} {statistics.median(values):>18,.0f} "
+            f"{min(values):>9,.0f} {max(values):>9,.0f}"
+        )
+    for count in args.plugins:
+        base = statistics.median(figures[(count, f"at {args.rev}")])
+        new = statistics.median(figures[(count, "now")])
+        print(f"{count} plugins: now / at {args.rev} = {new / base:.3f}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench.wal", description=__doc__)
+    parser.add_argument("--dsn", default=None, help="a server DSN (default: embedded PostgreSQL)")
+    parser.add_argument("--database", default="bench_wal")
+    parser.add_argument("--rev", default="98883e5", help="the revision to compare with")
+    parser.add_argument("--workspaces", type=int, default=1_000)
+    parser.add_argument("--batch", type=int, default=100)
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument(
+        "--plugins", type=lambda s: [int(x) for x in s.split(",")], default=[0, 20, 500]
+    )
+    parser.add_argument(
+        "--setup-sql", action="append", default=[], help="run after seeding (try a lever)"
+    )
+    args = parser.parse_args(argv)
+    db.check_name(args.database)
+    asyncio.run(run(args))
+
+
+if __name__ == "__main__":
+    main()
