@@ -16,10 +16,10 @@ from registry.db import Connection, events, fleet, fleet_history, retention, wor
 from registry.db.errors import DatabaseUnavailable
 from registry.db.events import Event
 from registry.errors import HistoryPruned, workspace_not_found
-from registry.event_feed import PAGE, Subscription
+from registry.event_feed import PAGE, Sink, Subscription
 from registry.event_frames import KEEPALIVE, RETRY, dropped_frame, event_view, frame, reset_frame
 from registry.jsonio import json_response
-from registry.keys import EVENT_HUB, FLEET_GAUGES, FLEET_HISTORY, POOL
+from registry.keys import EVENT_HUB, FLEET_GAUGES, FLEET_HISTORY, POOL, SETTINGS
 
 MAX_EVENTS_PAGE = 500
 MAX_EVENT_ID = 2**63 - 1  # event ids are PostgreSQL bigints
@@ -117,7 +117,7 @@ async def get_events(request: web.Request) -> web.StreamResponse:
         nonlocal closer
         transport = request.transport
         if transport is not None:
-            closer = asyncio.get_running_loop().call_later(DROPPED_GRACE_S, transport.close)
+            closer = asyncio.get_running_loop().call_later(DROPPED_GRACE_S, _hang_up, transport)
 
     subscription.on_drop = close_later
     try:
@@ -132,7 +132,10 @@ async def get_events(request: web.Request) -> web.StreamResponse:
         with contextlib.suppress(ConnectionError):  # the subscriber went away
             await response.write(RETRY if reset is None else RETRY + reset_frame(reset))
             await _catch_up(pool, response, subscription)
-            await _follow(response, subscription)
+            if request.app[SETTINGS].event_direct_writes and request.transport is not None:
+                await _stream_live(response, request.transport, subscription)
+            else:
+                await _follow(response, subscription)
         with contextlib.suppress(Exception):
             await response.write_eof()
         return response
@@ -140,6 +143,16 @@ async def get_events(request: web.Request) -> web.StreamResponse:
         feed.unsubscribe(subscription)
         if closer is not None:
             closer.cancel()
+
+
+def _hang_up(transport: asyncio.BaseTransport) -> None:
+    """Close; a socket still holding unsent bytes (a client that never reads) is aborted, as
+    closing would wait for it to read them. A client that reconnects with Last-Event-ID
+    misses nothing either way."""
+    if isinstance(transport, asyncio.WriteTransport) and transport.get_write_buffer_size():
+        transport.abort()
+    else:
+        transport.close()
 
 
 async def _catch_up(pool: asyncpg.Pool, response: web.StreamResponse, sub: Subscription) -> None:
@@ -156,6 +169,20 @@ async def _catch_up(pool: asyncpg.Pool, response: web.StreamResponse, sub: Subsc
         if len(page) < PAGE:
             return
         cursor = page[-1].id
+
+
+async def _stream_live(
+    response: web.StreamResponse, transport: asyncio.Transport, sub: Subscription
+) -> None:
+    """Hand the socket to the feed, which writes each page to it in its one pass; here only
+    keep-alives when idle, until the stream ends (dropped, gone, or the registry stopping)."""
+    # aiohttp frames the body in chunks for HTTP/1.1 (no length is known); the feed frames
+    # its writes the same way, and write_eof ends the chunks as usual.
+    sub.go_live(Sink(transport, chunked=response.headers.get("Transfer-Encoding") == "chunked"))
+    while not await sub.wait_ended(KEEPALIVE_S):
+        sub.keepalive(KEEPALIVE)
+    if sub.dropped and not sub.live:  # dropped while catching up: not told yet
+        await response.write(dropped_frame(sub.last_id))
 
 
 async def _follow(response: web.StreamResponse, sub: Subscription) -> None:
