@@ -5,6 +5,7 @@ subscribers cost the database.
     .venv/bin/python -m bench.event_stream [--workspaces 1000] [--subscribers 500]
         [--heartbeat-rate 200] [--event-rate 100] [--duration 20] [--idle 15] [--rounds 3]
         [--profile FILE]   # py-spy (when installed) on the registry, loaded with subscribers
+        [--compare]        # A/B within one run: no subscribers, writer tasks, direct writes
 
 One registry process (`registry serve`). Events are inserted by this driver, one committed
 row each at --event-rate (what status flips and reconcile outcomes write; the stream cannot
@@ -202,6 +203,148 @@ def _profile(args: argparse.Namespace, pid: int) -> subprocess.Popen[bytes] | No
     return subprocess.Popen([*command, "--format", "raw", "-o", str(args.profile)])
 
 
+# --compare: the two ways of writing to subscribers (REGISTRY_EVENT_DIRECT_WRITES).
+MODES = {"writers": "false", "direct": "true"}
+
+
+@dataclass(frozen=True, slots=True)
+class Window:
+    mode: str  # "none" (no subscribers) or one of MODES
+    load: Load
+    received: dict[str, object] | None
+    # Registry cores while only events are written (no heartbeats), before the loaded window:
+    # what fanning them out costs, in CPU time, which the machine's load disturbs far less
+    # than it does latency.
+    events_only_cores: float
+    events_only_events: int
+
+    @property
+    def p99_s(self) -> float:
+        return self.load.measurement.latencies.p99_s
+
+    def delays(self) -> Latencies | None:
+        if self.received is None:
+            return None
+        return Latencies.of(d / 1e3 for d in self.received["delays_ms"])  # type: ignore[attr-defined]
+
+    def fewest_frames(self) -> int:
+        """What the unfiltered subscriber that got the least received."""
+        frames: list[int] = (self.received or {}).get("frames_unfiltered", [])  # type: ignore[assignment]
+        return min(frames, default=0)
+
+
+def compare(args: argparse.Namespace, work_dir: Path) -> bool:
+    """Rounds of three loaded windows, their order rotated each round (the machine's load
+    drifts): no subscribers, subscribers with writer tasks, with direct writes. One registry
+    process at a time, started for its window: two would each run a sequencer, numbering
+    events twice as often in smaller pages than one process does."""
+    fleet = Fleet.new(args.workspaces)
+    dsn = asyncio.run(db.recreate(args.dsn, args.database))
+    asyncio.run(seed(dsn, fleet, status="online", heartbeat_age_s=1.0))
+    env = {
+        "REGISTRY_OFFLINE_AFTER_S": "3600",
+        "REGISTRY_EVENT_MAX_SUBSCRIBERS": str(args.subscribers + 10),
+    }
+    windows: list[list[Window]] = []
+    order = ["none", *MODES]
+    for r in range(args.rounds):
+        windows.append([])
+        for mode in _rotated(order, r):
+            flag = MODES.get(mode, "true")
+            [proc] = registry_proc.start_many(
+                dsn, work_dir, {**env, "REGISTRY_EVENT_DIRECT_WRITES": flag}, 1
+            )
+            try:
+                windows[-1].append(_window(args, proc, fleet, dsn, mode))
+            finally:
+                proc.stop()
+    return report_compare(args, windows)
+
+
+def _rotated(order: list[str], by: int) -> list[str]:
+    k = by % len(order)
+    return order[k:] + order[:k]
+
+
+def _window(
+    args: argparse.Namespace,
+    proc: registry_proc.RegistryProcess,
+    fleet: Fleet,
+    dsn: str,
+    mode: str,
+) -> Window:
+    if mode == "none":
+        fan_out = _events_only_cores(args, proc, fleet, dsn)
+        return Window(mode, heartbeats_with_events(args, proc, fleet, dsn), None, *fan_out)
+    subscribers = Subscribers(args, proc.url, fleet)
+    try:
+        fan_out = _events_only_cores(args, proc, fleet, dsn)
+        load = heartbeats_with_events(args, proc, fleet, dsn)
+        time.sleep(args.drain)  # what is still on its way to the subscribers
+    finally:
+        received = subscribers.finish()
+    return Window(mode, load, received, *fan_out)
+
+
+def _events_only_cores(
+    args: argparse.Namespace, proc: registry_proc.RegistryProcess, fleet: Fleet, dsn: str
+) -> tuple[float, int]:
+    """Registry cores while only events are written, and how many were."""
+    inserted = insert_events(dsn, fleet, args.event_rate, args.events_only)
+    start, used = time.monotonic(), cpu.process_cpu_s(proc.pid)
+    time.sleep(args.events_only)
+    cores = (cpu.process_cpu_s(proc.pid) - used) / (time.monotonic() - start)
+    time.sleep(0.5)  # the inserting thread's last commit
+    return cores, inserted[0]
+
+
+def report_compare(args: argparse.Namespace, rounds: list[list[Window]]) -> bool:
+    ratios: dict[str, list[float]] = {mode: [] for mode in MODES}
+    print(
+        f"{args.subscribers} subscribers, {args.heartbeat_rate:g} beats/s, "
+        f"{args.event_rate:g} events/s, {args.duration:g} s windows"
+    )
+    for i, windows in enumerate(rounds, 1):
+        by_mode = {w.mode: w for w in windows}
+        base = by_mode["none"].p99_s
+        parts = [
+            f"round {i} ({' '.join(w.mode for w in windows)}): p99 none {base * 1e3:.1f} ms "
+            f"(events only: registry {by_mode['none'].events_only_cores:.3f} cores)"
+        ]
+        for mode in MODES:
+            w = by_mode[mode]
+            ratios[mode].append(w.p99_s / base)
+            delays = w.delays()
+            assert delays is not None and w.received is not None
+            parts.append(
+                f"{mode} {w.p99_s * 1e3:.1f} ms (x{w.p99_s / base:.2f}; events only: registry "
+                f"{w.events_only_cores:.3f} cores; loaded: registry "
+                f"{w.load.measurement.cpu.registry:.2f} cores; delay p50 "
+                f"{delays.p50_s * 1e3:.0f} / p99 {delays.p99_s * 1e3:.0f} ms; "
+                f"{w.received['dropped']} dropped, received "
+                f"{w.fewest_frames()}/{w.load.events + w.events_only_events})"
+            )
+        print("; ".join(parts))
+    for mode in ["none", *MODES]:
+        cores = statistics.median(
+            w.events_only_cores for ws in rounds for w in ws if w.mode == mode
+        )
+        print(f"{mode}: events only, registry cores, median {cores:.3f}")
+    for mode in MODES:
+        mode_delays = [w.delays() for ws in rounds for w in ws if w.mode == mode]
+        p50 = statistics.median(d.p50_s for d in mode_delays if d is not None)
+        p99 = statistics.median(d.p99_s for d in mode_delays if d is not None)
+        print(
+            f"{mode}: delivery delay, median over rounds: "
+            f"p50 {p50 * 1e3:.0f} ms, p99 {p99 * 1e3:.0f} ms"
+        )
+    for mode in MODES:
+        median = statistics.median(ratios[mode])
+        met = median <= TARGET_P99_RATIO
+        print(f"{mode}: median p99 ratio over {len(rounds)} rounds {median:.2f}: {verdict(met)}")
+    return statistics.median(ratios["direct"]) <= TARGET_P99_RATIO
+
+
 def _row(name: str, load: Load, note: str) -> Row:
     m = load.measurement
     return Row(name, m.rate, m.latencies, m.errors, m.cpu, note)
@@ -361,6 +504,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--subscriber-nice", type=int, default=0, help="nice the subscribers")
     parser.add_argument("--rounds", type=int, default=1, help="pairs of loaded windows")
     parser.add_argument("--profile", type=Path, default=None, help="py-spy raw output here")
+    parser.add_argument("--compare", action="store_true", help="no subscribers, writers, direct")
+    parser.add_argument("--events-only", type=float, default=10.0, help="--compare: seconds")
     args = parser.parse_args(argv)
     db.check_name(args.database)
     return args
@@ -370,7 +515,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     try:
         with tempfile.TemporaryDirectory(prefix="bench-event-stream-") as tmp:
-            run(args, Path(tmp))
+            (compare if args.compare else run)(args, Path(tmp))
     finally:
         asyncio.run(db.drop(args.dsn, args.database))
 

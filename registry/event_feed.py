@@ -1,10 +1,20 @@
 """One reader per process for the live event stream, fanning out to every subscriber.
 
 The feed reads what the sequencer numbered (woken by NOTIFY, and every poll interval in case
-a notification was lost), encodes each event's frame once and offers it to the bounded queue
-of every subscriber whose filter matches. Subscribers never query while they wait: an idle
-one costs a timer. One that lets its queue fill is dropped (and told), so a slow client holds
-neither memory nor the others back; it resumes from the database with Last-Event-ID.
+a notification was lost), a page at a time. It encodes each event's frame once and joins a
+page's frames once per distinct share (the whole page for every subscriber of everything, one
+workspace's events for those watching it). A subscriber still catching up from the database
+gets its share queued; a live one gets it written straight to its socket, in one pass over the
+live subscribers with no task woken and no await per socket (transport.write does not block;
+the loop is let go every WRITE_SLICE sockets so a heartbeat waits for one slice, not for all).
+Subscribers never query while they wait: an idle one costs a timer.
+
+Slow subscribers: what a live socket has not taken yet is its backlog. One whose backlog would
+pass REGISTRY_EVENT_SUBSCRIBER_QUEUE events, or whose socket still holds MAX_UNSENT_BYTES, is
+dropped: its last frame is `event: dropped` with the last event it was written, and nothing is
+written after it, so it resumes from the database with Last-Event-ID and misses nothing. A
+slow client holds neither memory nor the others back. (REGISTRY_EVENT_DIRECT_WRITES=false keeps
+the previous path, one writer task per subscriber draining its queue, to compare the two.)
 
 Exactly once across the hand-over: a subscriber joins at the feed's position `split` (the
 highest number the feed has read). It reads what it missed, (after, split], from the database
@@ -15,6 +25,7 @@ given in commit order (registry/db/events.py), so nothing falls between the two.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 import logging
 import uuid
@@ -27,7 +38,7 @@ from registry.db import events
 from registry.db.errors import DatabaseUnavailable
 from registry.db.events import Event
 from registry.errors import ServiceUnavailable
-from registry.event_frames import frame
+from registry.event_frames import dropped_frame, frame
 
 log = logging.getLogger(__name__)
 
@@ -37,6 +48,13 @@ log = logging.getLogger(__name__)
 PAGE = 500
 # Writers woken per turn of the event loop after a page (see EventFeed._wake_writers).
 WAKE_SLICE = 25
+# Live sockets written per turn of the event loop (see EventFeed._write_live): a heartbeat
+# arriving meanwhile waits for one slice of non-blocking writes (~1 ms), not for all of them.
+WRITE_SLICE = 50
+# A live subscriber whose socket still holds more than this many bytes when the next page comes
+# is dropped (and told), whatever its count of events: the transport keeps a copy of what it
+# could not send yet, so this (plus one page) bounds the memory a stalled client holds.
+MAX_UNSENT_BYTES = 1 << 20
 # A client turned away at the subscriber cap retries after this long (Retry-After).
 RETRY_AFTER_FULL_S = 5
 
@@ -46,13 +64,35 @@ class TooManySubscribers(ServiceUnavailable):
     retry_after_s = RETRY_AFTER_FULL_S
 
 
+class Sink:
+    """A live subscriber's socket: the feed writes whole frames to it, framed as the response
+    is (HTTP/1.1 chunks, or the raw body for HTTP/1.0)."""
+
+    __slots__ = ("chunked", "transport")
+
+    def __init__(self, transport: asyncio.WriteTransport, chunked: bool) -> None:
+        self.transport = transport
+        self.chunked = chunked
+
+    def wire(self, body: bytes) -> bytes:
+        return b"%x\r\n%s\r\n" % (len(body), body) if self.chunked else body
+
+
 class Subscription:
-    """One subscriber's queue of encoded frames, filled by the feed, drained by its writer."""
+    """One subscriber. While it catches up from the database, the feed queues its frames
+    (bounded; `take` empties the queue). Once live (`go_live`), the feed writes them straight
+    to its socket; what the socket has not taken yet is its backlog, bounded the same way."""
 
     __slots__ = (
+        "_backlog",
         "_capacity",
+        "_ended",
         "_queue",
+        "_queued",
         "_ready",
+        "_sink",
+        "_unsent",
+        "_written",
         "closed",
         "dropped",
         "floor",
@@ -60,6 +100,7 @@ class Subscription:
         "on_drop",
         "split",
         "workspace_id",
+        "wrote",
     )
 
     def __init__(
@@ -69,28 +110,52 @@ class Subscription:
         # The feed offers events above this; (after, split] is the subscriber's own catch-up.
         self.split = split
         self.floor = max(after, split)
-        # The last event handed to the writer: where a dropped subscriber resumes.
+        # The last event handed to the writer (or, live, to the socket): where a dropped
+        # subscriber resumes.
         self.last_id = after
         self.dropped = False
         self.closed = False
         # Called once when dropped, e.g. to close a connection whose writer is stuck.
         self.on_drop: Callable[[], None] | None = None
         self._capacity = capacity
-        self._queue: deque[tuple[int, bytes]] = deque()
+        # Pages queued while not live: (last event id, frames, how many events).
+        self._queue: deque[tuple[int, bytes, int]] = deque()
+        self._queued = 0
         self._ready = asyncio.Event()
+        self._ended = asyncio.Event()
+        # Live: the socket, bytes written to it in all, and the writes it may still hold
+        # ((bytes written through the end of that write, its events)), `_backlog` events.
+        self._sink: Sink | None = None
+        self._written = 0
+        self._unsent: deque[tuple[int, int]] = deque()
+        self._backlog = 0
+        self.wrote = False  # a frame went out since the last keep-alive check
 
-    def offer(self, seq: int, encoded: bytes) -> bool:
-        """Queue a frame (the writer is woken by wake()); True when this one found the queue
-        full and dropped the subscriber."""
+    @property
+    def sink(self) -> Sink | None:
+        return self._sink
+
+    @property
+    def live(self) -> bool:
+        return self._sink is not None
+
+    @property
+    def ended(self) -> bool:
+        return self._ended.is_set()
+
+    def offer(self, last_seq: int, frames: bytes, count: int) -> bool:
+        """Queue a page's frames for this subscriber (the writer is woken by wake()); True
+        when they found the queue full and dropped the subscriber."""
         if self.dropped or self.closed:
             return False
-        if len(self._queue) < self._capacity:
-            self._queue.append((seq, encoded))
+        if self._queued + count <= self._capacity:
+            self._queue.append((last_seq, frames, count))
+            self._queued += count
             return False
         self.dropped = True
         self._queue.clear()  # what it would have got next, it reads from the database
-        if self.on_drop is not None:
-            self.on_drop()
+        self._queued = 0
+        self._dropped_now()
         return True
 
     def wake(self) -> None:
@@ -99,14 +164,15 @@ class Subscription:
     def close(self) -> None:
         self.closed = True
         self._ready.set()
+        self._ended.set()
 
     def caught_up_to(self, seq: int) -> None:
         """The writer sent the catch-up through `seq`."""
         self.last_id = max(self.last_id, seq)
 
     async def take(self, within_s: float) -> list[bytes]:
-        """Every frame queued so far; [] when none came within `within_s`, or once dropped
-        or closed (check those first)."""
+        """Every page of frames queued so far; [] when none came within `within_s`, or once
+        dropped or closed (check those first)."""
         if not self._queue and not self.dropped and not self.closed:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(within_s):
@@ -116,8 +182,82 @@ class Subscription:
             return []
         batch = list(self._queue)
         self._queue.clear()
+        self._queued = 0
         self.last_id = batch[-1][0]
-        return [encoded for _, encoded in batch]
+        return [frames for _, frames, _ in batch]
+
+    # --- live: the feed writes to the socket -------------------------------------------------
+
+    def go_live(self, sink: Sink) -> None:
+        """From now on the feed writes this subscriber's frames to `sink`; what it queued
+        during the catch-up goes first, in the same turn of the loop (nothing in between)."""
+        if self.dropped or self.closed:
+            return
+        queued = list(self._queue)
+        self._queue.clear()
+        self._queued = 0
+        self._sink = sink
+        if queued:
+            frames = b"".join(page for _, page, _ in queued)
+            self.deliver(queued[-1][0], sink.wire(frames), sum(n for _, _, n in queued))
+
+    def deliver(self, last_seq: int, wire: bytes, count: int) -> bool:
+        """Write a page (already framed for the wire) to the live socket, without waiting;
+        True when the subscriber's backlog would pass its bounds and it was dropped instead:
+        it is told (`event: dropped`, the last event it was written) and written nothing more."""
+        sink = self._sink
+        if sink is None or self.closed or self.dropped:
+            return False
+        transport = sink.transport
+        if transport.is_closing():
+            self.close()  # the client went away; its handler ends the stream
+            return False
+        # A page of its own never drops a subscriber whose socket took everything before it.
+        unsent_bytes = self._settle(transport)
+        if self._backlog + count > self._capacity or unsent_bytes > MAX_UNSENT_BYTES:
+            self.dropped = True
+            transport.write(sink.wire(dropped_frame(self.last_id)))
+            self._dropped_now()
+            return True
+        transport.write(wire)
+        self._written += len(wire)
+        self.last_id = last_seq
+        self.wrote = True
+        if transport.get_write_buffer_size():
+            self._unsent.append((self._written, count))
+            self._backlog += count
+        return False
+
+    def keepalive(self, frame: bytes) -> None:
+        """Live and idle since the last call: a comment line, so proxies keep the stream."""
+        sink = self._sink
+        if sink is None or self.ended:
+            return
+        if sink.transport.is_closing():
+            self.close()
+        elif not self.wrote:
+            sink.transport.write(sink.wire(frame))
+        self.wrote = False
+
+    async def wait_ended(self, within_s: float) -> bool:
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(within_s):
+                await self._ended.wait()
+        return self._ended.is_set()
+
+    def _settle(self, transport: asyncio.WriteTransport) -> int:
+        """Forget the writes the socket has taken since; the bytes it still holds."""
+        unsent_bytes = transport.get_write_buffer_size()
+        taken_through = self._written - unsent_bytes
+        while self._unsent and self._unsent[0][0] <= taken_through:
+            self._backlog -= self._unsent.popleft()[1]
+        return unsent_bytes
+
+    def _dropped_now(self) -> None:
+        self._ready.set()
+        self._ended.set()
+        if self.on_drop is not None:
+            self.on_drop()
 
 
 class EventFeed:
@@ -187,6 +327,7 @@ class EventFeed:
                 self._by_workspace.pop(sub.workspace_id, None)
         if not found:
             return
+        sub.close()  # its stream has ended: the feed writes it nothing more
         self._count -= 1
         if self._count == 0:
             self._position = None
@@ -227,13 +368,12 @@ class EventFeed:
                 )
             if generation != self._generation:
                 continue  # everyone left meanwhile and the position was forgotten
-            offered: dict[Subscription, None] = {}  # in order, each once
-            for event in page:
-                self._fan_out(event, offered)
-            # Before anything else runs: a subscriber joining now starts after this page.
             if page:
+                # Before anything else runs: a subscriber joining now starts after this page.
                 self._position = page[-1].id
-            await self._wake_writers(list(offered))
+                queued, live = self._fan_out(page)
+                await self._write_live(live)
+                await self._wake_writers(queued)
             if len(page) < self._page:
                 return
 
@@ -247,14 +387,73 @@ class EventFeed:
             for sub in subs[start : start + WAKE_SLICE]:
                 sub.wake()
 
-    def _fan_out(self, event: Event, offered: dict[Subscription, None]) -> None:
-        encoded: bytes | None = None
-        watching = self._by_workspace.get(event.workspace_id) if event.workspace_id else None
-        for group in (self._everyone, watching or ()):
-            for sub in group:
-                if event.id > sub.floor:
-                    if encoded is None:
-                        encoded = frame(event)  # once, for every subscriber
-                    if sub.offer(event.id, encoded):
+    async def _write_live(self, live: list[tuple[Subscription, int, bytes, int]]) -> None:
+        """One pass over the live subscribers, no await per socket: each page is framed for
+        the wire once (per distinct set of frames) and the same bytes go to every socket."""
+        wires: dict[tuple[int, bool], bytes] = {}
+        for i, (sub, last_seq, frames, count) in enumerate(live):
+            if i and not i % WRITE_SLICE:
+                await asyncio.sleep(0)
+            sink = sub.sink
+            if sink is None:
+                continue
+            key = (id(frames), sink.chunked)
+            if (wire := wires.get(key)) is None:
+                wire = wires[key] = sink.wire(frames)
+            if sub.deliver(last_seq, wire, count):
+                self.dropped_total += 1
+
+    def _fan_out(
+        self, page: list[Event]
+    ) -> tuple[list[Subscription], list[tuple[Subscription, int, bytes, int]]]:
+        """Each matching subscriber's share of the page, joined once per distinct share (the
+        whole page for every subscriber of everything, one workspace's events for those
+        watching it). Subscribers still catching up get it queued now; the live ones are
+        returned with it, to be written."""
+        ids = [event.id for event in page]
+        encoded: dict[int, bytes] = {}  # each event's frame, encoded once
+        shares: dict[tuple[uuid.UUID | None, int], tuple[int, bytes, int]] = {}
+        queued: list[Subscription] = []
+        live: list[tuple[Subscription, int, bytes, int]] = []
+
+        def share(key: uuid.UUID | None, picks: list[int], start: int) -> tuple[int, bytes, int]:
+            found = shares.get((key, start))
+            if found is None:
+                chosen = picks[start:]
+                for i in chosen:
+                    if i not in encoded:
+                        encoded[i] = frame(page[i])
+                joined = b"".join(encoded[i] for i in chosen)
+                found = shares[(key, start)] = (ids[chosen[-1]], joined, len(chosen))
+            return found
+
+        everything = list(range(len(page)))
+        groups: list[tuple[uuid.UUID | None, list[int], set[Subscription]]] = [
+            (None, everything, self._everyone)
+        ]
+        if self._by_workspace:
+            by_workspace: dict[uuid.UUID, list[int]] = {}
+            for i, event in enumerate(page):
+                if event.workspace_id in self._by_workspace:
+                    by_workspace.setdefault(event.workspace_id, []).append(i)
+            for workspace_id, picks in by_workspace.items():
+                groups.append((workspace_id, picks, self._by_workspace[workspace_id]))
+        for key, picks, subs in groups:
+            first, last = ids[picks[0]], ids[picks[-1]]
+            for sub in subs:
+                if sub.floor >= last:
+                    continue
+                start = 0 if sub.floor < first else self._first_above(ids, picks, sub.floor)
+                last_seq, frames, count = share(key, picks, start)
+                if sub.live:
+                    live.append((sub, last_seq, frames, count))
+                else:
+                    if sub.offer(last_seq, frames, count):
                         self.dropped_total += 1
-                    offered[sub] = None
+                    queued.append(sub)
+        return queued, live
+
+    @staticmethod
+    def _first_above(ids: list[int], picks: list[int], floor: int) -> int:
+        """The index in `picks` of the first event numbered above `floor`."""
+        return bisect.bisect_right(picks, floor, key=lambda i: ids[i])

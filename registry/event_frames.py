@@ -45,5 +45,11 @@ def dropped_frame(last_event_id: int) -> bytes:
     return b"id: %d\nevent: dropped\ndata: %s\n\n" % (last_event_id, dumps(data))
 
 
+def unauthorized_frame(code: str, message: str) -> bytes:
+    """The last frame of a stream whose caller is no longer allowed (its token revoked or
+    expired, its session ended): the stream ends here, and a reconnect is answered 401."""
+    return b"event: unauthorized\ndata: %s\n\n" % dumps({"code": code, "message": message})
+
+
 RETRY = b"retry: 1000\n\n"  # the client reconnects after this long if the stream drops
 KEEPALIVE = b": keepalive\n\n"

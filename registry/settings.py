@@ -165,6 +165,10 @@ class Settings:
     event_max_subscribers: int = 1000
     event_subscriber_queue: int = 1000
     event_poll_s: float = 1.0
+    # The feed writes each page of frames straight to every live subscriber's socket in one
+    # pass (registry/event_feed.py); false is the previous path (one writer task per
+    # subscriber, woken per page), kept to compare them in bench/event_stream.py.
+    event_direct_writes: bool = True
 
     @property
     def resolved_offline_after_s(self) -> float:
@@ -489,4 +493,5 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "event_max_subscribers": _positive_int,
     "event_subscriber_queue": _positive_int,
     "event_poll_s": _float,
+    "event_direct_writes": _bool,
 }

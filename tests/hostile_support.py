@@ -58,10 +58,15 @@ async def quiesce(db: asyncpg.Connection, within_s: float = 20.0) -> None:
         await asyncio.sleep(0.02)
 
 
+DAY_S = 86400.0
+
 # Recording a refused runtime request on its workspace is the one thing a refusal writes,
 # by design (README, "Runtimes of every version"), and the flusher writes it when it wakes.
-REFUSAL_COLUMNS = frozenset(
+# The stored plugins_sync is a cache of what the other columns say, refreshed in the
+# background (registry/sync_state.py): not a change of state either.
+BACKGROUND_COLUMNS = frozenset(
     {
+        "plugins_sync",
         "refused_at",
         "refused_since",
         "refused_count",
@@ -80,7 +85,7 @@ async def state(db: asyncpg.Connection) -> dict[str, Any]:
     for table in STATE_TABLES:
         rows = await db.fetch(f"SELECT * FROM {table}")
         snapshot[table] = sorted(
-            repr(sorted((k, v) for k, v in dict(row).items() if k not in REFUSAL_COLUMNS))
+            repr(sorted((k, v) for k, v in dict(row).items() if k not in BACKGROUND_COLUMNS))
             for row in rows
         )
     snapshot["workspace_events"] = await db.fetchval("SELECT count(*) FROM workspace_events")
@@ -241,6 +246,12 @@ async def shared_registry(dsn: str, base: Path) -> AsyncIterator[Registry]:
         reconcile_retry_cap_s=0.5,
         reconcile_timeout_s=30.0,
         fetch_timeout_s=20.0,
+        # No workspace of the class goes silent long enough to be swept: a class of hundreds
+        # of tests outlasts the default windows on a loaded machine, and an expiry between
+        # two snapshots would read as a change the request made.
+        offline_after_s=DAY_S,
+        offline_after_max_s=DAY_S,
+        provision_timeout_s=DAY_S,
     )
     db = await asyncpg.connect(dsn)
     await db.execute(TRUNCATE)

@@ -15,6 +15,7 @@ import orjson
 import pytest
 from aiohttp import ClientResponse
 
+from registry import event_feed
 from registry.db import events
 from registry.db import pool as db_pool
 from registry.db.pool import create_pool
@@ -45,8 +46,14 @@ async def insert_event(db: asyncpg.Connection, workspace_id: str, detail: Any = 
     )
 
 
-def sse_ids(frames: list[bytes]) -> list[int]:
-    return [int(f.split(b"\n", 1)[0].removeprefix(b"id: ")) for f in frames]
+def sse_ids(pages: list[bytes]) -> list[int]:
+    """The ids of the frames in pages of frames (a subscriber is given a page's at once)."""
+    return [
+        int(f.split(b"\n", 1)[0].removeprefix(b"id: "))
+        for page in pages
+        for f in page.split(b"\n\n")
+        if f
+    ]
 
 
 # --- the feed itself, driven step by step on a real database -------------------------------
@@ -136,7 +143,7 @@ async def test_a_burst_larger_than_the_queue_does_not_drop_a_subscriber_that_kee
     got: list[bytes] = []
 
     async def keep_up() -> None:
-        while len(got) < len(burst) and not sub.dropped:
+        while len(sse_ids(got)) < len(burst) and not sub.dropped:
             got.extend(await sub.take(5))
 
     async with asyncio.TaskGroup() as group:
@@ -303,7 +310,7 @@ class RawStream:
         self.reader, self.writer = reader, writer
 
     @classmethod
-    async def open(cls, host: str, port: int, path: str) -> RawStream:
+    async def open(cls, host: str, port: int, path: str, version: str = "1.1") -> RawStream:
         sock = socket.socket()
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         sock.setblocking(False)
@@ -312,7 +319,7 @@ class RawStream:
         reader, writer = await asyncio.open_connection(sock=sock, limit=1024)
         auth = ADMIN["Authorization"]
         writer.write(
-            f"GET {path} HTTP/1.1\r\nHost: x\r\nAuthorization: {auth}\r\n"
+            f"GET {path} HTTP/{version}\r\nHost: x\r\nAuthorization: {auth}\r\n"
             "Connection: close\r\n\r\n".encode()
         )
         await writer.drain()
@@ -356,10 +363,22 @@ def _dechunk(body: bytes) -> list[bytes]:
     return parts
 
 
+@pytest.mark.parametrize(
+    ("direct", "bound"),
+    [(True, "events"), (True, "bytes"), (False, "events")],
+    ids=["direct-events-behind", "direct-bytes-unsent", "writer-tasks"],
+)
 async def test_a_subscriber_that_stops_reading_is_told_and_resumes_exactly_once(
-    make_registry: MakeRegistry,
+    make_registry: MakeRegistry, monkeypatch: pytest.MonkeyPatch, direct: bool, bound: str
 ) -> None:
-    registry = await make_registry(event_subscriber_queue=4)
+    """Dropped once it is 4 events behind, or (bytes) once its socket holds 200 KB unsent
+    with room for 1,000 events: without the byte bound it is never dropped within the 400
+    events this test writes."""
+    if bound == "bytes":
+        monkeypatch.setattr(event_feed, "MAX_UNSENT_BYTES", 200_000)
+    registry = await make_registry(
+        event_subscriber_queue=4 if bound == "events" else 1000, event_direct_writes=direct
+    )
     workspace = await registry.create_workspace()
     await all_numbered(registry)
     server = registry.client.server
@@ -396,3 +415,75 @@ async def test_a_subscriber_that_stops_reading_is_told_and_resumes_exactly_once(
     resumed.close()
     keeping_up.close()
     assert [e["id"] for e in rest] == [i for i in sent if i > last]
+
+
+async def test_a_live_subscriber_whose_client_left_is_let_go_at_the_next_page(
+    make_registry: MakeRegistry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Its handler waits for no keep-alive to find out (none comes within the test) and is
+    not cancelled (as under `serve`): the feed's write sees the socket closing and ends the
+    stream (fails without that check)."""
+    monkeypatch.setattr(event_handlers, "KEEPALIVE_S", 3600)
+    registry = await make_registry()
+    # As `serve` runs: aiohttp's test server cancels a handler whose client hung up.
+    runner = registry.client.server.runner
+    assert runner is not None and runner.server is not None
+    runner.server.handler_cancellation = False
+    workspace = await registry.create_workspace()
+    await all_numbered(registry)
+    feed = registry.client.app[EVENT_HUB].feed
+    staying, leaving = await open_stream(registry), await open_stream(registry)
+    await insert_event(registry.db, workspace.id)
+    await read_events(leaving, 1)
+    await read_events(staying, 1)
+    leaving.close()
+
+    await insert_event(registry.db, workspace.id)
+    await read_events(staying, 1)
+    async with asyncio.timeout(10):
+        while feed.subscribers > 1:
+            await asyncio.sleep(0.01)
+    staying.close()
+
+
+async def test_subscribers_of_everything_are_given_one_shared_page_of_frames(
+    pool: asyncpg.Pool, db: asyncpg.Connection
+) -> None:
+    """A page is joined once for all who get the same events, not once per subscriber."""
+    feed, ws, now = await new_feed(pool, db)
+    subs = [feed.subscribe(now, now, None) for _ in range(3)]
+    ids = await numbered(db, ws, 4)
+
+    await feed.read_new()
+
+    pages = [await sub.take(0) for sub in subs]
+    assert all(sse_ids(p) == ids for p in pages)
+    assert pages[1][0] is pages[0][0] and pages[2][0] is pages[0][0]
+
+
+async def test_an_http_1_0_stream_is_written_unchunked(make_registry: MakeRegistry) -> None:
+    """The feed frames its writes as aiohttp frames the response: no chunks for HTTP/1.0."""
+    registry = await make_registry()
+    workspace = await registry.create_workspace()
+    await all_numbered(registry)
+    server = registry.client.server
+    stream = await RawStream.open(str(server.host), int(server.port or 0), "/events", "1.0")
+    feed = registry.client.app[EVENT_HUB].feed
+    async with asyncio.timeout(5):
+        while feed.subscribers < 1:
+            await asyncio.sleep(0.01)
+    await insert_event(registry.db, workspace.id)
+    await insert_event(registry.db, workspace.id)
+
+    data = b""
+    async with asyncio.timeout(10):
+        while data.count(b"\nevent: reconcile\n") < 2:
+            data += await stream.reader.read(65536)
+    stream.close()
+    head, body = data.split(b"\r\n\r\n", 1)
+    assert b"transfer-encoding" not in head.lower()
+    assert b"\r\n" not in body
+    assert [block.split(b"\n")[1] for block in body.split(b"\n\n")[1:3]] == [
+        b"event: reconcile",
+        b"event: reconcile",
+    ]

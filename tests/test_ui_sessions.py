@@ -4,6 +4,7 @@ TLS-terminating proxy. No browser: the cookie and the headers are what is under 
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import uuid
 from pathlib import Path
@@ -11,9 +12,12 @@ from typing import Any
 
 import aiohttp
 import asyncpg
+import orjson
 import pytest
 
+from registry.handlers import events as event_handlers
 from registry.settings import Settings, SettingsError
+from tests.conftest import MakeRegistry
 from tests.processes import Processes
 from tests.support import ADMIN, ADMIN_TOKEN, AppClient, Registry, bearer
 from tests.test_cli import registry_env
@@ -345,3 +349,54 @@ async def test_a_read_token_may_read_the_fleet_history(registry: Registry) -> No
     token = await new_token(registry, "viewer")
     response = await registry.client.get("/fleet/history", headers=bearer(token))
     assert response.status == 200
+
+
+async def read_until_unauthorized(stream: aiohttp.ClientResponse, within_s: float = 20.0) -> Any:
+    """The data of the stream's `event: unauthorized` frame; the stream must end after it."""
+    async with asyncio.timeout(within_s):
+        while (line := await stream.content.readline()) != b"event: unauthorized\n":
+            assert line, "the stream ended without an unauthorized frame"
+        data = orjson.loads((await stream.content.readline()).removeprefix(b"data: "))
+        assert await stream.content.readline() == b"\n"
+        assert await stream.content.read() == b""  # and nothing after it
+    return data
+
+
+@pytest.mark.parametrize("direct_writes", [True, False], ids=["direct", "writer-task"])
+@pytest.mark.parametrize("opened_with", ["bearer", "session"])
+async def test_an_open_event_stream_ends_once_its_token_is_revoked(
+    make_registry: MakeRegistry,
+    monkeypatch: pytest.MonkeyPatch,
+    direct_writes: bool,
+    opened_with: str,
+) -> None:
+    # Re-asked at every keep-alive tick, so the test waits ticks, not a minute.
+    monkeypatch.setattr(event_handlers, "KEEPALIVE_S", 0.05)
+    monkeypatch.setattr(event_handlers, "AUTH_RECHECK_S", 0.05)
+    registry = await make_registry(event_direct_writes=direct_writes)
+    token = await new_token(registry, "grace")
+    if opened_with == "bearer":
+        headers = bearer(token)
+    else:
+        session_id, _ = await login(registry.client, token)
+        headers = with_cookie(session_id)
+    stream = await registry.client.get("/events", headers=headers)
+    assert stream.status == 200, await stream.text()
+    assert await stream.content.readline() == b"retry: 1000\n"
+    staying = await registry.client.get("/events", headers=ADMIN)
+
+    revoked = await registry.client.delete("/tokens/grace", headers=ADMIN)
+
+    assert revoked.status == 204
+    data = await read_until_unauthorized(stream)
+    expected = "token_revoked" if opened_with == "bearer" else "session_ended"
+    assert data["code"] == expected
+    again = await registry.client.get("/events", headers=headers)
+    assert again.status == 401
+    # The other stream goes on.
+    await registry.create_workspace()
+    async with asyncio.timeout(20.0):
+        while not (await staying.content.readline()).startswith(b"event: "):
+            pass
+    staying.close()
+    stream.close()

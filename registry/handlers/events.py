@@ -12,20 +12,33 @@ from aiohttp import web
 
 from registry import query
 from registry import validation as v
+from registry.auth import caller
 from registry.db import Connection, events, fleet, fleet_history, retention, workspaces
 from registry.db.errors import DatabaseUnavailable
 from registry.db.events import Event
-from registry.errors import HistoryPruned, workspace_not_found
-from registry.event_feed import PAGE, Subscription
-from registry.event_frames import KEEPALIVE, RETRY, dropped_frame, event_view, frame, reset_frame
+from registry.errors import HistoryPruned, Unauthorized, workspace_not_found
+from registry.event_feed import PAGE, Sink, Subscription
+from registry.event_frames import (
+    KEEPALIVE,
+    RETRY,
+    dropped_frame,
+    event_view,
+    frame,
+    reset_frame,
+    unauthorized_frame,
+)
 from registry.jsonio import json_response
-from registry.keys import EVENT_HUB, FLEET_GAUGES, FLEET_HISTORY, POOL
+from registry.keys import EVENT_HUB, FLEET_GAUGES, FLEET_HISTORY, POOL, SETTINGS
 
 MAX_EVENTS_PAGE = 500
 MAX_EVENT_ID = 2**63 - 1  # event ids are PostgreSQL bigints
 # A comment line this often keeps proxies and load balancers from closing an idle stream.
 KEEPALIVE_S = 15.0
 DROPPED_GRACE_S = 10.0
+# An open stream asks again who its caller is this often (at its next keep-alive tick): a
+# token revoked or expired, or a dashboard session ended, since the stream opened ends it
+# within this long, with a last `unauthorized` frame. One index probe per stream per minute.
+AUTH_RECHECK_S = 60.0
 
 
 def _event_id(raw: str | None, field: str) -> int | None:
@@ -117,7 +130,7 @@ async def get_events(request: web.Request) -> web.StreamResponse:
         nonlocal closer
         transport = request.transport
         if transport is not None:
-            closer = asyncio.get_running_loop().call_later(DROPPED_GRACE_S, transport.close)
+            closer = asyncio.get_running_loop().call_later(DROPPED_GRACE_S, _hang_up, transport)
 
     subscription.on_drop = close_later
     try:
@@ -132,7 +145,15 @@ async def get_events(request: web.Request) -> web.StreamResponse:
         with contextlib.suppress(ConnectionError):  # the subscriber went away
             await response.write(RETRY if reset is None else RETRY + reset_frame(reset))
             await _catch_up(pool, response, subscription)
-            await _follow(response, subscription)
+            allowed = _Recheck(request)
+            if request.app[SETTINGS].event_direct_writes and request.transport is not None:
+                await _stream_live(response, request.transport, subscription, allowed)
+            else:
+                await _follow(response, subscription, allowed)
+            if allowed.refusal is not None:
+                feed.unsubscribe(subscription)  # the feed writes it nothing more
+                refusal = allowed.refusal
+                await response.write(unauthorized_frame(refusal.code, refusal.message))
         with contextlib.suppress(Exception):
             await response.write_eof()
         return response
@@ -140,6 +161,16 @@ async def get_events(request: web.Request) -> web.StreamResponse:
         feed.unsubscribe(subscription)
         if closer is not None:
             closer.cancel()
+
+
+def _hang_up(transport: asyncio.BaseTransport) -> None:
+    """Close; a socket still holding unsent bytes (a client that never reads) is aborted, as
+    closing would wait for it to read them. A client that reconnects with Last-Event-ID
+    misses nothing either way."""
+    if isinstance(transport, asyncio.WriteTransport) and transport.get_write_buffer_size():
+        transport.abort()
+    else:
+        transport.close()
 
 
 async def _catch_up(pool: asyncpg.Pool, response: web.StreamResponse, sub: Subscription) -> None:
@@ -158,11 +189,56 @@ async def _catch_up(pool: asyncpg.Pool, response: web.StreamResponse, sub: Subsc
         cursor = page[-1].id
 
 
-async def _follow(response: web.StreamResponse, sub: Subscription) -> None:
+class _Recheck:
+    """Whether the stream's caller is still allowed, asked at most every AUTH_RECHECK_S."""
+
+    def __init__(self, request: web.Request) -> None:
+        self._request = request
+        self._loop = asyncio.get_running_loop()
+        self._due = self._loop.time() + AUTH_RECHECK_S
+        self.refusal: Unauthorized | None = None
+
+    async def still_allowed(self) -> bool:
+        if self._loop.time() < self._due:
+            return True
+        try:
+            await caller(self._request)  # every role may read the stream
+        except Unauthorized as refusal:
+            self.refusal = refusal
+            return False
+        except DatabaseUnavailable:
+            # Asked again at the next tick. Nothing new reaches the stream meanwhile: the
+            # feed reads its events from the same database.
+            return True
+        self._due = self._loop.time() + AUTH_RECHECK_S
+        return True
+
+
+async def _stream_live(
+    response: web.StreamResponse,
+    transport: asyncio.Transport,
+    sub: Subscription,
+    allowed: _Recheck,
+) -> None:
+    """Hand the socket to the feed, which writes each page to it in its one pass; here only
+    keep-alives when idle, until the stream ends (dropped, gone, the registry stopping, or
+    its caller no longer allowed)."""
+    # aiohttp frames the body in chunks for HTTP/1.1 (no length is known); the feed frames
+    # its writes the same way, and write_eof ends the chunks as usual.
+    sub.go_live(Sink(transport, chunked=response.headers.get("Transfer-Encoding") == "chunked"))
+    while not await sub.wait_ended(KEEPALIVE_S):
+        if not await allowed.still_allowed():
+            return
+        sub.keepalive(KEEPALIVE)
+    if sub.dropped and not sub.live:  # dropped while catching up: not told yet
+        await response.write(dropped_frame(sub.last_id))
+
+
+async def _follow(response: web.StreamResponse, sub: Subscription, allowed: _Recheck) -> None:
     """Frames from the feed as they come (each batch one write), keep-alives when idle."""
     while True:
         frames = await sub.take(KEEPALIVE_S)
-        if sub.closed:
+        if sub.closed or not await allowed.still_allowed():
             return
         if sub.dropped:
             await response.write(dropped_frame(sub.last_id))
