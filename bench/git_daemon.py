@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import socket
 import subprocess
 import time
@@ -91,6 +93,9 @@ class CountingGitDaemon:
                 env={**os.environ, "GIT_CONFIG_NOSYSTEM": "1"},
                 stdout=subprocess.DEVNULL,
                 stderr=subprocess.DEVNULL,
+                # `git daemon` runs git-daemon as a child and waits for it: killing `git` alone
+                # left git-daemon serving, orphaned. The group is what stop() kills.
+                start_new_session=True,
             )
             if self._wait_ready():
                 return
@@ -113,7 +118,8 @@ class CountingGitDaemon:
 
     def stop(self) -> None:
         if self._proc is not None:
-            self._proc.kill()
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self._proc.pid, signal.SIGKILL)  # git, git-daemon and its children
             self._proc.wait()
             self._proc = None
 

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
 import sys
 import uuid
 from pathlib import Path
 
+from bench.git_daemon import CountingGitDaemon
 from bench.pgbench import find_pgbench
 from tests.processes import Processes
 
@@ -173,3 +175,18 @@ async def test_sync_marks_bench_compares_the_marks_on_and_off(
     assert printed.count("on / off (median time per beat) =") == 2, printed
     # Round 0 changed 2 batches of 10 reports once; unchanged reports after it wrote none.
     assert "marks written meanwhile (round 0 changed every report once): 20" in printed, printed
+
+
+def test_the_counting_git_daemon_leaves_no_process_behind(tmp_path: Path) -> None:
+    # `git daemon` runs git-daemon as its child: stopping `git` alone once left one serving
+    # per test, orphaned, for as long as the machine ran.
+    base = tmp_path / "served"
+    (base / "repo").mkdir(parents=True)
+    subprocess.run(["git", "init", "-q", str(base / "repo")], check=True)
+    with CountingGitDaemon(base, tmp_path) as daemon:
+        listed = subprocess.run(["git", "ls-remote", daemon.url("repo")], capture_output=True)
+        assert listed.returncode == 0, listed.stderr
+        assert daemon.connections() == 1
+
+    serving = subprocess.run(["pgrep", "-f", f"base-path={base}"], capture_output=True, text=True)
+    assert serving.stdout == ""
