@@ -103,8 +103,8 @@ def _parser() -> argparse.ArgumentParser:
             )
     workspace_actions = _add_client_commands(commands)
     cli_operate.add_workspace_commands(workspace_actions)
-    cli_operate.add_commands(commands)
-    cli_tokens.add_commands(commands, client_parser)
+    fleet_actions = cli_operate.add_commands(commands)
+    cli_tokens.add_commands(commands, client_parser, fleet_actions)
     completion = commands.add_parser(
         "completion",
         help="print a shell completion script (bash or zsh)",

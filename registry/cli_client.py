@@ -228,6 +228,10 @@ class Client:
         result: JSON = await self._call("GET", "/fleet")
         return result
 
+    async def fleet_history(self, minutes: int) -> JSON:
+        result: JSON = await self._call("GET", "/fleet/history", params={"minutes": str(minutes)})
+        return result
+
     # Internal reconcile API.
 
     async def request_reconcile(self, workspace_id: str, *, refresh: bool) -> JSON:

@@ -419,3 +419,20 @@ def fleet(view: JSON) -> str:
     if isinstance(syncs, dict) and syncs:
         lines[1:1] = ["", table(("PLUGINS SYNC", "WORKSPACES"), sorted(syncs.items()))]
     return "\n".join(lines)
+
+
+HISTORY_STATUSES = ("provisioning", "online", "degraded", "offline", "failed", "paused")
+
+
+def fleet_history(view: JSON) -> str:
+    """One row a minute, oldest first: the counts the dashboard's chart draws."""
+    points = view.get("points") or []
+    rows = [
+        (
+            when(point.get("at"), relative=False),
+            *(point["statuses"].get(s) for s in HISTORY_STATUSES),
+        )
+        for point in points
+        if isinstance(point, dict) and isinstance(point.get("statuses"), dict)
+    ]
+    return table(("AT", *(s.upper() for s in HISTORY_STATUSES)), rows) if rows else "no history"

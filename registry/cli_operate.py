@@ -93,9 +93,22 @@ def add_reconcile_commands(steps: Any) -> None:
     which.add_argument("--name", help="the plugin's name")
 
 
-def add_commands(commands: Any) -> None:
-    client_parser(
+def add_commands(commands: Any) -> Any:
+    """The commands of this module; returns `fleet`'s actions, for the others to add theirs."""
+    fleet = client_parser(
         commands, "fleet", "the fleet at a glance: counts and the mass-expiry guard", _fleet
+    )
+    # Optional actions under `fleet`, so plain `fleet` still runs its own command.
+    fleet_actions = fleet.add_subparsers(dest="fleet_action", required=False, metavar="ACTION")
+    history = client_parser(
+        fleet_actions,
+        "history",
+        "workspaces per status, a minute apart, over the last minutes (the dashboard's chart)",
+        _fleet_history,
+        examples="  registry fleet history --minutes 15",
+    )
+    history.add_argument(
+        "--minutes", type=_minutes, default=60, help="how far back, 1 to 60 (default 60)"
     )
     wait = client_parser(
         commands,
@@ -121,6 +134,7 @@ def add_commands(commands: Any) -> None:
         metavar="DURATION",
         help="give up after this long: exit 1 (default 60s)",
     )
+    return fleet_actions
 
 
 async def _rotate(api: Client, args: argparse.Namespace) -> int:
@@ -167,6 +181,23 @@ async def _fanout(api: Client, args: argparse.Namespace) -> int:
 async def _fleet(api: Client, args: argparse.Namespace) -> int:
     view = await api.fleet()
     emit(args, view, fmt.fleet(view))
+    return EXIT_OK
+
+
+def _minutes(value: str) -> int:
+    """What GET /fleet/history keeps: told here as a usage error (exit 2), before any request."""
+    try:
+        minutes = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number of minutes: {value!r}") from None
+    if not 1 <= minutes <= 60:
+        raise argparse.ArgumentTypeError(f"from 1 to 60 minutes, not {minutes}")
+    return minutes
+
+
+async def _fleet_history(api: Client, args: argparse.Namespace) -> int:
+    view = await api.fleet_history(args.minutes)
+    emit(args, view, fmt.fleet_history(view))
     return EXIT_OK
 
 

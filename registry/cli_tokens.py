@@ -31,7 +31,7 @@ examples:
 """
 
 
-def add_commands(commands: Any, client_parser: ClientParser) -> None:
+def add_commands(commands: Any, client_parser: ClientParser, fleet_actions: Any) -> None:
     tokens = commands.add_parser(
         "tokens",
         help="named API tokens with a role (admin token needed)",
@@ -54,12 +54,8 @@ def add_commands(commands: Any, client_parser: ClientParser) -> None:
     # Not `token`: that is the --token option's dest.
     revoke.add_argument("ref", metavar="NAME_OR_ID")
 
-    # `fleet` (registry/cli_operate.py) shows the fleet; `fleet guard ack` hangs below it,
-    # an optional sub-command, so plain `fleet` still runs its own command.
-    fleet = commands.choices.get("fleet") or commands.add_parser("fleet", help="the fleet")
-    add_guard_ack(
-        fleet.add_subparsers(dest="fleet_action", required=False, metavar="ACTION"), client_parser
-    )
+    # `fleet` (registry/cli_operate.py) shows the fleet; `fleet guard ack` hangs below it.
+    add_guard_ack(fleet_actions, client_parser)
 
 
 def add_guard_ack(fleet_actions: Any, client_parser: ClientParser) -> None:

@@ -39,6 +39,7 @@ CLI_COMMANDS = {
     "get_event_history": "events",
     "get_events": "events",  # --follow
     "get_fleet": "fleet",
+    "get_fleet_history": "fleet history",
     "post_guard_ack": "fleet guard ack",
     "post_tokens": "tokens create",
     "get_tokens": "tokens list",
@@ -234,6 +235,30 @@ async def test_events_without_follow_are_the_fleets_history_with_names(url: str)
     # can be after `history` was read: `--after` returns what followed, newer events included.
     assert after["events"][: len(history) - 1] == history[1:]
     assert all(e["id"] > history[0]["id"] for e in after["events"])
+
+
+async def test_fleet_history_shows_the_minutes_counts_the_dashboard_charts(url: str) -> None:
+    workspace, token = await create(url, "charted")
+    await heartbeat(url, workspace, token)
+
+    view = (await ok(url, "fleet", "history", "--minutes", "2", "--json")).json()
+    table = (await ok(url, "fleet", "history", "--minutes", "2")).out.splitlines()
+    refused = await cli(url, "fleet", "history", "--minutes", "61")
+
+    assert view["bucket_s"] == 60
+    assert len(view["points"]) == 3  # two minutes back, and now
+    assert view["points"][-1]["statuses"]["online"] == 1
+    assert table[0].split() == [
+        "AT",
+        "PROVISIONING",
+        "ONLINE",
+        "DEGRADED",
+        "OFFLINE",
+        "FAILED",
+        "PAUSED",
+    ]
+    assert len(table) == 4 and table[-1].split()[-5:] == ["1", "0", "0", "0", "0"]
+    assert refused.code == 2 and "minutes" in refused.err
 
 
 async def test_reconcile_id_still_means_reconcile_run(url: str) -> None:
