@@ -233,11 +233,9 @@ class Window:
         return min(frames, default=0)
 
 
-def compare(args: argparse.Namespace, work_dir: Path) -> bool:
-    """Rounds of three loaded windows, their order rotated each round (the machine's load
-    drifts): no subscribers, subscribers with writer tasks, with direct writes. One registry
-    process at a time, started for its window: two would each run a sequencer, numbering
-    events twice as often in smaller pages than one process does."""
+def _seeded(args: argparse.Namespace) -> tuple[Fleet, str, dict[str, str]]:
+    """A fresh database with the fleet online, and the registry's settings for the bench:
+    nobody goes offline, and room for every subscriber."""
     fleet = Fleet.new(args.workspaces)
     dsn = asyncio.run(db.recreate(args.dsn, args.database))
     asyncio.run(seed(dsn, fleet, status="online", heartbeat_age_s=1.0))
@@ -245,6 +243,15 @@ def compare(args: argparse.Namespace, work_dir: Path) -> bool:
         "REGISTRY_OFFLINE_AFTER_S": "3600",
         "REGISTRY_EVENT_MAX_SUBSCRIBERS": str(args.subscribers + 10),
     }
+    return fleet, dsn, env
+
+
+def compare(args: argparse.Namespace, work_dir: Path) -> bool:
+    """Rounds of three loaded windows, their order rotated each round (the machine's load
+    drifts): no subscribers, subscribers with writer tasks, with direct writes. One registry
+    process at a time, started for its window: two would each run a sequencer, numbering
+    events twice as often in smaller pages than one process does."""
+    fleet, dsn, env = _seeded(args)
     windows: list[list[Window]] = []
     order = ["none", *MODES]
     for r in range(args.rounds):
@@ -351,13 +358,7 @@ def _row(name: str, load: Load, note: str) -> Row:
 
 
 def run(args: argparse.Namespace, work_dir: Path) -> bool:
-    fleet = Fleet.new(args.workspaces)
-    dsn = asyncio.run(db.recreate(args.dsn, args.database))
-    asyncio.run(seed(dsn, fleet, status="online", heartbeat_age_s=1.0))
-    env = {
-        "REGISTRY_OFFLINE_AFTER_S": "3600",
-        "REGISTRY_EVENT_MAX_SUBSCRIBERS": str(args.subscribers + 10),
-    }
+    fleet, dsn, env = _seeded(args)
     [proc] = registry_proc.start_many(dsn, work_dir, env, 1)
     # Both idle windows before any load, whose late-reported counts would land in them; the
     # loaded window with subscribers first, then the same without them.

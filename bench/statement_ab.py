@@ -52,8 +52,18 @@ def module_at(rev: str) -> types.ModuleType:
     return module
 
 
-def beats(fleet: Fleet, start: int, count: int, uptime: float) -> list[Beat]:
-    """Steady-state beats as a real runtime sends them: growing uptime, two plugins."""
+TWO_PLUGINS = [{"name": "a", "sha": "1" * 40}, {"name": "b", "sha": "2" * 40}]
+
+
+def beats(
+    fleet: Fleet,
+    start: int,
+    count: int,
+    uptime: float,
+    plugins: list[dict[str, str]] | None = TWO_PLUGINS,
+) -> list[Beat]:
+    """Steady-state beats as a real runtime sends them: growing uptime, the same plugins (two
+    unless told), to workspaces `start` on, never past the fleet's last."""
     return [
         Beat(
             workspace_id=fleet.workspace_id(n),
@@ -66,10 +76,10 @@ def beats(fleet: Fleet, start: int, count: int, uptime: float) -> list[Beat]:
             current_task="",
             monthly_spend=1.5,
             runtime_state="ok",
-            observed_plugins=[{"name": "a", "sha": "1" * 40}, {"name": "b", "sha": "2" * 40}],
+            observed_plugins=plugins,
             acks=[],
         )
-        for n in range(start, start + count)
+        for n in range(start, min(start + count, fleet.size + 1))
     ]
 
 

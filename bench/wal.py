@@ -26,13 +26,10 @@ import asyncpg
 
 from bench import db
 from bench.fleet import Fleet, seed
-from bench.statement_ab import ApplyBeats, module_at
-from registry.auth import hash_token
+from bench.statement_ab import ApplyBeats, beats, module_at
 from registry.db import heartbeats as current
-from registry.db.heartbeats import Beat
 from registry.db.migrate import migrate
 from registry.embedded_pg import start_embedded_postgres
-from registry.statuses import Health
 
 
 def plugin_list(count: int) -> list[dict[str, str]]:
@@ -40,26 +37,6 @@ def plugin_list(count: int) -> list[dict[str, str]]:
     return [
         {"name": f"plugin-{i:03d}", "sha": hashlib.sha1(f"p{i}".encode()).hexdigest()}  # noqa: S324
         for i in range(count)
-    ]
-
-
-def beats(fleet: Fleet, start: int, count: int, uptime: float, plugins: Any) -> list[Beat]:
-    return [
-        Beat(
-            workspace_id=fleet.workspace_id(n),
-            token_hash=hash_token(fleet.token(n)),
-            health=Health.HEALTHY,
-            error_rate=0.0,
-            sample_error=None,
-            active_tasks=n % 3,
-            uptime_seconds=uptime,
-            current_task=None,
-            monthly_spend=None,
-            runtime_state="ok",
-            observed_plugins=plugins,
-            acks=[],
-        )
-        for n in range(start, min(start + count, fleet.size + 1))
     ]
 
 

@@ -87,7 +87,11 @@ target AS (
            w.last_heartbeat_at AS previous_beat_at,
            -- Registered by another box than the last one that said who it was.
            COALESCE(i.instance_id <> w.instance_id, false) AS box_changed,
-           w.token_hash <> i.token_hash AS old_token, i.*
+           w.token_hash <> i.token_hash AS old_token,
+           -- The reported plugin list, parsed once (NULL: not reported), beside the stored
+           -- one (the row as locked, before this update).
+           i.observed_plugins::jsonb AS reported_plugins, w.observed_plugins AS stored_plugins,
+           i.*
     FROM input i
     -- The previous token keeps working through its rotation grace period.
     JOIN workspaces w ON w.id = i.id
@@ -101,7 +105,10 @@ transition AS (
            -- Uptime went down: the box restarted (on its own, or as it was asked) since then.
            CASE WHEN t.uptime_seconds < t.previous_uptime
                 THEN now() - make_interval(secs => t.uptime_seconds) END AS restarted_at,
-           extract(epoch FROM now() - t.previous_beat_at)::float8 AS gap_s
+           extract(epoch FROM now() - t.previous_beat_at)::float8 AS gap_s,
+           -- The list and its timestamp are written only when the report differs.
+           t.reported_plugins IS NOT NULL
+               AND t.reported_plugins IS DISTINCT FROM t.stored_plugins AS plugins_changed
     FROM target t
     LEFT JOIN unnest($15::text[], $16::text[], $17::text[]) AS m(health, from_status, to_status)
         ON m.health = t.health AND m.from_status = t.previous_status
@@ -123,17 +130,12 @@ beat AS (
         runtime_state = COALESCE(tr.runtime_state, w.runtime_state),
         -- Written only when it changed: a list that stays is kept as the same value, so a
         -- large one (TOASTed) costs no new TOAST rows and no WAL for them (bench/wal.py).
-        observed_plugins = CASE
-            WHEN tr.observed_plugins IS NOT NULL
-                 AND tr.observed_plugins::jsonb IS DISTINCT FROM w.observed_plugins
-            THEN tr.observed_plugins::jsonb ELSE w.observed_plugins END,
+        observed_plugins = CASE WHEN tr.plugins_changed
+                                THEN tr.reported_plugins ELSE w.observed_plugins END,
         -- When the report last changed: a mismatch with the records is drift only once the
         -- report has stood still a while (registry/drift.py).
-        observed_plugins_at = CASE
-            WHEN tr.observed_plugins IS NOT NULL
-                 -- w.* here is the row before this update
-                 AND tr.observed_plugins::jsonb IS DISTINCT FROM w.observed_plugins
-            THEN now() ELSE w.observed_plugins_at END,
+        observed_plugins_at = CASE WHEN tr.plugins_changed
+                                   THEN now() ELSE w.observed_plugins_at END,
         instance_id = COALESCE(tr.instance_id, w.instance_id),
         url = COALESCE(tr.url, w.url),
         agent_card = COALESCE(tr.agent_card::jsonb, w.agent_card),
