@@ -23,9 +23,9 @@ import aiohttp
 import asyncpg
 
 from bench import db as bench_db
+from bench.fleet import judge_plugins_sync
 from bench.registry_proc import ADMIN_TOKEN, start
 from bench.stats import Latencies
-from registry import sync_state
 from registry.db.filters import list_filtered
 from registry.db.pool import init_connection
 from registry.list_filters import parse_filters
@@ -130,12 +130,7 @@ async def seed(dsn: str, size: int, plugins_dir: Path) -> None:
         for statement in (SEED_FAILED, SEED_QUEUED, SEED_RESTARTS):
             await conn.execute(statement, size)
         await conn.execute("VACUUM ANALYZE")
-        # The stored plugins_sync of every seeded workspace, as after migration 0016.
-        await init_connection(conn)
-        started = time.perf_counter()
-        await sync_state.refresh(conn)
-        print(f"judged the plugins_sync of the fleet in {time.perf_counter() - started:.1f} s")
-        await conn.execute("VACUUM ANALYZE")
+        await judge_plugins_sync(conn)
     finally:
         await conn.close()
 

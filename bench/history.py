@@ -28,18 +28,22 @@ import asyncio
 import contextlib
 import functools
 import json
+import multiprocessing
+import os
 import random
 import statistics
 import tempfile
 import time
 from collections.abc import Callable
+from multiprocessing.synchronize import Event as EventType
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import asyncpg
 
 from bench import db, registry_proc
-from bench.fleet import Fleet, seed
+from bench.fleet import Fleet, judge_plugins_sync, seed
 from bench.stats import Latencies
 from registry.db import fleet as fleet_db
 from registry.db import fleet_counts, transitions, workspaces
@@ -251,18 +255,25 @@ async def _seed_history(dsn: str, fleet: Fleet, events: int, runs: int, span_s: 
             await conn.execute(SEED_RUNS, fleet.salt, fleet.size, first, last, runs, span_s / runs)
             print(f"  runs {last:,}/{runs:,}", flush=True)
         await conn.execute("VACUUM ANALYZE")
+        await judge_plugins_sync(conn)
+        # The load's writes (and VACUUM's hint bits) flushed now, not by a checkpoint during
+        # the measurement: a fleet in service is not minutes after a 10 GB bulk load.
+        await conn.execute("CHECKPOINT")
     finally:
         await conn.close()
 
 
-async def _heartbeats(url: str, fleet: Fleet, stop: asyncio.Event, rate: float) -> int:
-    """Heartbeats from random workspaces at about `rate` per second until `stop`."""
-    sent = 0
-    per_tick = max(1, int(rate / 10))
+async def _heartbeats(
+    url: str, fleet: Fleet, stopped: Callable[[], bool], rate: float
+) -> tuple[int, int]:
+    """Heartbeats from random workspaces, evenly spaced at `rate` per second (open loop,
+    as a fleet's beats are spread over its interval) until `stopped()`; (sent, refused)."""
+    sent = refused = 0
+    in_flight: set[asyncio.Task[None]] = set()
     async with aiohttp.ClientSession() as session:
 
-        async def one() -> None:
-            n = random.randint(1, fleet.size)
+        async def one(n: int) -> None:
+            nonlocal refused
             async with session.post(
                 f"{url}/registry/heartbeat",
                 data=fleet.heartbeat_body(n),
@@ -272,13 +283,26 @@ async def _heartbeats(url: str, fleet: Fleet, stop: asyncio.Event, rate: float) 
                 },
             ) as response:
                 await response.read()
+                refused += response.status >= 300
 
-        while not stop.is_set():
-            started = time.monotonic()
-            await asyncio.gather(*(one() for _ in range(per_tick)))
-            sent += per_tick
-            await asyncio.sleep(max(0.0, 0.1 - (time.monotonic() - started)))
-    return sent
+        start = time.monotonic()
+        while not stopped():
+            delay = start + sent / rate - time.monotonic()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            task = asyncio.create_task(one(random.randint(1, fleet.size)))
+            in_flight.add(task)
+            task.add_done_callback(in_flight.discard)
+            sent += 1
+        if in_flight:
+            await asyncio.wait(set(in_flight))
+    return sent, refused
+
+
+def _heartbeat_process(url: str, fleet: Fleet, rate: float, stop: EventType, counts: Any) -> None:
+    """The heartbeats in a process of their own: sending them from the measuring loop would
+    charge the read routes' latencies with the client's own work."""
+    counts[0], counts[1] = asyncio.run(_heartbeats(url, fleet, stop.is_set, rate))
 
 
 async def _latencies(
@@ -360,8 +384,11 @@ async def _measure(url: str, dsn: str, fleet: Fleet, events: int, samples: int) 
         "| route | p50 ms | p99 ms | errors | verdict (p99 <= 50 ms) |",
         "|---|---|---|---|---|",
     ]
-    stop = asyncio.Event()
-    beats = asyncio.create_task(_heartbeats(url, fleet, stop, rate=200.0))
+    load_at_start = os.getloadavg()[0]
+    spawn = multiprocessing.get_context("spawn")
+    stop, counts = spawn.Event(), spawn.Array("q", 2)
+    beats = spawn.Process(target=_heartbeat_process, args=(url, fleet, 200.0, stop, counts))
+    beats.start()
     try:
         async with aiohttp.ClientSession(base_url=url, headers=ADMIN) as session:
             for name, path_of in _routes(fleet, recent, deep_cursor):
@@ -372,7 +399,12 @@ async def _measure(url: str, dsn: str, fleet: Fleet, events: int, samples: int) 
                     f"| {name} | {latency.p50_s * 1e3:.2f} | {latency.p99_s * 1e3:.2f} | "
                     f"{errors} | {'ok' if ok else 'MISSED'} |"
                 )
-        some_id = str(fleet.workspace_id(1))
+        # One that has events (with a small history, a given workspace may have none).
+        some_id = str(
+            await conn.fetchval(
+                "SELECT workspace_id FROM workspace_events ORDER BY id DESC LIMIT 1"
+            )
+        )
         for name, after, workspace_id in (
             ("GET /events (SSE resume, first frame)", recent, None),
             ("GET /events?workspace_id (SSE, first frame)", 0, some_id),
@@ -402,9 +434,13 @@ async def _measure(url: str, dsn: str, fleet: Fleet, events: int, samples: int) 
         ]
     finally:
         stop.set()
-        sent = await beats
+        await asyncio.to_thread(beats.join)
         await conn.close()
-    lines.append(f"heartbeats sent meanwhile: {sent:,}")
+    lines.append(f"heartbeats sent meanwhile: {counts[0]:,}, refused: {counts[1]:,}")
+    load_at_end = os.getloadavg()[0]
+    lines.append(
+        f"load average (1 min) at the start and the end: {load_at_start:.2f}, {load_at_end:.2f}"
+    )
     return lines
 
 
@@ -622,6 +658,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--events", type=int, default=10_000_000, help="scale: event rows")
     parser.add_argument("--runs", type=int, default=2_000_000, help="scale: finished runs")
     parser.add_argument("--samples", type=int, default=200, help="scale: requests per route")
+    parser.add_argument(
+        "--keep-database", action="store_true", help="leave it for EXPLAIN (drop it yourself)"
+    )
     args = parser.parse_args(argv)
     if args.workspaces is None:
         args.workspaces = 200 if args.run == "sizes" else 100_000
@@ -637,7 +676,8 @@ def main(argv: list[str] | None = None) -> None:
         with tempfile.TemporaryDirectory(prefix=f"bench-history-{args.run}-") as tmp:
             RUNS[args.run](args, Path(tmp))
     finally:
-        asyncio.run(db.drop(args.dsn, args.database))
+        if not args.keep_database:
+            asyncio.run(db.drop(args.dsn, args.database))
 
 
 if __name__ == "__main__":

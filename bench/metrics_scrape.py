@@ -22,10 +22,9 @@ import asyncpg
 from aiohttp.test_utils import TestClient, TestServer
 
 from bench.db import DEFAULT_SERVER_DSN, drop, recreate
-from registry import sync_state
+from bench.fleet import judge_plugins_sync
 from registry.app import create_app
 from registry.db.fleet_counts import FLEET_COUNTS
-from registry.db.pool import init_connection
 from registry.settings import Settings
 
 DATABASE = "bench_metrics"
@@ -79,12 +78,7 @@ async def seed(dsn: str, workspaces: int) -> None:
         for statement in SEED:
             await conn.execute(statement, workspaces)
         await conn.execute("VACUUM ANALYZE")
-        # The stored plugins_sync of every seeded workspace, as after migration 0016.
-        await init_connection(conn)
-        started = time.perf_counter()
-        await sync_state.refresh(conn)
-        print(f"judged the plugins_sync of the fleet in {time.perf_counter() - started:.1f} s")
-        await conn.execute("VACUUM ANALYZE")
+        await judge_plugins_sync(conn)
     finally:
         await conn.close()
 
