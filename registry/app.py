@@ -25,6 +25,7 @@ from registry.event_feed import EventFeed
 from registry.events import EventHub
 from registry.fleet_gauges import FleetGauges
 from registry.fleet_history_cache import FleetHistoryCache
+from registry.fleet_statuses import FleetStatuses
 from registry.http_metrics import http_metrics_middleware
 from registry.ingest import HeartbeatIngest
 from registry.keys import (
@@ -33,6 +34,7 @@ from registry.keys import (
     EVENT_HUB,
     FLEET_GAUGES,
     FLEET_HISTORY,
+    FLEET_STATUSES,
     IGNORED_FIELDS,
     INGEST,
     METRICS,
@@ -119,6 +121,9 @@ async def _database(app: web.Application) -> AsyncIterator[None]:
         heartbeat_pool = await create_heartbeat_pool(settings, app[DSN])
         opened.push_async_callback(_close_pool, heartbeat_pool, "heartbeat")
         app[POOL] = pool
+        app[FLEET_STATUSES] = FleetStatuses(pool, settings.fleet_cache_s)
+        # Before the pool closes: a background count may be using it.
+        opened.push_async_callback(app[FLEET_STATUSES].close)
         app[INGEST] = HeartbeatIngest(
             heartbeat_pool,
             app[METRICS],
@@ -229,6 +234,7 @@ async def _background(app: web.Application) -> AsyncIterator[None]:
             poll_s=settings.event_poll_s,
             queue_size=settings.event_subscriber_queue,
             max_subscribers=settings.event_max_subscribers,
+            on_events=app[FLEET_STATUSES].invalidate,
         )
         hub = EventHub(pool, app[DSN], feed)
         pruner = Pruner(pool, settings, app[METRICS])

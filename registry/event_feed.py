@@ -264,9 +264,18 @@ class EventFeed:
     """The process's one reader of workspace_events for its subscribers."""
 
     def __init__(
-        self, pool: asyncpg.Pool, *, poll_s: float, queue_size: int, max_subscribers: int
+        self,
+        pool: asyncpg.Pool,
+        *,
+        poll_s: float,
+        queue_size: int,
+        max_subscribers: int,
+        on_events: Callable[[], None] | None = None,
     ) -> None:
         self._pool = pool
+        # Called when a page of events was read, before it is delivered (GET /fleet's shared
+        # count is dropped then: registry/fleet_statuses.py).
+        self._on_events = on_events
         self._poll_s = poll_s
         self._queue_size = queue_size
         self._page = min(PAGE, queue_size)
@@ -371,6 +380,8 @@ class EventFeed:
             if page:
                 # Before anything else runs: a subscriber joining now starts after this page.
                 self._position = page[-1].id
+                if self._on_events is not None:
+                    self._on_events()
                 queued, live = self._fan_out(page)
                 await self._write_live(live)
                 await self._wake_writers(queued)

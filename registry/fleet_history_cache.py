@@ -5,12 +5,10 @@ counts of GET /fleet, so the cached minutes only shift up to this late."""
 
 from __future__ import annotations
 
-import asyncio
-import time
-
 import asyncpg
 
 from registry.db.fleet_history import Point, status_history
+from registry.shared_read import SharedRead
 
 HISTORY_CACHE_S = 30.0
 
@@ -19,23 +17,14 @@ class FleetHistoryCache:
     def __init__(self, ttl_s: float = HISTORY_CACHE_S) -> None:
         self._ttl_s = ttl_s
         # At most one entry per window the route accepts (1..60 minutes).
-        self._entries: dict[int, tuple[float, list[Point]]] = {}
-        # Requests that arrive while a read runs wait for it and share its figures.
-        self._lock = asyncio.Lock()
-
-    def _fresh(self, minutes: int) -> list[Point] | None:
-        entry = self._entries.get(minutes)
-        if entry is None or time.monotonic() - entry[0] >= self._ttl_s:
-            return None
-        return entry[1]
+        self._entries: dict[int, SharedRead[list[Point]]] = {}
 
     async def points(self, pool: asyncpg.Pool, minutes: int) -> list[Point]:
-        if (cached := self._fresh(minutes)) is not None:
-            return cached
-        async with self._lock:
-            if (cached := self._fresh(minutes)) is not None:
-                return cached
-            async with pool.acquire() as conn:
-                points = await status_history(conn, minutes)
-            self._entries[minutes] = (time.monotonic(), points)
-            return points
+        if (entry := self._entries.get(minutes)) is None:
+
+            async def read() -> list[Point]:
+                async with pool.acquire() as conn:
+                    return await status_history(conn, minutes)
+
+            entry = self._entries[minutes] = SharedRead(read, self._ttl_s)
+        return await entry.get()

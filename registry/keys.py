@@ -9,6 +9,7 @@ from registry.admission import Admission
 from registry.events import EventHub
 from registry.fleet_gauges import FleetGauges
 from registry.fleet_history_cache import FleetHistoryCache
+from registry.fleet_statuses import FleetStatuses
 from registry.ingest import HeartbeatIngest
 from registry.metrics import Metrics
 from registry.plugins import SourceSettings
@@ -34,3 +35,4 @@ FLEET_GAUGES = web.AppKey("fleet_gauges", FleetGauges)
 # Which of the processes sharing the port this is (registry/workers.py).
 WORKER = web.AppKey("worker", Worker)
 FLEET_HISTORY = web.AppKey("fleet_history", FleetHistoryCache)
+FLEET_STATUSES = web.AppKey("fleet_statuses", FleetStatuses)

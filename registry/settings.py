@@ -95,6 +95,11 @@ class Settings:
     # /metrics reads the fleet-wide gauges from the database at most this often (0: every
     # scrape): at 100k workspaces one read takes the database ~0.75 s (docs/benchmarks.md).
     metrics_cache_s: float = 30.0
+    # GET /fleet's counts by status are at most this old (0: counted on every request): a
+    # count is one scan of the live fleet (~60 ms at 100k workspaces, growing with it), and
+    # dashboards poll. Counted at most once a second per process, in the background while
+    # the last count is younger than this (registry/shared_read.py).
+    fleet_cache_s: float = 10.0
     # Peers (addresses or CIDR blocks) whose X-Forwarded-Proto is believed: a TLS-terminating
     # proxy in front makes the dashboard's cookie Secure and its Origin check expect https.
     # Empty (the default): the header is ignored from everyone.
@@ -298,6 +303,10 @@ class Settings:
             "metrics_cache_s must be zero or positive",
         )
         need(
+            math.isfinite(self.fleet_cache_s) and self.fleet_cache_s >= 0,
+            "fleet_cache_s must be zero or positive",
+        )
+        need(
             self.event_max_subscribers > 0 and self.event_subscriber_queue > 0,
             "event_max_subscribers and event_subscriber_queue must be positive",
         )
@@ -451,6 +460,7 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "drift_settle_s": _float,
     "drift_reconcile_every_s": _float,
     "metrics_cache_s": _float,
+    "fleet_cache_s": _float,
     "trusted_proxies": _prefix_list,
     "mass_expiry_share": _float,
     "mass_expiry_min_fleet": _non_negative_int,

@@ -273,6 +273,7 @@ def settings(tmp_path: Path, plugin_sources: Path, silent_git_server: int) -> Se
         fetch_timeout_s=20.0,
         # Every scrape reads the fleet afresh: tests compare scrapes a moment apart.
         metrics_cache_s=0.0,
+        fleet_cache_s=0.0,
     )
 
 

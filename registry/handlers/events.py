@@ -28,7 +28,7 @@ from registry.event_frames import (
     unauthorized_frame,
 )
 from registry.jsonio import json_response
-from registry.keys import EVENT_HUB, FLEET_GAUGES, FLEET_HISTORY, POOL, SETTINGS
+from registry.keys import EVENT_HUB, FLEET_GAUGES, FLEET_HISTORY, FLEET_STATUSES, POOL, SETTINGS
 
 MAX_EVENTS_PAGE = 500
 MAX_EVENT_ID = 2**63 - 1  # event ids are PostgreSQL bigints
@@ -253,13 +253,15 @@ FLEET_SYNC_MIN_AGE_S = 5.0
 
 
 async def get_fleet(request: web.Request) -> web.Response:
-    """Counts by status (exact) and by plugins sync (from /metrics' cached read of the fleet's
-    gauges: at 100k workspaces that read costs the database ~1 s, too much for every page
-    refresh; REGISTRY_METRICS_CACHE_S bounds their age), and the mass-expiry guard's state."""
+    """Counts by status (shared by this process's callers: at most REGISTRY_FLEET_CACHE_S
+    old, registry/fleet_statuses.py) and by plugins sync (from /metrics' cached read of the
+    fleet's gauges: at 100k workspaces that read costs the database ~1 s, too much for every
+    page refresh; REGISTRY_METRICS_CACHE_S bounds their age), and the mass-expiry guard's
+    state (read on each request: one row)."""
     pool = request.app[POOL]
     async with pool.acquire() as conn:
         guard = await fleet.read_guard(conn)
-        counts = await fleet.status_counts(conn)
+    counts = await request.app[FLEET_STATUSES].counts()
     gauges = request.app[FLEET_GAUGES]
     await gauges.refresh(pool, min_ttl_s=FLEET_SYNC_MIN_AGE_S)
     if gauges.counts is None:  # never read: the database failed that read just now
