@@ -65,12 +65,23 @@ async def status_cause(
     return cause
 
 
-SELECT_STATUS_CAUSES = """
+# For a page, each workspace's walk stops after its latest PAGE_CAUSE_WALK events: a cause
+# found nowhere (pruned, or never written) would otherwise cost a walk through the workspace's
+# whole history — at 10M events ~7,500 buffers and 175 ms for a page of 100, ~2,200 and 47 ms
+# bounded (docs/benchmarks.md). A status reached longer ago than that shows no cause in a
+# list; the workspace's own view (status_cause) still looks through everything.
+PAGE_CAUSE_WALK = 100
+SELECT_STATUS_CAUSES = f"""
 SELECT w.id, e.cause
 FROM unnest($1::uuid[], $2::text[], $3::timestamptz[]) AS w(id, status, since)
 CROSS JOIN LATERAL (
-    SELECT cause FROM workspace_events
-    WHERE workspace_id = w.id AND kind = 'status' AND to_status = w.status AND at >= w.since
+    SELECT cause FROM (
+        SELECT kind, to_status, at, cause, seq, id FROM workspace_events
+        WHERE workspace_id = w.id
+        ORDER BY seq DESC NULLS FIRST, id DESC
+        LIMIT {PAGE_CAUSE_WALK}
+    ) latest
+    WHERE kind = 'status' AND to_status = w.status AND at >= w.since
     ORDER BY seq DESC NULLS FIRST, id DESC
     LIMIT 1
 ) e
