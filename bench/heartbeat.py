@@ -223,15 +223,12 @@ def _phases(
     rows: list[Row] = []
     # A recorded fleet's rows can only be found through the mapping table.
     lookup = fleet.is_recorded
-    limit = _pgbench(options, dsn, fleet, work_dir, lookup=lookup)
-    rows.append(_pgbench_row("pgbench single statement", limit, lookup))
-    if options.pgbench_lookup and not lookup:
-        other = _pgbench(options, dsn, fleet, work_dir, lookup=True)
-        rows.append(_pgbench_row("pgbench single statement, by lookup", other, True))
     base_env = {**fleet_env, "REGISTRY_OFFLINE_AFTER_S": "3600"}
     coalesced_env = {**base_env, "REGISTRY_HEARTBEAT_COALESCE": "true"}
     shape = f"1 proc, {options.generator}"
     measured: dict[str, generators.Measurement] = {}
+    # First, and stopped before pgbench: its pools and background loops would otherwise take
+    # connections and CPU from the pgbench phase.
     if maker is not None:
         name = "registry coalesced, the process that made the fleet"
         try:
@@ -239,11 +236,16 @@ def _phases(
                 options, dsn, fleet, work_dir, [maker.url], [maker.pid]
             )
         finally:
-            maker.stop()  # its background loops stay out of the other phases
+            maker.stop()
         measured[name] = m
         rows.append(
             Row(name, m.rate, m.latencies, m.errors, m.cpu, f"{shape}; {writes}", wal_per_beat)
         )
+    limit = _pgbench(options, dsn, fleet, work_dir, lookup=lookup)
+    rows.append(_pgbench_row("pgbench single statement", limit, lookup))
+    if options.pgbench_lookup and not lookup:
+        other = _pgbench(options, dsn, fleet, work_dir, lookup=True)
+        rows.append(_pgbench_row("pgbench single statement, by lookup", other, True))
     modes: list[tuple[str, dict[str, str], tuple[str, ...], int]] = [
         ("registry coalesced", coalesced_env, (), 1),
         ("registry per-request", {**base_env, "REGISTRY_HEARTBEAT_COALESCE": "false"}, (), 1),
