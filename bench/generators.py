@@ -69,13 +69,23 @@ def spawn_python(
     rate: float = 0.0,
     first: int = 1,
     last: int = 0,
+    fleet_file: Path | None = None,
+    constant_bodies: bool = False,
 ) -> subprocess.Popen[bytes]:
+    """bench/loadgen.py beating `fleet`; a recorded fleet needs the file it was written to
+    (`Fleet.write_file`), a synthetic one is derived again from its salt."""
+    if fleet.is_recorded and fleet_file is None:
+        raise ValueError("a recorded fleet is given to the load generator as its file")
     command = [
         sys.executable,
         "-m",
         "bench.loadgen",
         f"--salt={fleet.salt}",
         f"--workspaces={fleet.size}",
+        f"--epoch={fleet.epoch}",
+        f"--uptime-base={fleet.uptime_base}",
+        *([f"--fleet-file={fleet_file}"] if fleet.is_recorded else []),
+        *(["--constant-bodies"] if constant_bodies else []),
         f"--first={first}",
         f"--last={last}",
         f"--connections={connections}",

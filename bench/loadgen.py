@@ -7,6 +7,11 @@ Two modes:
   latency is measured from the *scheduled* send time, so a stalled server is charged for the
   beats it delayed (no coordinated omission). This is how a fleet on a 30 s interval behaves.
 
+Bodies vary as a runtime's do (bench/fleet.py `varying_body`: uptime growing with the clock,
+tasks and error rate changing) unless --constant-bodies; a recorded fleet (--fleet-file) also
+reports its plugins. In the closed loop one workspace is never in flight twice at once (see
+`Requests.random`); in the open loop its next beat is a whole pass over the fleet later.
+
 Protocol with the parent: a line `measure-start` and a line `measure-end` on stdout mark the
 measured window (the parent samples CPU at each), then one JSON line with the figures.
 """
@@ -19,13 +24,14 @@ import random
 import sys
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import orjson
 
 from bench import cpu
-from bench.fleet import Fleet
+from bench.fleet import SYNTHETIC_UPTIME_BASE, Fleet
 from bench.stats import Latencies
 
 # Socket-level failures, counted apart from non-2xx answers (wrk's split).
@@ -48,26 +54,43 @@ class Request:
 
 
 class Requests:
-    """Bodies and headers built once: the generator should spend its CPU on sockets."""
+    """Headers built once, bodies per beat (varying) or once (constant): the generator
+    should spend its CPU on sockets."""
 
-    def __init__(self, fleet: Fleet, first: int, last: int, urls: list[str]) -> None:
+    def __init__(
+        self, fleet: Fleet, first: int, last: int, urls: list[str], *, constant: bool = False
+    ) -> None:
         self._urls = urls
+        self._fleet = fleet
+        self._constant = constant
         self._items = [
             (
-                fleet.heartbeat_body(n),
+                n,
+                fleet.heartbeat_body(n) if constant else b"",
                 {"Authorization": f"Bearer {fleet.token(n)}", "Content-Type": "application/json"},
             )
             for n in range(first, last + 1)
         ]
 
-    def random(self, worker: int) -> Request:
-        body, headers = random.choice(self._items)
+    def _request(self, url: str, index: int) -> Request:
+        n, body, headers = self._items[index]
+        return Request(url, body if self._constant else self._fleet.varying_body(n), headers)
+
+    def workers(self, connections: int) -> int:
+        """Closed loop: one worker per connection, but no more than workspaces (each owns
+        some: see `random`)."""
+        return min(connections, len(self._items))
+
+    def random(self, worker: int, workers: int) -> Request:
+        # Each worker beats only its own workspaces (every workers-th), so one workspace is
+        # never in flight twice, as with a real runtime: two varying beats straddling a second
+        # could land out of order, an uptime going down (a restart, to the registry).
+        own = range(worker, len(self._items), workers)
         # Connections are split evenly across the registry processes (no load balancer).
-        return Request(self._urls[worker % len(self._urls)], body, headers)
+        return self._request(self._urls[worker % len(self._urls)], random.choice(own))
 
     def nth(self, k: int, order: list[int]) -> Request:
-        body, headers = self._items[order[k % len(order)]]
-        return Request(self._urls[k % len(self._urls)], body, headers)
+        return self._request(self._urls[k % len(self._urls)], order[k % len(order)])
 
     def __len__(self) -> int:
         return len(self._items)
@@ -101,18 +124,20 @@ async def closed_loop(
     measure_from = loop.time() + warmup_s
     measure_to = measure_from + duration_s
 
+    workers = requests.workers(connections)
+
     async def worker(index: int) -> None:
         while (now := loop.time()) < measure_to:
             status: int | None
             try:
-                status = await _send(session, requests.random(index))
+                status = await _send(session, requests.random(index, workers))
             except SOCKET_ERRORS:
                 status = None
             done = loop.time()
             if now >= measure_from:
                 _record(counts, status, done - now)
 
-    return counts, await _window([worker(i) for i in range(connections)], measure_from, measure_to)
+    return counts, await _window([worker(i) for i in range(workers)], measure_from, measure_to)
 
 
 async def open_loop(
@@ -177,10 +202,13 @@ async def _window(
 
 
 async def run(args: argparse.Namespace) -> dict[str, object]:
-    fleet = Fleet(args.salt, args.workspaces)
+    if args.fleet_file is not None:
+        fleet = Fleet.load(args.fleet_file, epoch=args.epoch, uptime_base=args.uptime_base)
+    else:
+        fleet = Fleet(args.salt, args.workspaces, args.epoch, args.uptime_base)
     last = args.last or fleet.size
     urls = [f"{base.rstrip('/')}/registry/heartbeat" for base in args.url]
-    requests = Requests(fleet, args.first, last, urls)
+    requests = Requests(fleet, args.first, last, urls, constant=args.constant_bodies)
     limit = args.connections
     connector = aiohttp.TCPConnector(limit=limit, limit_per_host=0, force_close=False)
     timeout = aiohttp.ClientTimeout(total=args.timeout)
@@ -213,6 +241,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--url", action="append", required=True, help="registry base URL (repeat)")
     parser.add_argument("--salt", required=True, help="the fleet's salt (bench/fleet.py)")
     parser.add_argument("--workspaces", type=int, required=True)
+    parser.add_argument(
+        "--fleet-file", type=Path, default=None, help="a recorded fleet (Fleet.write_file)"
+    )
+    parser.add_argument("--epoch", type=int, default=0, help="the fleet's uptime clock")
+    parser.add_argument("--uptime-base", type=int, default=SYNTHETIC_UPTIME_BASE)
+    parser.add_argument(
+        "--constant-bodies", action="store_true", help="the same body every beat (as before)"
+    )
     parser.add_argument("--first", type=int, default=1, help="this process's first workspace")
     parser.add_argument("--last", type=int, default=0, help="its last (0: the fleet's last)")
     parser.add_argument("--connections", type=int, default=64)

@@ -17,16 +17,43 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bench import cpu
-from bench.fleet import SQL_ID, SQL_TOKEN_HASH, Fleet
+from bench.fleet import (
+    MAPPING,
+    MAX_ERROR_RATE,
+    MAX_TASKS,
+    SQL_ID,
+    SQL_TOKEN_HASH,
+    UPTIME_SPREAD,
+    Fleet,
+)
 from bench.stats import Latencies
 
-# pgbench substitutes :n and :salt as parameters in prepared mode (-M prepared, as asyncpg).
-SCRIPT = f"""\\set n random(1, :workspaces)
-WITH target AS (
-    SELECT id, status AS previous_status FROM workspaces
+# How the script finds workspace n's row: derived from n as the synthetic fleet's ids and tokens
+# are (two hash functions computed in SQL), or looked up in the bench's own mapping table (one
+# more primary-key probe), the only way to address a recorded fleet.
+DERIVED_TARGET = f"""SELECT id, status AS previous_status FROM workspaces
     WHERE id = {SQL_ID.format(salt="(:salt)::text", n="(:n)::text")}
       AND token_hash = {SQL_TOKEN_HASH.format(salt="(:salt)::text", n="(:n)::text")}
-    FOR UPDATE
+    FOR UPDATE"""
+LOOKUP_TARGET = f"""SELECT w.id, w.status AS previous_status
+    FROM {MAPPING} f JOIN workspaces w ON w.id = f.id AND w.token_hash = f.token_hash
+    WHERE f.n = (:n)::int
+    FOR UPDATE OF w"""
+
+# What a beat writes: today's constant body, or one varying as bench/fleet.py's does (the same
+# uptime clock, so the registry phases after a pgbench run never see an uptime go down).
+CONSTANT_FIELDS = "error_rate = 0, active_tasks = 1, uptime_seconds = 3600"
+VARYING_FIELDS = """error_rate = (:err)::int / 1000.0, active_tasks = (:tasks)::int,
+        uptime_seconds = (:base)::bigint + (:n)::bigint % (:spread)::bigint
+                         + floor(extract(epoch FROM now()))::bigint - (:epoch)::bigint"""
+VARYING_SETS = f"""\\set tasks random(0, {MAX_TASKS})
+\\set err random(0, {round(MAX_ERROR_RATE * 1000) - 1})
+"""
+
+# pgbench substitutes :n and :salt as parameters in prepared mode (-M prepared, as asyncpg).
+SCRIPT = """\\set n random(1, :workspaces)
+{sets}WITH target AS (
+    {target}
 ),
 beat AS (
     UPDATE workspaces w SET
@@ -35,14 +62,22 @@ beat AS (
         status_changed_at = CASE WHEN t.previous_status IN ('online', 'paused', 'removed')
                                  THEN w.status_changed_at ELSE now() END,
         last_heartbeat_at = now(),
-        error_rate = 0, sample_error = '', active_tasks = 1, uptime_seconds = 3600,
-        current_task = '', monthly_spend = 0, runtime_state = 'ok'
+        {fields},
+        sample_error = '', current_task = '', monthly_spend = 0, runtime_state = 'ok'
     FROM target t
     WHERE w.id = t.id
     RETURNING t.previous_status, w.status
 )
 SELECT previous_status, status FROM beat;
 """
+
+
+def script(*, lookup: bool, constant: bool) -> str:
+    return SCRIPT.format(
+        sets="" if constant else VARYING_SETS,
+        target=LOOKUP_TARGET if lookup else DERIVED_TARGET,
+        fields=CONSTANT_FIELDS if constant else VARYING_FIELDS,
+    )
 
 
 def find_pgbench(explicit: str | None = None) -> str:
@@ -85,9 +120,13 @@ def run(
     clients: int,
     duration_s: int,
     work_dir: Path,
+    lookup: bool = False,
+    constant: bool = False,
 ) -> PgbenchResult:
-    script = work_dir / "heartbeat.sql"
-    script.write_text(SCRIPT)
+    """`lookup`: address rows through the mapping table (`bench.fleet.record_mapping`, which
+    a recorded fleet needs); `constant`: write today's constant fields instead of varying ones."""
+    path = work_dir / "heartbeat.sql"
+    path.write_text(script(lookup=lookup, constant=constant))
     log_dir = work_dir / "pgbench-log"
     shutil.rmtree(log_dir, ignore_errors=True)
     log_dir.mkdir()
@@ -98,9 +137,12 @@ def run(
         f"--client={clients}",
         f"--jobs={min(clients, 2)}",
         f"--time={duration_s}",
-        f"--file={script}",
+        f"--file={path}",
         f"--define=workspaces={fleet.size}",
         f"--define=salt={fleet.salt}",
+        f"--define=base={fleet.uptime_base}",
+        f"--define=spread={UPTIME_SPREAD}",
+        f"--define=epoch={fleet.epoch}",
         # A per-transaction log gives true percentiles; pgbench itself prints only averages.
         "--log",
         f"--log-prefix={log_dir / 'tx'}",

@@ -207,7 +207,7 @@ def main(argv: list[str] | None = None) -> None:
         dsn = asyncio.run(db.recreate(args.dsn, db.check_name(args.database)))
         try:
             asyncio.run(seed(dsn, fleet, status="online", heartbeat_age_s=1.0))
-            script = wrk.write_script(work_dir, fleet.write_file(work_dir / "fleet.txt"))
+            script = wrk.write_script(work_dir, fleet, fleet.write_file(work_dir / "fleet.txt"))
             if not args.skip_profile:
                 profile(args, dsn, work_dir, script)
             if not args.skip_ab:

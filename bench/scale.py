@@ -22,6 +22,7 @@ import aiohttp
 import asyncpg
 
 from bench import db, generators, registry_proc, server_metrics
+from bench.api_fleet import plugin_source
 from bench.fleet import Fleet, seed
 from bench.report import Row, markdown, verdict
 from registry.liveness import SweepPolicy, sweep
@@ -120,16 +121,6 @@ def sweep_run(args: argparse.Namespace, work_dir: Path) -> bool:
     return ok
 
 
-def _plugin_source(work_dir: Path) -> Path:
-    """A small local plugin: a manifest and a few files, as a directory."""
-    source = work_dir / "sources" / "bench-plugin"
-    (source / "skills").mkdir(parents=True)
-    (source / "plugin.json").write_text('{"name": "bench-plugin", "version": "1.0.0"}\n')
-    for i in range(5):
-        (source / "skills" / f"skill-{i}.md").write_text(f"# skill {i}\n" + "text\n" * 50)
-    return source
-
-
 async def _wait_for(check: Callable[[], Awaitable[bool]], timeout_s: float = 30.0) -> float:
     """Poll until check() is true; returns when (perf_counter). 2 ms polls: well under the
     resolution the target needs, and cheap (an index lookup)."""
@@ -185,7 +176,7 @@ async def _flips(url: str, dsn: str, source: Path, plugins_dir: Path, count: int
 def flip(args: argparse.Namespace, work_dir: Path) -> bool:
     """(c) Heartbeat that flips a workspace online → its plugin row (and directory) exists."""
     dsn = asyncio.run(db.recreate(args.dsn, args.database))
-    source = _plugin_source(work_dir)
+    source = plugin_source(work_dir)
     plugins_dir = work_dir / "plugins"
     env = {
         "REGISTRY_PLUGIN_ALLOWLIST": f"file://{source.parent}/",

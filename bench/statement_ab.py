@@ -55,6 +55,24 @@ def module_at(rev: str) -> types.ModuleType:
 TWO_PLUGINS = [{"name": "a", "sha": "1" * 40}, {"name": "b", "sha": "2" * 40}]
 
 
+def beat(fleet: Fleet, n: int, uptime: float, plugins: list[dict[str, str]] | None) -> Beat:
+    """Workspace n's steady-state beat, as a real runtime sends it."""
+    return Beat(
+        workspace_id=fleet.workspace_id(n),
+        token_hash=hash_token(fleet.token(n)),
+        health=Health.HEALTHY,
+        error_rate=0.0,
+        sample_error="",
+        active_tasks=n % 3,
+        uptime_seconds=uptime,
+        current_task="",
+        monthly_spend=1.5,
+        runtime_state="ok",
+        observed_plugins=plugins,
+        acks=[],
+    )
+
+
 def beats(
     fleet: Fleet,
     start: int,
@@ -62,24 +80,10 @@ def beats(
     uptime: float,
     plugins: list[dict[str, str]] | None = TWO_PLUGINS,
 ) -> list[Beat]:
-    """Steady-state beats as a real runtime sends them: growing uptime, the same plugins (two
-    unless told), to workspaces `start` on, never past the fleet's last."""
+    """Steady-state beats: growing uptime, the same plugins (two unless told), to workspaces
+    `start` on, never past the fleet's last."""
     return [
-        Beat(
-            workspace_id=fleet.workspace_id(n),
-            token_hash=hash_token(fleet.token(n)),
-            health=Health.HEALTHY,
-            error_rate=0.0,
-            sample_error="",
-            active_tasks=n % 3,
-            uptime_seconds=uptime,
-            current_task="",
-            monthly_spend=1.5,
-            runtime_state="ok",
-            observed_plugins=plugins,
-            acks=[],
-        )
-        for n in range(start, min(start + count, fleet.size + 1))
+        beat(fleet, n, uptime, plugins) for n in range(start, min(start + count, fleet.size + 1))
     ]
 
 

@@ -69,6 +69,49 @@ async def test_heartbeat_bench_completes_and_prints_its_figures(
         "coalesced / per-request",
     ):
         assert figure in printed, printed
+    # Varying bodies (uptime growing) never look like a restart: nothing else is written.
+    assert printed.count("; 0 events, 0 runs |") == 2, printed
+
+
+async def test_heartbeat_bench_on_a_fleet_made_through_the_api(
+    server_dsn: str, tmp_path: Path, processes: Processes
+) -> None:
+    """--fleet api: made by POST /workspaces, flipped online, reconciled, restarted and
+    settled before measuring; then beats that vary (uptime growing) write nothing but the
+    beats in every registry phase: no beat looked like a restart."""
+    database = f"bench_smoke_{uuid.uuid4().hex[:8]}"
+    code, printed = await run_bench(
+        processes,
+        tmp_path,
+        "heartbeat",
+        f"--dsn={server_dsn}",
+        f"--database={database}",
+        "--fleet=api",
+        "--workspaces=20",
+        "--seed-connections=4",
+        "--connections=4",
+        "--duration=1",
+        "--warmup=0.5",
+        "--generator=python",
+        f"--pgbench={find_pgbench()}",
+    )
+    assert code == 0, printed
+    for figure in (
+        "each then beat online (a reconcile each): 20 in",
+        "api fleet: reconciles drained (20 runs, none failed)",
+        "(20 handed out, restarted and acknowledged; 0 actions still pending)",
+        "api fleet: settled (20 runs in all, no plugins_sync mark left)",
+        "| pgbench single statement | ",
+        "rows by bench_fleet lookup",
+        "| registry coalesced, the process that made the fleet | ",
+        "| registry coalesced | ",
+        "| registry per-request | ",
+        "registry (coalesced) / pgbench =",
+        "load average",
+    ):
+        assert figure in printed, printed
+    # The three registry phases (the fleet's maker, coalesced, per request).
+    assert printed.count("; 0 events, 0 runs |") == 3, printed
 
 
 async def test_history_bench_measures_sizes_and_routes(

@@ -271,12 +271,9 @@ class BeatPolicy:
 DEFAULT_POLICY = BeatPolicy()
 
 
-async def apply_beats(
-    conn: Connection, beats: list[Beat], policy: BeatPolicy = DEFAULT_POLICY
-) -> list[BeatResult]:
-    """Apply beats for distinct workspaces; one result per beat, in order."""
-    rows = await conn.fetch(
-        HEARTBEATS,
+def arguments(beats: list[Beat], policy: BeatPolicy = DEFAULT_POLICY) -> list[Any]:
+    """HEARTBEATS' parameters for a batch of beats, in order."""
+    return [
         [b.workspace_id for b in beats],
         [b.token_hash for b in beats],
         [b.health.value for b in beats],
@@ -301,7 +298,14 @@ async def apply_beats(
         policy.max_interval_s,
         policy.restart_reconcile_every_s,
         [b.instance_id for b in beats],
-    )
+    ]
+
+
+async def apply_beats(
+    conn: Connection, beats: list[Beat], policy: BeatPolicy = DEFAULT_POLICY
+) -> list[BeatResult]:
+    """Apply beats for distinct workspaces; one result per beat, in order."""
+    rows = await conn.fetch(HEARTBEATS, *arguments(beats, policy))
     found = {
         row["id"]: BeatResult(
             Status(row["previous_status"]),
