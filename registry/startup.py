@@ -32,6 +32,7 @@ from aiohttp import web
 
 from registry.app import create_app
 from registry.db.errors import DatabaseUnavailable, database_calls
+from registry.db.maintenance import check_server
 from registry.db.migrate import MigrationError, migrate
 from registry.errors import Starting, error_middleware
 from registry.handlers.openapi import get_openapi
@@ -153,6 +154,8 @@ async def start_up(
             "migrations", lambda: migrate(dsn, connect_timeout_s=settings.db_timeout_s)
         )
         log.info("migrations: %d applied", len(applied))
+        if worker.index == 0:  # one warning per server, not one per worker
+            await check_server(dsn, connect_timeout_s=settings.db_timeout_s)
         return await until_reachable(
             "opening the pools", lambda: _started(settings, dsn, limits, worker)
         )

@@ -29,7 +29,7 @@ import registry.app as app_module
 import registry.db.pool
 from registry.app import create_app
 from registry.db.errors import DatabaseUnavailable
-from registry.db.migrate import MIGRATION_LOCK_KEY
+from registry.db.migrate import MIGRATION_LOCK_KEY, migrate
 from registry.errors import STARTING_RETRY_AFTER_S
 from registry.settings import Settings
 from registry.startup import RETRY_BASE_S, RETRY_CAP_S, stand_in, start_up
@@ -441,3 +441,23 @@ async def test_a_pool_that_cannot_be_opened_yet_is_retried_with_a_fresh_app(
 
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert any("opening the pools: database unreachable (attempt 1" in w for w in warnings)
+
+
+async def test_start_up_warns_about_a_table_autovacuum_cannot_reach_and_starts_anyway(
+    settings: Settings,
+    empty_dsn: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    # A database of its own: the storage option must not leak into other tests' tables.
+    await migrate(empty_dsn)
+    conn = await asyncpg.connect(empty_dsn)
+    try:
+        await conn.execute("ALTER TABLE fleet_guard SET (autovacuum_enabled = false)")
+    finally:
+        await conn.close()
+
+    runner = await start_up(settings, empty_dsn)
+    await runner.cleanup()
+
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert [w for w in warnings if "table fleet_guard has autovacuum_enabled = false" in w]
