@@ -6,6 +6,7 @@ subscribers cost the database.
         [--heartbeat-rate 200] [--event-rate 100] [--duration 20] [--idle 15] [--rounds 3]
         [--profile FILE]   # py-spy (when installed) on the registry, loaded with subscribers
         [--compare]        # A/B within one run: no subscribers, writer tasks, direct writes
+        [--modes direct,separate]   # --compare's modes; separate: streams from a 2nd process
 
 One registry process (`registry serve`). Events are inserted by this driver, one committed
 row each at --event-rate (what status flips and reconcile outcomes write; the stream cannot
