@@ -10,6 +10,9 @@ first read is done, and a polled figure is never older than its ttl plus one rea
 fails leaves the last value in place (and, in the background, is retried by the next caller);
 a caller that has to wait (no value yet, or one older than `stale_s`) gets the error.
 
+A caller may ask for a longer ttl than the figure's own (`get(min_ttl_s=…)`): a page that can
+live with an older figure than a scraper wants shares the scraper's reads and adds none.
+
 `invalidate()` says the figure changed (e.g. the process's event feed read an event): a value
 read before it is no longer answered, and the next caller waits for a new read.
 """
@@ -54,24 +57,26 @@ class SharedRead(Generic[T]):
         entry = self._entry
         return entry if entry is not None and entry[0] >= self._valid_from else None
 
-    async def get(self) -> T:
+    async def get(self, min_ttl_s: float = 0.0) -> T:
+        ttl_s = max(self._ttl_s, min_ttl_s)
         if (entry := self._kept()) is not None:
             age = self._clock() - entry[0]
-            if age < self._ttl_s:
+            if age < ttl_s:
                 return entry[1]
             if age < self._stale_s:
                 if self._background is None and not self._lock.locked():
                     self._background = asyncio.create_task(self._refresh_in_background())
                 return entry[1]
-        return await self._refresh()
+        return await self._refresh(ttl_s)
 
-    async def _refresh(self) -> T:
+    async def _refresh(self, ttl_s: float | None = None) -> T:
+        ttl_s = self._ttl_s if ttl_s is None else ttl_s
         asked_at = self._clock()
         async with self._lock:
             # What a read finished while this caller waited is fresh enough if it is within
             # the ttl, or if that read started after this caller asked (ttl 0: exact).
             if (entry := self._kept()) is not None and (
-                self._clock() - entry[0] < self._ttl_s or entry[0] >= asked_at
+                self._clock() - entry[0] < ttl_s or entry[0] >= asked_at
             ):
                 return entry[1]
             read_at = self._clock()

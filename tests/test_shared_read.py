@@ -48,6 +48,19 @@ async def test_callers_within_the_ttl_share_one_read() -> None:
     assert read.calls == 2
 
 
+async def test_a_caller_that_accepts_an_older_value_shares_the_last_read() -> None:
+    clock, read = Clock(), Counter()
+    shared = SharedRead(read, ttl_s=1.0, clock=clock)
+
+    assert await shared.get() == 1
+    clock.now += 3.0  # past the figure's own ttl, within the caller's
+    assert await shared.get(min_ttl_s=5.0) == 1
+    assert read.calls == 1
+    assert await shared.get() == 2  # a caller with the figure's own ttl reads again
+    clock.now += 3.0
+    assert await shared.get(min_ttl_s=2.0) == 3  # a longer ttl, but not long enough
+
+
 async def test_callers_arriving_during_a_read_wait_for_it_and_share_it() -> None:
     read = Counter()
     read.gate = asyncio.Event()
