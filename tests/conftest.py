@@ -81,6 +81,15 @@ def pytest_configure_node(node: Any) -> None:
         node.workerinput[SHARED_KEY] = shared.for_workers()
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """In pytest-xdist workers, the tests marked `long` first: started last, one of them
+    alone outlasted all the other workers' tests (the schemathesis run, 90 s). Every worker
+    orders alike (xdist checks their collections are the same); one process keeps the order."""
+    if not hasattr(config, "workerinput"):
+        return
+    items.sort(key=lambda item: item.get_closest_marker("long") is None)
+
+
 def pytest_unconfigure(config: pytest.Config) -> None:
     shared = config.stash.get(SHARED, None)
     if shared is not None:
