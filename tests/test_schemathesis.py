@@ -134,6 +134,7 @@ def run_schemathesis(
     )
 
 
+@pytest.mark.long
 @pytest.mark.timeout(CLI_TIMEOUT_S + 60)
 async def test_schemathesis_finds_nothing(
     fresh_registry: RegistryProcess, plugin_sources: Path, tmp_path: Path
