@@ -32,10 +32,19 @@ def _parent_of(pid: int) -> int:
     return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
 
 
+SCRAPE_TIMEOUT_S = 30.0
+
+
 async def _scrape(url: str, starting_ok: bool = False) -> dict[str, dict[str, float]]:
     """{sample name: {worker label (or ""): value summed over the other labels}}; with
     `starting_ok`, nothing while the worker asked is still starting (503)."""
-    async with aiohttp.ClientSession() as session, session.get(f"{url}/metrics") as response:
+    # A scrape that is never answered must fail here, with its own error, not wait for the
+    # test's timeout (once seen on a loaded machine, not reproduced since).
+    timeout = aiohttp.ClientTimeout(total=SCRAPE_TIMEOUT_S)
+    async with (
+        aiohttp.ClientSession(timeout=timeout) as session,
+        session.get(f"{url}/metrics") as response,
+    ):
         if starting_ok and response.status == 503:
             return {}
         assert response.status == 200
