@@ -155,7 +155,10 @@ CLAIM_DUE = """
 UPDATE reconciles r SET
     status = 'running',
     attempt = r.attempt + 1,
-    started_at = now(),
+    -- clock_timestamp(), not now(): evaluated once the row is claimed, after this statement's
+    -- snapshot saw the workspace's previous run finished, so a run never starts before the
+    -- previous one finished (now() is when the statement began, which can be earlier).
+    started_at = clock_timestamp(),
     lease_owner = $1,
     lease_expires_at = now() + make_interval(secs => $2)
 WHERE r.id IN (
@@ -189,7 +192,8 @@ WITH lapsed AS (
 ),
 ended AS (
     UPDATE reconciles r SET
-        status = 'failed', finished_at = now(), lease_owner = NULL, lease_expires_at = NULL,
+        status = 'failed', finished_at = clock_timestamp(),
+        lease_owner = NULL, lease_expires_at = NULL,
         error = format('gave up after %s attempts: the lease of the last one lapsed before '
                        'it ended (its process died or could not write its outcome)', r.attempt)
     FROM lapsed l
@@ -284,7 +288,7 @@ UPDATE reconciles r SET
     status = CASE WHEN EXISTS (SELECT 1 FROM follow_up) THEN 'failed' ELSE 'queued' END,
     error = CASE WHEN EXISTS (SELECT 1 FROM follow_up)
                  THEN 'interrupted by shutdown; superseded by a queued run' END,
-    finished_at = CASE WHEN EXISTS (SELECT 1 FROM follow_up) THEN now() END,
+    finished_at = CASE WHEN EXISTS (SELECT 1 FROM follow_up) THEN clock_timestamp() END,
     next_attempt_at = now(),
     lease_owner = NULL,
     lease_expires_at = NULL
@@ -351,7 +355,9 @@ async def insert_step(conn: Connection, reconcile_id: uuid.UUID, step: StepDone)
 # not write over the run's real outcome (DESIGN lesson 3).
 FINISH = """
 UPDATE reconciles SET
-    status = $3, error = $4, restart_requested = $5, restart_withheld = $6, finished_at = now(),
+    -- When it ended, not when its transaction began (now()): see CLAIM_DUE.
+    status = $3, error = $4, restart_requested = $5, restart_withheld = $6,
+    finished_at = clock_timestamp(),
     lease_owner = NULL, lease_expires_at = NULL
 WHERE id = $1 AND lease_owner = $2 AND status = 'running'
 """
@@ -626,7 +632,7 @@ async def fan_out_reconciles(
 
 
 CANCEL_QUEUED = """
-UPDATE reconciles SET status = 'failed', error = $2, finished_at = now()
+UPDATE reconciles SET status = 'failed', error = $2, finished_at = clock_timestamp()
 WHERE workspace_id = $1 AND status = 'queued'
 """
 
