@@ -12,6 +12,7 @@ from aiohttp import web
 
 from registry.body import read_body
 from registry.errors import InvalidBody, InvalidField, NotFound
+from registry.http_urls import is_http_url
 from registry.keys import SETTINGS
 
 Body = dict[str, Any]
@@ -131,8 +132,12 @@ def text(body: Body, field: str, default: str, *, max_length: int) -> str:
 
 def http_url(body: Body, field: str, *, max_length: int = 2048) -> str | None:
     url = text(body, field, "", max_length=max_length) or None
-    if url is not None and not url.startswith(("http://", "https://")):
-        raise InvalidField(f"{field} must be an http:// or https:// URL", field=field)
+    if url is not None and not is_http_url(url):
+        raise InvalidField(
+            f"{field} must be an http:// or https:// URL with a host (and a port of 0-65535), "
+            "without spaces or control characters",
+            field=field,
+        )
     return url
 
 

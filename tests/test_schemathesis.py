@@ -9,6 +9,7 @@ coverage, fuzzing, stateful). Any finding fails the test; there is no baseline.
 from __future__ import annotations
 
 import asyncio
+import importlib.util
 import os
 import subprocess
 import sys
@@ -149,3 +150,18 @@ async def test_schemathesis_finds_nothing(
     print(output[output.rfind("SUMMARY") :] if "SUMMARY" in output else output)
     assert result.returncode == 0, f"schemathesis failed after {elapsed:.0f} s:\n{output}"
     assert "Traceback" not in fresh_registry.log(), fresh_registry.log()
+
+
+def test_the_hooks_keep_the_link_scan_alive_on_strings_that_do_not_parse() -> None:
+    """A 2xx body echoing `http://[` (an agent card's string, say) ended schemathesis 4.32.5's
+    run in an internal error; with the hooks loaded, such a string is simply not a link."""
+    spec = importlib.util.spec_from_file_location("schemathesis_hooks", HOOKS)
+    assert spec is not None and spec.loader is not None
+    spec.loader.exec_module(importlib.util.module_from_spec(spec))
+    from schemathesis.engine import observations
+
+    origin = ("http", "127.0.0.1:8080")
+    assert observations._same_origin_path("http://[", origin) is None
+    assert (
+        observations._same_origin_path("http://127.0.0.1:8080/workspaces", origin) == "/workspaces"
+    )

@@ -50,9 +50,19 @@ async def maintenance_problems(conn: Connection) -> list[str]:
     return problems
 
 
-async def warn_about_maintenance(conn: Connection) -> list[str]:
-    """Log one warning per problem found; returns them (for the caller's tests)."""
-    problems = await maintenance_problems(conn)
+async def check_server(dsn: str, *, connect_timeout_s: float) -> list[str]:
+    """The start-up check on a connection of its own: one warning logged per problem found,
+    which are returned (for the caller's tests). A check that cannot run is itself only a
+    warning: it must never keep the registry from starting."""
+    try:
+        conn = await asyncpg.connect(dsn, timeout=connect_timeout_s)
+        try:
+            problems = await maintenance_problems(conn)
+        finally:
+            await conn.close()
+    except (OSError, TimeoutError, asyncpg.PostgresError) as exc:
+        log.warning("database maintenance not checked: %s: %s", type(exc).__name__, exc)
+        return []
     for problem in problems:
         log.warning(
             "database maintenance: %s: the workspaces table will bloat with every heartbeat "
@@ -60,17 +70,3 @@ async def warn_about_maintenance(conn: Connection) -> list[str]:
             problem,
         )
     return problems
-
-
-async def check_server(dsn: str, *, connect_timeout_s: float) -> list[str]:
-    """The start-up check on a connection of its own. A check that cannot run is itself only
-    a warning: it must never keep the registry from starting."""
-    try:
-        conn = await asyncpg.connect(dsn, timeout=connect_timeout_s)
-        try:
-            return await warn_about_maintenance(conn)
-        finally:
-            await conn.close()
-    except (OSError, TimeoutError, asyncpg.PostgresError) as exc:
-        log.warning("database maintenance not checked: %s: %s", type(exc).__name__, exc)
-        return []

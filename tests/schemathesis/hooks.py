@@ -56,3 +56,28 @@ def token_expiry_in_the_future(case: Any) -> None:
         and _past_time(body.get("expires_at"))
     ):
         body["expires_at"] = "2999-01-01T00:00:00Z"
+
+
+def _tolerate_unparsable_urls_in_bodies() -> None:
+    """schemathesis 4.32.5 (the newest release on 2026-12-07) scans 2xx JSON bodies for links
+    with `urllib.parse.urlsplit`, which raises on a string such as `http://[`, and the whole
+    run ends in an internal error ("Invalid IPv6 URL", seen in CI). The registry now refuses
+    such workspace URLs, but any string it echoes (an agent card's, a label's) can be one: a
+    string that does not parse is not a link, so the scan skips it. Private API: if a later
+    release renames it, nothing is patched and the run is as upstream ships it."""
+    from schemathesis.engine import observations
+
+    same_origin_path = getattr(observations, "_same_origin_path", None)
+    if same_origin_path is None:
+        return
+
+    def tolerant(value: str, origin: tuple[str, str]) -> str | None:
+        try:
+            return same_origin_path(value, origin)  # type: ignore[no-any-return]
+        except ValueError:
+            return None
+
+    observations._same_origin_path = tolerant
+
+
+_tolerate_unparsable_urls_in_bodies()
