@@ -7,7 +7,7 @@ from urllib.parse import quote, urlsplit, urlunsplit
 
 import asyncpg
 
-from registry.db.migrate import migrate
+from registry.db.migrate import Migration, migrate
 
 DEFAULT_SERVER_DSN = "postgresql://postgres@127.0.0.1:5432/postgres"
 
@@ -36,8 +36,11 @@ def check_name(database: str) -> str:
     return database
 
 
-async def recreate(server_dsn: str, database: str) -> str:
-    """Drop and create `database`, apply the registry's migrations; returns its DSN."""
+async def recreate(
+    server_dsn: str, database: str, migrations: list[Migration] | None = None
+) -> str:
+    """Drop and create `database`, apply the registry's migrations (or those given: another
+    revision's); returns its DSN."""
     check_name(database)
     conn = await asyncpg.connect(server_dsn)
     try:
@@ -46,7 +49,7 @@ async def recreate(server_dsn: str, database: str) -> str:
     finally:
         await conn.close()
     dsn = with_database(server_dsn, database)
-    await migrate(dsn)
+    await migrate(dsn, migrations)
     return dsn
 
 

@@ -35,9 +35,10 @@ DATABASE = "bench_filters"
 # n is the workspace's index; every share below is a residue of n, so the fleet is the
 # same on every run. About: 85% online, 5% offline, 3% degraded, 3% paused, 2% provisioning,
 # 2% removed; env prod 60% / staging 25% / dev 15%; 50 teams; 5% canary; 10% legacy.
+REPORT = """'[{"name": "p1", "sha": "abc"}, {"name": "p2", "sha": "abc"}]'::jsonb"""
 SEED_WORKSPACES = """
 INSERT INTO workspaces (id, name, status, token_hash, last_heartbeat_at, labels,
-                        observed_plugins, refused_at, refused_since, refused_count,
+                        reported_plugins_digest, refused_at, refused_since, refused_count,
                         refused_status, refused_code)
 SELECT md5('filters:' || n)::uuid,
        'ws-' || lpad(n::text, 6, '0'),
@@ -55,13 +56,18 @@ SELECT md5('filters:' || n)::uuid,
            'team', 't' || (n % 50),
            'legacy', CASE WHEN n % 10 = 4 THEN '' END,
            'example.com/owner', 'o' || (n % 7))),
-       '[{"name": "p1", "sha": "abc"}, {"name": "p2", "sha": "abc"}]'::jsonb,
+       sha256(convert_to(REPORT::text, 'UTF8')),
        CASE WHEN n % 200 = 5 THEN now() END,
        CASE WHEN n % 200 = 5 THEN now() END,
        CASE WHEN n % 200 = 5 THEN 3 ELSE 0 END,
        CASE WHEN n % 200 = 5 THEN 400 END,
        CASE WHEN n % 200 = 5 THEN 'invalid_field' END
 FROM generate_series(1, $1::int) AS n
+""".replace("REPORT", REPORT)
+# What each runtime reports (migration 0019: beside the row, its digest in it).
+SEED_REPORTED = f"""
+INSERT INTO reported_plugins (workspace_id, plugins, changed_at)
+SELECT id, {REPORT}, now() FROM all_workspaces
 """
 SEED_DECLARED = """
 INSERT INTO declared_plugins (workspace_id, name, source, position)
@@ -124,6 +130,7 @@ async def seed(dsn: str, size: int, plugins_dir: Path) -> None:
     conn = await asyncpg.connect(dsn)
     try:
         await conn.execute(SEED_WORKSPACES, size)
+        await conn.execute(SEED_REPORTED)
         await conn.execute(SEED_DECLARED, f"file://{plugins_dir}/")
         await conn.execute(SEED_INSTALLED)
         await conn.execute(SEED_SUCCEEDED)

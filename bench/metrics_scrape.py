@@ -32,17 +32,25 @@ DATABASE = "bench_metrics"
 # One statement per table, set-based. Every 100th workspace reports one plugin at another
 # sha (out of sync), every 50th has a restart not acknowledged, every 1000th is removed.
 SEED = [
+    # The runtimes' reports, beside the rows, which hold their digest (migration 0019).
     """
-    INSERT INTO workspaces (id, name, status, status_changed_at, token_hash, last_heartbeat_at,
-                            observed_plugins, observed_plugins_at)
-    SELECT md5('m:' || n)::uuid, 'bench-' || n,
-           CASE WHEN n % 1000 = 0 THEN 'removed' ELSE 'online' END,
-           now() - interval '1 hour', sha256(convert_to('m' || n, 'UTF8')), now(),
+    INSERT INTO reported_plugins (workspace_id, plugins, changed_at)
+    SELECT md5('m:' || n)::uuid,
            jsonb_build_array(
                jsonb_build_object('name', 'a', 'sha', CASE WHEN n % 100 = 0 THEN 'old'
                                                           ELSE 'sha-a' END),
                jsonb_build_object('name', 'b', 'sha', 'sha-b')),
            now() - interval '1 hour'
+    FROM generate_series(1, $1) AS n
+    """,
+    """
+    INSERT INTO workspaces (id, name, status, status_changed_at, token_hash, last_heartbeat_at,
+                            reported_plugins_digest)
+    SELECT md5('m:' || n)::uuid, 'bench-' || n,
+           CASE WHEN n % 1000 = 0 THEN 'removed' ELSE 'online' END,
+           now() - interval '1 hour', sha256(convert_to('m' || n, 'UTF8')), now(),
+           (SELECT sha256(convert_to(r.plugins::text, 'UTF8')) FROM reported_plugins r
+            WHERE r.workspace_id = md5('m:' || n)::uuid)
     FROM generate_series(1, $1) AS n
     """,
     """

@@ -1,15 +1,16 @@
 """WAL bytes per heartbeat by the size of the reported plugin list, now against a revision.
 
-    .venv/bin/python -m bench.wal [--rev 98883e5] [--plugins 0,20,500] [--workspaces 1000]
+    .venv/bin/python -m bench.wal [--rev fada760] [--plugins 0,20,500] [--workspaces 1000]
         [--rounds 6] [--batch 100] [--dsn DSN]
 
 The runtimes report the same plugin list every beat (what a steady fleet does) with a growing
 uptime. Each round applies one beat to every workspace, through the heartbeat statement of each
 side in turn (alternating who goes first), on one connection, and reads the WAL written from
-`pg_current_wal_lsn()`. That position is the cluster's, so by default the bench runs on an
-embedded PostgreSQL of its own (the `pgserver` wheel) where nothing else writes; with --dsn
-other sessions' WAL is counted too. The first round of each size is not counted (it stores
-the list; afterwards it is unchanged).
+`pg_current_wal_lsn()`. Each side has a database of its own in one cluster, migrated to its
+own revision (the schema its statement knew). That position is the cluster's, so by default
+the bench runs on an embedded PostgreSQL of its own (the `pgserver` wheel) where nothing else
+writes; with --dsn other sessions' WAL is counted too. The first round of each size is not
+counted (it stores the list; afterwards it is unchanged).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import argparse
 import asyncio
 import hashlib
 import statistics
+import subprocess
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -28,7 +30,7 @@ from bench import db
 from bench.fleet import Fleet, seed
 from bench.statement_ab import ApplyBeats, beats, module_at
 from registry.db import heartbeats as current
-from registry.db.migrate import migrate
+from registry.db.migrate import Migration, load_migrations
 from registry.embedded_pg import start_embedded_postgres
 
 
@@ -60,46 +62,62 @@ async def one_round(
     return (await wal_lsn(conn) - before) / fleet.size
 
 
-async def measure(dsn: str, args: argparse.Namespace) -> dict[tuple[int, str], list[float]]:
+def migrations_at(rev: str) -> list[Migration]:
+    """The schema of another revision, so its statement runs against the tables it knew."""
+    root = Path(__file__).resolve().parents[1]
+    with tempfile.TemporaryDirectory(prefix="bench-wal-migrations-") as tmp:
+        archive = subprocess.run(
+            ["git", "archive", rev, "migrations"], cwd=root, capture_output=True, check=True
+        ).stdout
+        subprocess.run(["tar", "-x", "-C", tmp], input=archive, check=True)
+        return load_migrations(Path(tmp) / "migrations")
+
+
+async def measure(server_dsn: str, args: argparse.Namespace) -> dict[tuple[int, str], list[float]]:
+    """Each side on a database of its own, migrated to its own revision, in one cluster."""
     old = module_at(args.rev)
-    sides: dict[str, ApplyBeats] = {f"at {args.rev}": old.apply_beats, "now": current.apply_beats}
     fleet = Fleet.new(args.workspaces)
-    await seed(dsn, fleet, status="online", heartbeat_age_s=1.0)
-    for statement in args.setup_sql:
-        await db.execute(dsn, statement)
+    sides: dict[str, tuple[ApplyBeats, asyncpg.Connection]] = {}
+    for name, apply, database, migrations in (
+        (f"at {args.rev}", old.apply_beats, f"{args.database}_rev", migrations_at(args.rev)),
+        ("now", current.apply_beats, f"{args.database}_now", None),
+    ):
+        dsn = await db.recreate(server_dsn, database, migrations)
+        await seed(dsn, fleet, status="online", heartbeat_age_s=1.0)
+        for statement in args.setup_sql:
+            await db.execute(dsn, statement)
+        sides[name] = (apply, await asyncpg.connect(dsn))
     figures: dict[tuple[int, str], list[float]] = {}
-    conn = await asyncpg.connect(dsn)
     try:
         uptime = 3600.0
         for count in args.plugins:
             plugins = plugin_list(count)
             for round_ in range(args.rounds + 1):
                 order = list(sides.items()) if round_ % 2 == 0 else list(sides.items())[::-1]
-                for name, apply in order:
+                for name, (apply, conn) in order:
                     uptime += 1.0
                     per_beat = await one_round(conn, apply, fleet, args.batch, uptime, plugins)
                     if round_ > 0:
                         figures.setdefault((count, name), []).append(per_beat)
     finally:
-        await conn.close()
+        for _, conn in sides.values():
+            await conn.close()
     return figures
 
 
 async def run(args: argparse.Namespace) -> None:
     if args.dsn:
-        dsn = await db.recreate(args.dsn, args.database)
         try:
-            await migrate(dsn)
-            figures = await measure(dsn, args)
+            figures = await measure(args.dsn, args)
         finally:
-            await db.drop(args.dsn, args.database)
+            for suffix in ("rev", "now"):
+                await db.drop(args.dsn, f"{args.database}_{suffix}")
     else:
         with tempfile.TemporaryDirectory(prefix="bench-wal-") as tmp:
             dsn, server = await asyncio.to_thread(
                 start_embedded_postgres, Path(tmp) / "pg", keep_data=False
             )
             try:
-                await migrate(dsn)
                 figures = await measure(dsn, args)
             finally:
                 await asyncio.to_thread(server.cleanup)  # stops it, deletes its data
@@ -119,7 +137,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.wal", description=__doc__)
     parser.add_argument("--dsn", default=None, help="a server DSN (default: embedded PostgreSQL)")
     parser.add_argument("--database", default="bench_wal")
-    parser.add_argument("--rev", default="98883e5", help="the revision to compare with")
+    parser.add_argument("--rev", default="fada760", help="the revision to compare with")
     parser.add_argument("--workspaces", type=int, default=1_000)
     parser.add_argument("--batch", type=int, default=100)
     parser.add_argument("--rounds", type=int, default=6)

@@ -219,6 +219,7 @@ TABLES = (
     "workspace_events",
     "installed_plugins",
     "declared_plugins",
+    "reported_plugins",
     "workspaces",
     "removed_workspaces",
     "fleet_expirations",
@@ -229,7 +230,7 @@ TABLES = (
 
 
 # Which of TABLES hold rows. A TRUNCATE gives each table, index and sequence it names new files,
-# held or empty: of the twelve, a test leaves rows in a few, and truncating all of them cost
+# held or empty: of the thirteen, a test leaves rows in a few, and truncating all of them cost
 # PostgreSQL about 20-35 ms of CPU per test (most tests start with `db`).
 HOLDING_ROWS = "SELECT array_remove(ARRAY[{}], NULL)".format(
     ", ".join(f"CASE WHEN EXISTS (SELECT FROM {table}) THEN '{table}' END" for table in TABLES)

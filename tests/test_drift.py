@@ -67,7 +67,7 @@ async def _time_passes(registry: Registry, workspace: Workspace, seconds: float)
     wid = uuid.UUID(workspace.id)
     shift = "- make_interval(secs => $2)"
     for sql in (
-        f"UPDATE workspaces SET observed_plugins_at = observed_plugins_at {shift} WHERE id = $1",
+        f"UPDATE reported_plugins SET changed_at = changed_at {shift} WHERE workspace_id = $1",
         f"UPDATE installed_plugins SET installed_at = installed_at {shift} WHERE workspace_id = $1",
         f"UPDATE reconciles SET created_at = created_at {shift}, "
         f"finished_at = finished_at {shift} WHERE workspace_id = $1",

@@ -12,8 +12,9 @@ from tests.support import ADMIN, Registry, Workspace, bearer
 
 async def snapshot(registry: Registry, workspace: Workspace) -> dict[str, Any]:
     row = await registry.db.fetchrow(
-        "SELECT status, last_heartbeat_at, error_rate, observed_plugins FROM workspaces "
-        "WHERE id = $1",
+        "SELECT status, last_heartbeat_at, error_rate, reported_plugins_digest, "
+        "(SELECT plugins FROM reported_plugins WHERE workspace_id = id) AS observed_plugins "
+        "FROM workspaces WHERE id = $1",
         uuid.UUID(workspace.id),
     )
     assert row is not None

@@ -194,8 +194,9 @@ async def test_a_converged_fleet_stays_converged_with_flat_memory_and_connection
                     "SELECT count(*) FROM workspace_actions WHERE acked_at IS NULL"
                 )
                 reported = await pool.fetchval(
-                    "SELECT count(*) FROM workspaces WHERE status = 'online'"
-                    " AND observed_plugins = $1::jsonb",
+                    "SELECT count(*) FROM workspaces w JOIN reported_plugins r"
+                    " ON r.workspace_id = w.id WHERE w.status = 'online'"
+                    " AND r.plugins = $1::jsonb",
                     f'[{{"name": "{PLUGIN}", "sha": "{sha}"}}]',
                 )
                 return pending == 0 and reported == WORKSPACES and not await active_runs(pool)

@@ -142,11 +142,16 @@ async def _report(conn: asyncpg.Connection, w: uuid.UUID, rnd: random.Random) ->
             [{"name": "a", "sha": "s1"}, {"name": "b", "sha": "s1"}, {"name": "c", "sha": "s1"}],
         ]
     )
-    await conn.execute(
-        "UPDATE workspaces SET observed_plugins = $2 WHERE id = $1",
-        w,
-        report,
-    )
+    if report is None:
+        await conn.execute("DELETE FROM reported_plugins WHERE workspace_id = $1", w)
+    else:
+        await conn.execute(
+            "INSERT INTO reported_plugins (workspace_id, plugins, changed_at) "
+            "VALUES ($1, $2, now()) "
+            "ON CONFLICT (workspace_id) DO UPDATE SET plugins = EXCLUDED.plugins",
+            w,
+            report,
+        )
     return f"report {report}"
 
 

@@ -32,17 +32,17 @@ WITH unreported AS (
     JOIN declared_plugins d
       ON d.workspace_id = i.workspace_id AND d.name = i.name AND d.source = i.source
     JOIN workspaces w ON w.id = i.workspace_id
+    -- The runtime's report (migration 0019): none, no observation to compare.
+    JOIN reported_plugins r ON r.workspace_id = i.workspace_id
     WHERE w.status = ANY($1::text[])
       -- Plain column tests, so the planner can estimate them from the statistics and hash
-      -- the plugin tables rather than probe them once per workspace. A report is always set
-      -- with its time (the heartbeat; migration 0011 for reports older than the column).
-      AND w.observed_plugins IS NOT NULL
-      AND w.observed_plugins_at < now() - make_interval(secs => $2)
+      -- the plugin tables rather than probe them once per workspace.
+      AND r.changed_at < now() - make_interval(secs => $2)
       AND i.installed_at < now() - make_interval(secs => $2)
       -- Reported with neither its sha nor its digest (containment: one entry with both keys).
-      AND NOT w.observed_plugins
+      AND NOT r.plugins
               @> jsonb_build_array(jsonb_build_object('name', i.name, 'sha', i.sha))
-      AND NOT COALESCE(w.observed_plugins
+      AND NOT COALESCE(r.plugins
               @> jsonb_build_array(jsonb_build_object('name', i.name, 'sha', i.digest)), false)
 ),
 drifted AS (

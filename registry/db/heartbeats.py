@@ -88,9 +88,10 @@ target AS (
            -- Registered by another box than the last one that said who it was.
            COALESCE(i.instance_id <> w.instance_id, false) AS box_changed,
            w.token_hash <> i.token_hash AS old_token,
-           -- The reported plugin list, parsed once (NULL: not reported), beside the stored
-           -- one (the row as locked, before this update).
-           i.observed_plugins::jsonb AS reported_plugins, w.observed_plugins AS stored_plugins,
+           -- The reported plugin list, parsed once (NULL: not reported), and its digest
+           -- beside the stored one's (the row as locked, before this update).
+           i.observed_plugins::jsonb AS reported_plugins,
+           w.reported_plugins_digest AS stored_plugins_digest,
            i.*
     FROM input i
     -- The previous token keeps working through its rotation grace period.
@@ -106,9 +107,7 @@ transition AS (
            CASE WHEN t.uptime_seconds < t.previous_uptime
                 THEN now() - make_interval(secs => t.uptime_seconds) END AS restarted_at,
            extract(epoch FROM now() - t.previous_beat_at)::float8 AS gap_s,
-           -- The list and its timestamp are written only when the report differs.
-           t.reported_plugins IS NOT NULL
-               AND t.reported_plugins IS DISTINCT FROM t.stored_plugins AS plugins_changed
+           sha256(convert_to(t.reported_plugins::text, 'UTF8')) AS reported_plugins_digest
     FROM target t
     LEFT JOIN unnest($15::text[], $16::text[], $17::text[]) AS m(health, from_status, to_status)
         ON m.health = t.health AND m.from_status = t.previous_status
@@ -128,14 +127,11 @@ beat AS (
         current_task = COALESCE(tr.current_task, w.current_task),
         monthly_spend = COALESCE(tr.monthly_spend, w.monthly_spend),
         runtime_state = COALESCE(tr.runtime_state, w.runtime_state),
-        -- Written only when it changed: a list that stays is kept as the same value, so a
-        -- large one (TOASTed) costs no new TOAST rows and no WAL for them (bench/wal.py).
-        observed_plugins = CASE WHEN tr.plugins_changed
-                                THEN tr.reported_plugins ELSE w.observed_plugins END,
-        -- When the report last changed: a mismatch with the records is drift only once the
-        -- report has stood still a while (registry/drift.py).
-        observed_plugins_at = CASE WHEN tr.plugins_changed
-                                   THEN now() ELSE w.observed_plugins_at END,
+        -- The list itself is in `reported_plugins`, written only when it changed (below):
+        -- the row keeps 32 bytes of it, not the list, so an unchanged report adds no WAL
+        -- (migration 0019, bench/wal.py).
+        reported_plugins_digest = COALESCE(tr.reported_plugins_digest,
+                                           w.reported_plugins_digest),
         instance_id = COALESCE(tr.instance_id, w.instance_id),
         url = COALESCE(tr.url, w.url),
         agent_card = COALESCE(tr.agent_card::jsonb, w.agent_card),
@@ -151,7 +147,17 @@ beat AS (
     FROM transition tr
     WHERE w.id = tr.id
     RETURNING w.id, tr.previous_status, w.status, tr.cause, tr.old_token, tr.restarted_at,
-              tr.uptime_seconds, tr.previous_uptime, tr.box_changed
+              tr.uptime_seconds, tr.previous_uptime, tr.box_changed,
+              CASE WHEN tr.reported_plugins_digest IS DISTINCT FROM tr.stored_plugins_digest
+                   THEN tr.reported_plugins END AS changed_plugins
+),
+-- A report that differs from the stored one (NULL: not reported, or the same). The row lock
+-- taken above serialises this per workspace.
+reported AS (
+    INSERT INTO reported_plugins (workspace_id, plugins, changed_at)
+    SELECT b.id, b.changed_plugins, now() FROM beat b WHERE b.changed_plugins IS NOT NULL
+    ON CONFLICT (workspace_id) DO UPDATE
+        SET plugins = EXCLUDED.plugins, changed_at = EXCLUDED.changed_at
 ),
 event AS (
     INSERT INTO workspace_events

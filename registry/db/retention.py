@@ -148,10 +148,10 @@ async def prune_actions(conn: Connection, *, batch: int, retention_s: float) -> 
 
 
 # Tombstones removed before the cutoff, oldest first, with everything that was theirs: their
-# events, plugin records, runs (steps go by cascade) and actions, in the same statement (none
-# has a foreign key to the tombstone, migration 0017). Once the row is gone the workspace's
-# token matches nothing: 401 instead of 410. Only a refusal being recorded on it holds a
-# tombstone's row: passed over, like any row someone holds.
+# events, plugin records and report, runs (steps go by cascade) and actions, in the same
+# statement (none has a foreign key to the tombstone, migrations 0017 and 0019). Once the row
+# is gone the workspace's token matches nothing: 401 instead of 410. Only a refusal being
+# recorded on it holds a tombstone's row: passed over, like any row someone holds.
 PRUNE_TOMBSTONES = """
 WITH doomed AS (
     SELECT id FROM removed_workspaces
@@ -170,6 +170,7 @@ mark AS (
 ),
 declared AS (DELETE FROM declared_plugins p USING doomed d WHERE p.workspace_id = d.id),
 installed AS (DELETE FROM installed_plugins p USING doomed d WHERE p.workspace_id = d.id),
+reported AS (DELETE FROM reported_plugins p USING doomed d WHERE p.workspace_id = d.id),
 actions AS (DELETE FROM workspace_actions a USING doomed d WHERE a.workspace_id = d.id),
 runs AS (DELETE FROM reconciles r USING doomed d WHERE r.workspace_id = d.id),
 gone AS (

@@ -74,10 +74,14 @@ class Workspace:
         return cls(**values)
 
 
+# The runtime's report of its plugins lives beside the row (migration 0019); `id` in the
+# subquery is the outer row's (reported_plugins has no column of that name).
 WORKSPACE_COLUMNS = """
     id, name, status, status_changed_at, created_at, delivery, url, agent_card,
     last_heartbeat_at, error_rate, sample_error, active_tasks, uptime_seconds, current_task,
-    monthly_spend, runtime_state, observed_plugins, heartbeat_interval_s, token_rotated_at,
+    monthly_spend, runtime_state,
+    (SELECT r.plugins FROM reported_plugins r WHERE r.workspace_id = id) AS observed_plugins,
+    heartbeat_interval_s, token_rotated_at,
     previous_token_valid_until, previous_token_used_at, refused_at, refused_since,
     refused_count, refused_status, refused_code, refused_field, labels
 """
