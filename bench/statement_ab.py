@@ -1,26 +1,29 @@
 """The heartbeat statement now against the one of an earlier revision, interleaved in one run.
 
-    .venv/bin/python -m bench.statement_ab [--rev 87cb0c3] [--workspaces 10000]
+    .venv/bin/python -m bench.statement_ab [--rev fada760] [--workspaces 10000]
         [--batch 100] [--rounds 20] [--batches-per-round 20]
 
 A/B over HTTP on this shared 2-core machine swings by 2x between runs; this compares only
 what the database does per beat (the part a protocol change touches), alternating old and
-new statement in rounds on one connection, one seeded fleet, so noise hits both alike. The
-old statement runs unchanged on today's schema (migrations only add columns). Its module is
-loaded from `git show <rev>:registry/db/heartbeats.py`; it must keep `apply_beats(conn,
-beats)` and the `Beat` fields of today.
+new statement in rounds, the same seeded fleet on each side, so noise hits both alike. Each
+side has a database of its own on the server, migrated to its own revision (the schema its
+statement knew: migration 0019 moved a column the statements before it write). The old
+module is loaded from `git show <rev>:registry/db/heartbeats.py`; it must keep
+`apply_beats(conn, beats)` and the `Beat` fields of today.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import types
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +34,7 @@ from bench.fleet import Fleet, seed
 from registry.auth import hash_token
 from registry.db import heartbeats as current
 from registry.db.heartbeats import Beat
+from registry.db.migrate import Migration, load_migrations
 from registry.statuses import Health
 
 ApplyBeats = Callable[[asyncpg.Connection, list[Beat]], Awaitable[list[Any]]]
@@ -103,34 +107,64 @@ async def timed_round(
     return (time.perf_counter() - started) / (batch * batches)
 
 
-async def run(args: argparse.Namespace) -> None:
-    old = module_at(args.rev)
-    fleet = Fleet.new(args.workspaces)
-    dsn = await db.recreate(args.dsn, args.database)
+def migrations_at(rev: str) -> list[Migration]:
+    """The schema of another revision, so its statement runs against the tables it knew."""
+    root = Path(__file__).resolve().parents[1]
+    with tempfile.TemporaryDirectory(prefix="bench-migrations-") as tmp:
+        archive = subprocess.run(
+            ["git", "archive", rev, "migrations"], cwd=root, capture_output=True, check=True
+        ).stdout
+        subprocess.run(["tar", "-x", "-C", tmp], input=archive, check=True)
+        return load_migrations(Path(tmp) / "migrations")
+
+
+Side = tuple[ApplyBeats, asyncpg.Connection]
+
+
+@contextlib.asynccontextmanager
+async def sides_at(
+    server_dsn: str, database: str, rev: str, fleet: Fleet, setup_sql: Sequence[str] = ()
+) -> AsyncIterator[dict[str, Side]]:
+    """The statement at `rev` and now, each with a connection to a database of its own
+    (`<database>_rev`, `<database>_now`) migrated to its revision and seeded with `fleet`;
+    both databases are dropped afterwards."""
+    names = {f"at {rev}": f"{database}_rev", "now": f"{database}_now"}
+    sides: dict[str, Side] = {}
     try:
-        await seed(dsn, fleet, status="online", heartbeat_age_s=1.0)
-        conn = await asyncpg.connect(dsn)
-        try:
-            sides: dict[str, ApplyBeats] = {
-                f"at {args.rev}": old.apply_beats,
-                "now": current.apply_beats,
-            }
-            figures: dict[str, list[float]] = {name: [] for name in sides}
-            uptime = 3600.0
-            for round_ in range(args.rounds + 1):
-                # Alternate which side goes first, so neither always meets a warmer cache.
-                order = list(sides.items()) if round_ % 2 == 0 else list(sides.items())[::-1]
-                for name, apply in order:
-                    uptime += 1.0  # uptime only grows: no beat looks like a restart
-                    seconds = await timed_round(
-                        conn, apply, fleet, args.batch, args.batches_per_round, uptime
-                    )
-                    if round_ > 0:  # round 0 warms both up
-                        figures[name].append(seconds)
-        finally:
-            await conn.close()
+        for (name, database_name), apply, migrations in zip(
+            names.items(),
+            (module_at(rev).apply_beats, current.apply_beats),
+            (migrations_at(rev), None),
+            strict=True,
+        ):
+            dsn = await db.recreate(server_dsn, database_name, migrations)
+            await seed(dsn, fleet, status="online", heartbeat_age_s=1.0)
+            for statement in setup_sql:
+                await db.execute(dsn, statement)
+            sides[name] = (apply, await asyncpg.connect(dsn))
+        yield sides
     finally:
-        await db.drop(args.dsn, args.database)
+        for _, conn in sides.values():
+            await conn.close()
+        for database_name in names.values():
+            await db.drop(server_dsn, database_name)
+
+
+async def run(args: argparse.Namespace) -> None:
+    fleet = Fleet.new(args.workspaces)
+    async with sides_at(args.dsn, args.database, args.rev, fleet) as sides:
+        figures: dict[str, list[float]] = {name: [] for name in sides}
+        uptime = 3600.0
+        for round_ in range(args.rounds + 1):
+            # Alternate which side goes first, so neither always meets a warmer cache.
+            order = list(sides.items()) if round_ % 2 == 0 else list(sides.items())[::-1]
+            for name, (apply, conn) in order:
+                uptime += 1.0  # uptime only grows: no beat looks like a restart
+                seconds = await timed_round(
+                    conn, apply, fleet, args.batch, args.batches_per_round, uptime
+                )
+                if round_ > 0:  # round 0 warms both up
+                    figures[name].append(seconds)
     base, new = (statistics.median(v) for v in figures.values())
     print(f"{'statement':<16} {'median us/beat':>15} {'min':>8} {'max':>8}")
     for name, values in figures.items():
@@ -147,7 +181,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m bench.statement_ab", description=__doc__)
     parser.add_argument("--dsn", default=db.DEFAULT_SERVER_DSN)
     parser.add_argument("--database", default="bench_statement_ab")
-    parser.add_argument("--rev", default="87cb0c3", help="the revision to compare with")
+    parser.add_argument("--rev", default="fada760", help="the revision to compare with")
     parser.add_argument("--workspaces", type=int, default=10_000)
     parser.add_argument("--batch", type=int, default=100, help="beats per statement")
     parser.add_argument("--rounds", type=int, default=20)

@@ -23,9 +23,9 @@ from bench.fleet import Fleet, seed
 from bench.statement_ab import beats
 from registry.db.heartbeats import apply_beats
 
-# migrations/0016_stored_plugins_sync.sql
+# migrations/0016_stored_plugins_sync.sql (and 0019 for the report)
 TRIGGERS = {
-    "workspaces": ("workspaces_plugins_sync_observed",),
+    "reported_plugins": ("reported_plugins_sync",),  # migration 0019 moved it here
     "reconciles": ("reconciles_sync_new", "reconciles_sync_changed"),
     "workspace_actions": ("workspace_actions_sync_new", "workspace_actions_sync_acked"),
 }

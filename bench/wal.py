@@ -19,7 +19,6 @@ import argparse
 import asyncio
 import hashlib
 import statistics
-import subprocess
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -27,10 +26,8 @@ from typing import Any
 import asyncpg
 
 from bench import db
-from bench.fleet import Fleet, seed
-from bench.statement_ab import ApplyBeats, beats, module_at
-from registry.db import heartbeats as current
-from registry.db.migrate import Migration, load_migrations
+from bench.fleet import Fleet
+from bench.statement_ab import ApplyBeats, beats, sides_at
 from registry.embedded_pg import start_embedded_postgres
 
 
@@ -62,33 +59,11 @@ async def one_round(
     return (await wal_lsn(conn) - before) / fleet.size
 
 
-def migrations_at(rev: str) -> list[Migration]:
-    """The schema of another revision, so its statement runs against the tables it knew."""
-    root = Path(__file__).resolve().parents[1]
-    with tempfile.TemporaryDirectory(prefix="bench-wal-migrations-") as tmp:
-        archive = subprocess.run(
-            ["git", "archive", rev, "migrations"], cwd=root, capture_output=True, check=True
-        ).stdout
-        subprocess.run(["tar", "-x", "-C", tmp], input=archive, check=True)
-        return load_migrations(Path(tmp) / "migrations")
-
-
 async def measure(server_dsn: str, args: argparse.Namespace) -> dict[tuple[int, str], list[float]]:
     """Each side on a database of its own, migrated to its own revision, in one cluster."""
-    old = module_at(args.rev)
     fleet = Fleet.new(args.workspaces)
-    sides: dict[str, tuple[ApplyBeats, asyncpg.Connection]] = {}
-    for name, apply, database, migrations in (
-        (f"at {args.rev}", old.apply_beats, f"{args.database}_rev", migrations_at(args.rev)),
-        ("now", current.apply_beats, f"{args.database}_now", None),
-    ):
-        dsn = await db.recreate(server_dsn, database, migrations)
-        await seed(dsn, fleet, status="online", heartbeat_age_s=1.0)
-        for statement in args.setup_sql:
-            await db.execute(dsn, statement)
-        sides[name] = (apply, await asyncpg.connect(dsn))
     figures: dict[tuple[int, str], list[float]] = {}
-    try:
+    async with sides_at(server_dsn, args.database, args.rev, fleet, args.setup_sql) as sides:
         uptime = 3600.0
         for count in args.plugins:
             plugins = plugin_list(count)
@@ -99,19 +74,12 @@ async def measure(server_dsn: str, args: argparse.Namespace) -> dict[tuple[int, 
                     per_beat = await one_round(conn, apply, fleet, args.batch, uptime, plugins)
                     if round_ > 0:
                         figures.setdefault((count, name), []).append(per_beat)
-    finally:
-        for _, conn in sides.values():
-            await conn.close()
     return figures
 
 
 async def run(args: argparse.Namespace) -> None:
     if args.dsn:
-        try:
-            figures = await measure(args.dsn, args)
-        finally:
-            for suffix in ("rev", "now"):
-                await db.drop(args.dsn, f"{args.database}_{suffix}")
+        figures = await measure(args.dsn, args)
     else:
         with tempfile.TemporaryDirectory(prefix="bench-wal-") as tmp:
             dsn, server = await asyncio.to_thread(
