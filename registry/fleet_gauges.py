@@ -45,8 +45,9 @@ class FleetGauges:
         metrics = self._metrics
         async with pool.acquire(timeout=QUERY_TIMEOUT_S) as conn:
             # What changed since the refresher last ran is judged first, so the counts
-            # are current (one batch at most: a scrape never waits on a backfill).
-            await sync_state.refresh(conn, rounds=1)
+            # are current (one batch at most: a scrape never waits on a backfill, nor
+            # longer than its timeout on another process judging).
+            await sync_state.refresh(conn, rounds=1, lock_wait_s=QUERY_TIMEOUT_S)
             counts = await fleet_counts(conn)
             backlog = await reconciles.backlog(conn)
             guard = await fleet.read_guard(conn)

@@ -40,6 +40,8 @@ REFRESH_INTERVAL_S = 1.0
 MARKS_PER_BATCH = 2000
 
 LOCK = "SELECT pg_advisory_xact_lock($1)"
+# For this transaction only: how long a lock (the one above included) may be waited for.
+SET_LOCK_TIMEOUT = "SELECT set_config('lock_timeout', $1, true)"
 
 # Every mark of up to $1 marked workspaces (a workspace changed by several rows has several),
 # among those committed when this statement starts; marks committed later stay for the next
@@ -118,21 +120,32 @@ async def judge_marked(conn: Connection, ids: list[uuid.UUID]) -> dict[uuid.UUID
 
 
 async def refresh(
-    conn: Connection, *, batch: int = MARKS_PER_BATCH, rounds: int | None = None
+    conn: Connection,
+    *,
+    batch: int = MARKS_PER_BATCH,
+    rounds: int | None = None,
+    lock_wait_s: float | None = None,
 ) -> int:
     """Judge every marked workspace again (at most `rounds` batches of marks); returns how
-    many stored values changed."""
+    many stored values changed. With `lock_wait_s`, a caller that must answer soon (a
+    scrape) waits at most that long for another process's judging, then judges nothing."""
     stored = 0
     while rounds is None or rounds > 0:
         rounds = None if rounds is None else rounds - 1
-        async with conn.transaction():
-            await conn.execute(LOCK, REFRESH_LOCK_KEY)
-            marks = {row["workspace_id"] for row in await conn.fetch(TAKE_MARKS, batch)}
-            if not marks:
-                return stored
-            changed = await judge_marked(conn, sorted(marks))
-            if changed:
-                await conn.execute(STORE, list(changed), list(changed.values()))
+        try:
+            async with conn.transaction():
+                if lock_wait_s is not None:
+                    await conn.execute(SET_LOCK_TIMEOUT, f"{max(1, round(lock_wait_s * 1000))}ms")
+                await conn.execute(LOCK, REFRESH_LOCK_KEY)
+                marks = {row["workspace_id"] for row in await conn.fetch(TAKE_MARKS, batch)}
+                if not marks:
+                    return stored
+                changed = await judge_marked(conn, sorted(marks))
+                if changed:
+                    await conn.execute(STORE, list(changed), list(changed.values()))
+        except asyncpg.LockNotAvailableError:
+            log.info("plugins_sync not judged: another process held the lock %.1f s", lock_wait_s)
+            return stored
         stored += len(changed)
     return stored
 

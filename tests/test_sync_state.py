@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import random
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -370,3 +371,20 @@ async def _wait_for_the_refresh_lock(
             "SELECT wait_event = 'advisory' FROM pg_stat_activity WHERE pid = $1", pid
         ):
             await asyncio.sleep(0.01)
+
+
+async def test_a_scrape_does_not_wait_on_another_process_judging(
+    registry: Registry, caplog: pytest.LogCaptureFixture
+) -> None:
+    """/metrics judges what changed before it counts, under the refresher's lock. Another
+    process holding that lock (judging a large batch, or stalled) must not hold the scrape:
+    past its query timeout it counts what is stored. Without the lock timeout the scrape
+    waits for as long as the lock is held (here, for ever)."""
+    await registry.create_workspace(name="a")
+    async with _refresher_held(registry):
+        with caplog.at_level(logging.INFO, logger="registry.sync_state"):
+            async with asyncio.timeout(60):
+                response = await registry.client.get("/metrics")
+        assert response.status == 200
+        assert "registry_workspaces{" in await response.text()
+    assert any("plugins_sync not judged" in r.getMessage() for r in caplog.records)

@@ -35,20 +35,27 @@ def _parent_of(pid: int) -> int:
 SCRAPE_TIMEOUT_S = 30.0
 
 
-async def _scrape(url: str, starting_ok: bool = False) -> dict[str, dict[str, float]]:
+async def _scrape(
+    registry: RegistryProcess, starting_ok: bool = False
+) -> dict[str, dict[str, float]]:
     """{sample name: {worker label (or ""): value summed over the other labels}}; with
     `starting_ok`, nothing while the worker asked is still starting (503)."""
-    # A scrape that is never answered must fail here, with its own error, not wait for the
-    # test's timeout (once seen on a loaded machine, not reproduced since).
+    # A scrape that is never answered must fail here, with its own error and the workers'
+    # log, not wait for the test's timeout (seen twice on a loaded machine).
     timeout = aiohttp.ClientTimeout(total=SCRAPE_TIMEOUT_S)
-    async with (
-        aiohttp.ClientSession(timeout=timeout) as session,
-        session.get(f"{url}/metrics") as response,
-    ):
-        if starting_ok and response.status == 503:
-            return {}
-        assert response.status == 200
-        text = await response.text()
+    try:
+        async with (
+            aiohttp.ClientSession(timeout=timeout) as session,
+            session.get(f"{registry.url}/metrics") as response,
+        ):
+            if starting_ok and response.status == 503:
+                return {}
+            assert response.status == 200
+            text = await response.text()
+    except TimeoutError:
+        raise AssertionError(
+            f"/metrics not answered in {SCRAPE_TIMEOUT_S} s:\n{registry.log()[-8000:]}"
+        ) from None
     found: dict[str, dict[str, float]] = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
@@ -77,7 +84,7 @@ async def _two_workers(dsn: str, tmp_path: Path, processes: Processes) -> Regist
     # /readyz answered from one worker; the other may still be starting (its stand-in answers
     # 503 meanwhile): until both views are in a scrape.
     deadline = asyncio.get_running_loop().time() + 90
-    while (await _scrape(registry.url, starting_ok=True)).get("registry_worker_up") != {
+    while (await _scrape(registry, starting_ok=True)).get("registry_worker_up") != {
         "0": 1.0,
         "1": 1.0,
     }:
@@ -101,7 +108,7 @@ async def test_two_workers_serve_one_port_and_both_answer(
             ) as beat:
                 assert beat.status == 200
 
-    scraped = await _scrape(registry.url)
+    scraped = await _scrape(registry)
 
     assert scraped["registry_worker_up"] == {"0": 1.0, "1": 1.0}
     pids = {int(pid) for pid in scraped["registry_worker_pid"].values()}
@@ -119,7 +126,7 @@ async def test_sigterm_stops_every_worker_and_loses_no_acknowledged_beat(
 ) -> None:
     registry = await _two_workers(dsn, tmp_path, processes)
     workspace_id, token = await _workspace(registry.url)
-    pids = [int(pid) for pid in (await _scrape(registry.url))["registry_worker_pid"].values()]
+    pids = [int(pid) for pid in (await _scrape(registry))["registry_worker_pid"].values()]
     acked: list[int] = []
     answered_by: set[int] = set()
 
@@ -138,7 +145,7 @@ async def test_sigterm_stops_every_worker_and_loses_no_acknowledged_beat(
                 except aiohttp.ClientError:
                     return
                 if len(acked) == 50:
-                    answered_by.update(_beats_by_worker(await _scrape(registry.url)))
+                    answered_by.update(_beats_by_worker(await _scrape(registry)))
                 await asyncio.sleep(0.002)
 
     beating = asyncio.ensure_future(beat_until_refused())
@@ -167,8 +174,7 @@ async def test_a_worker_that_dies_takes_the_whole_down(
 ) -> None:
     registry = await _two_workers(dsn, tmp_path, processes)
     pids = {
-        worker: int(pid)
-        for worker, pid in (await _scrape(registry.url))["registry_worker_pid"].items()
+        worker: int(pid) for worker, pid in (await _scrape(registry))["registry_worker_pid"].items()
     }
 
     os.kill(pids["1"], signal.SIGKILL)
@@ -218,7 +224,7 @@ async def test_workers_stop_when_the_supervisor_is_killed(
     """SIGKILL leaves the supervisor no chance to stop them: the kernel signals them instead
     (PR_SET_PDEATHSIG), so none keeps the port, its leases and its pools."""
     registry = await _two_workers(dsn, tmp_path, processes)
-    pids = [int(pid) for pid in (await _scrape(registry.url))["registry_worker_pid"].values()]
+    pids = [int(pid) for pid in (await _scrape(registry))["registry_worker_pid"].values()]
 
     registry.signal(signal.SIGKILL)
     registry.process.wait(10)
