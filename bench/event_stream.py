@@ -6,7 +6,8 @@ subscribers cost the database.
         [--heartbeat-rate 200] [--event-rate 100] [--duration 20] [--idle 15] [--rounds 3]
         [--profile FILE]   # py-spy (when installed) on the registry, loaded with subscribers
         [--compare]        # A/B within one run: no subscribers, writer tasks, direct writes
-        [--modes direct,separate]   # --compare's modes; separate: streams from a 2nd process
+        [--modes direct,separate,paced]   # separate: streams from a 2nd process; paced:
+        [--writes-per-s 500]              # direct writes within that budget
 
 One registry process (`registry serve`). Events are inserted by this driver, one committed
 row each at --event-rate (what status flips and reconcile outcomes write; the stream cannot
@@ -204,11 +205,17 @@ def _profile(args: argparse.Namespace, pid: int) -> subprocess.Popen[bytes] | No
     return subprocess.Popen([*command, "--format", "raw", "-o", str(args.profile)])
 
 
-# --compare: the two ways of writing to subscribers (REGISTRY_EVENT_DIRECT_WRITES), and
+# --compare: the two ways of writing to subscribers (REGISTRY_EVENT_DIRECT_WRITES), unpaced;
 # "separate": direct writes from a second registry process that serves the streams, so the
 # heartbeats' process has no subscribers (a deployment choice, README "Running several
-# registry processes").
-MODES = {"writers": "false", "direct": "true", "separate": "true"}
+# registry processes"); "paced": direct writes within --writes-per-s subscriber writes a
+# second (REGISTRY_EVENT_WRITES_PER_S).
+MODES = {
+    "writers": {"REGISTRY_EVENT_DIRECT_WRITES": "false", "REGISTRY_EVENT_WRITES_PER_S": "0"},
+    "direct": {"REGISTRY_EVENT_DIRECT_WRITES": "true", "REGISTRY_EVENT_WRITES_PER_S": "0"},
+    "separate": {"REGISTRY_EVENT_DIRECT_WRITES": "true", "REGISTRY_EVENT_WRITES_PER_S": "0"},
+    "paced": {"REGISTRY_EVENT_DIRECT_WRITES": "true"},
+}
 
 
 @dataclass(frozen=True, slots=True)
@@ -261,12 +268,10 @@ def compare(args: argparse.Namespace, work_dir: Path) -> bool:
     for r in range(args.rounds):
         windows.append([])
         for mode in _rotated(order, r):
-            flag = MODES.get(mode, "true")
+            mode_env = {**MODES.get(mode, MODES["direct"])}
+            mode_env.setdefault("REGISTRY_EVENT_WRITES_PER_S", f"{args.writes_per_s:g}")
             procs = registry_proc.start_many(
-                dsn,
-                work_dir,
-                {**env, "REGISTRY_EVENT_DIRECT_WRITES": flag},
-                2 if mode == "separate" else 1,
+                dsn, work_dir, {**env, **mode_env}, 2 if mode == "separate" else 1
             )
             try:
                 windows[-1].append(_window(args, procs[0], fleet, dsn, mode, procs[-1]))
@@ -530,6 +535,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help=f"--compare: comma-separated, of {', '.join(MODES)} (default writers,direct)",
     )
     parser.add_argument("--events-only", type=float, default=10.0, help="--compare: seconds")
+    parser.add_argument(
+        "--writes-per-s", type=float, default=500.0, help="--compare: the paced mode's budget"
+    )
     args = parser.parse_args(argv)
     db.check_name(args.database)
     return args

@@ -234,6 +234,7 @@ async def _background(app: web.Application) -> AsyncIterator[None]:
             poll_s=settings.event_poll_s,
             queue_size=settings.event_subscriber_queue,
             max_subscribers=settings.event_max_subscribers,
+            writes_per_s=settings.event_writes_per_s,
             on_events=app[FLEET_STATUSES].invalidate,
         )
         hub = EventHub(pool, app[DSN], feed)

@@ -30,7 +30,7 @@ import contextlib
 import logging
 import uuid
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 
 import asyncpg
 
@@ -270,9 +270,18 @@ class EventFeed:
         poll_s: float,
         queue_size: int,
         max_subscribers: int,
+        writes_per_s: float = 0.0,
         on_events: Callable[[], None] | None = None,
+        pause: Callable[[float], Awaitable[None]] | None = None,
     ) -> None:
         self._pool = pool
+        # The fan-out's budget of subscriber writes a second (0: none). After a page written
+        # to N subscribers the feed reads the next no sooner than N / budget seconds later, so
+        # events meanwhile join one page: as many writes a second whatever the number of
+        # subscribers, each later by up to that pause (docs/benchmarks.md, the event stream).
+        self._writes_per_s = writes_per_s
+        # How the feed waits out a pause (the tests hold it to see what a pause gathers).
+        self._pause = self._stoppable_sleep if pause is None else pause
         # Called when a page of events was read, before it is delivered (GET /fleet's shared
         # count is dropped then: registry/fleet_statuses.py).
         self._on_events = on_events
@@ -385,8 +394,18 @@ class EventFeed:
                 queued, live = self._fan_out(page)
                 await self._write_live(live)
                 await self._wake_writers(queued)
+                await self._pace(len(queued) + len(live))
             if len(page) < self._page:
                 return
+
+    async def _pace(self, writes: int) -> None:
+        """Hold the next read back by the time `writes` take of the budget."""
+        if self._writes_per_s > 0 and writes:
+            await self._pause(writes / self._writes_per_s)
+
+    async def _stoppable_sleep(self, seconds: float) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stop.wait(), seconds)
 
     @staticmethod
     async def _wake_writers(subs: list[Subscription]) -> None:

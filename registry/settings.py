@@ -174,6 +174,12 @@ class Settings:
     # pass (registry/event_feed.py); false is the previous path (one writer task per
     # subscriber, woken per page), kept to compare them in bench/event_stream.py.
     event_direct_writes: bool = True
+    # The fan-out's budget of subscriber writes a second (0: unpaced): with N live subscribers
+    # the stream delivers a page at most every N / budget seconds, so its cost to the process
+    # and the machine stays bounded as subscribers are added; their latency grows instead.
+    # Up to 100 subscribers nothing changes (the sequencer numbers events every 0.1 s); 500
+    # wait up to 0.5 s (docs/benchmarks.md, "Pacing the fan-out").
+    event_writes_per_s: float = 1000.0
 
     @property
     def resolved_offline_after_s(self) -> float:
@@ -305,6 +311,10 @@ class Settings:
         need(
             math.isfinite(self.fleet_cache_s) and self.fleet_cache_s >= 0,
             "fleet_cache_s must be zero or positive",
+        )
+        need(
+            math.isfinite(self.event_writes_per_s) and self.event_writes_per_s >= 0,
+            "event_writes_per_s must be zero or positive",
         )
         need(
             self.event_max_subscribers > 0 and self.event_subscriber_queue > 0,
@@ -504,4 +514,5 @@ _PARSERS: dict[str, Callable[[str], Any]] = {
     "event_subscriber_queue": _positive_int,
     "event_poll_s": _float,
     "event_direct_writes": _bool,
+    "event_writes_per_s": _float,
 }

@@ -487,3 +487,60 @@ async def test_an_http_1_0_stream_is_written_unchunked(make_registry: MakeRegist
         b"event: reconcile",
         b"event: reconcile",
     ]
+
+
+async def test_a_paced_feed_gathers_what_comes_during_its_pause_into_one_page(
+    pool: asyncpg.Pool, db: asyncpg.Connection
+) -> None:
+    """REGISTRY_EVENT_WRITES_PER_S: a page written to 3 subscribers on a budget of 30 writes a
+    second holds the next read back 0.1 s, and what is numbered meanwhile reaches each of them
+    as one page, not one page per event. The pause is held by the test, so no clock decides."""
+    requested: list[float] = []
+    release = asyncio.Event()
+
+    async def held(seconds: float) -> None:
+        requested.append(seconds)
+        await release.wait()
+        release.clear()
+
+    ws, now = await workspace(db), await events.last_sequence(db)
+    feed = EventFeed(
+        pool, poll_s=3600, queue_size=100, max_subscribers=10, writes_per_s=30, pause=held
+    )
+    subs = [feed.subscribe(now, now, None) for _ in range(3)]
+    first = await numbered(db, ws, 1)
+    reading = asyncio.create_task(feed.read_new())
+    async with asyncio.timeout(10):
+        while not requested:
+            await asyncio.sleep(0.01)
+    assert requested == [pytest.approx(0.1)]
+    assert [sse_ids(await sub.take(0)) for sub in subs] == [first] * 3
+
+    # While the feed waits out its pause, two events come, one by one.
+    later = [*(await numbered(db, ws, 1)), *(await numbered(db, ws, 1))]
+    assert [await sub.take(0) for sub in subs] == [[]] * 3
+    release.set()
+    await reading  # that page was short: this read is over
+    reading = asyncio.create_task(feed.read_new())
+    async with asyncio.timeout(10):
+        while len(requested) < 2:
+            await asyncio.sleep(0.01)
+
+    pages = [await sub.take(0) for sub in subs]
+    assert all(len(p) == 1 and sse_ids(p) == later for p in pages)
+    release.set()
+    await reading
+
+
+async def test_an_unpaced_feed_reads_on_without_pausing(
+    pool: asyncpg.Pool, db: asyncpg.Connection
+) -> None:
+    async def never(seconds: float) -> None:
+        raise AssertionError(f"paused {seconds} s")
+
+    ws, now = await workspace(db), await events.last_sequence(db)
+    feed = EventFeed(pool, poll_s=3600, queue_size=100, max_subscribers=10, pause=never)
+    sub = feed.subscribe(now, now, None)
+    ids = await numbered(db, ws, 2)
+    await feed.read_new()
+    assert sse_ids(await sub.take(0)) == ids

@@ -45,6 +45,8 @@ def test_flags_override_the_environment() -> None:
         ("REGISTRY_BODY_TIMEOUT_S", "-1", "body_timeout_s must be a positive number"),
         ("REGISTRY_MAX_HEADER_BYTES", "512", "max_header_bytes must be at least 1024"),
         ("REGISTRY_MAX_HEADERS", "4", "max_headers must be at least 8"),
+        ("REGISTRY_EVENT_WRITES_PER_S", "-1", "event_writes_per_s must be zero or positive"),
+        ("REGISTRY_EVENT_WRITES_PER_S", "inf", "must be a finite number"),
         ("REGISTRY_MAX_CONNECTIONS", "0", "REGISTRY_MAX_CONNECTIONS='0'"),
         ("REGISTRY_MAX_REQUESTS_IN_FLIGHT", "none", "REGISTRY_MAX_REQUESTS_IN_FLIGHT='none'"),
     ],
