@@ -34,25 +34,31 @@ FROM removed_workspaces WHERE observed_plugins IS NOT NULL;
 -- plugins_sync (migration 0016) reads the report: a changed one marks its workspace, as the
 -- trigger on the old column did, whoever the writer. Unchanged reports write nothing here,
 -- so run no trigger.
-DROP TRIGGER workspaces_plugins_sync_observed ON workspaces;
 CREATE TRIGGER reported_plugins_sync AFTER INSERT OR UPDATE OR DELETE ON reported_plugins
     FOR EACH ROW EXECUTE FUNCTION plugins_sync_mark();
 
--- Both tables keep the same columns in the same order (migration 0017), and the view over
--- them is made again for the new set.
-DROP VIEW all_workspaces;
-
+-- The old columns stay, empty, until a later migration drops them: during a rolling upgrade
+-- the processes of the previous release still write them (their heartbeat statement names
+-- them), and must not fail. This release's statement empties them in every row it beats, so a
+-- copy an older process wrote leaves the hot row at that workspace's next beat; the old
+-- trigger (still marking plugins_sync when an older process changes the column) is off while
+-- this migration empties them, which changes no report.
 ALTER TABLE workspaces ADD COLUMN reported_plugins_digest bytea;
 ALTER TABLE removed_workspaces ADD COLUMN reported_plugins_digest bytea;
-UPDATE workspaces SET reported_plugins_digest = sha256(convert_to(observed_plugins::text, 'UTF8'))
+ALTER TABLE workspaces DISABLE TRIGGER workspaces_plugins_sync_observed;
+UPDATE workspaces
+SET reported_plugins_digest = sha256(convert_to(observed_plugins::text, 'UTF8')),
+    observed_plugins = NULL, observed_plugins_at = NULL
 WHERE observed_plugins IS NOT NULL;
+ALTER TABLE workspaces ENABLE TRIGGER workspaces_plugins_sync_observed;
 UPDATE removed_workspaces
-SET reported_plugins_digest = sha256(convert_to(observed_plugins::text, 'UTF8'))
+SET reported_plugins_digest = sha256(convert_to(observed_plugins::text, 'UTF8')),
+    observed_plugins = NULL, observed_plugins_at = NULL
 WHERE observed_plugins IS NOT NULL;
 
-ALTER TABLE workspaces DROP COLUMN observed_plugins, DROP COLUMN observed_plugins_at;
-ALTER TABLE removed_workspaces DROP COLUMN observed_plugins, DROP COLUMN observed_plugins_at;
-
+-- Both tables keep the same columns in the same order (migration 0017); the view over them
+-- is made again for the new one.
+DROP VIEW all_workspaces;
 CREATE VIEW all_workspaces AS
     SELECT * FROM workspaces
     UNION ALL

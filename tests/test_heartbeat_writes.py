@@ -121,3 +121,24 @@ async def test_a_beat_waiting_for_another_compares_with_what_that_one_stored(
         await second.close()
 
     assert await _stored(db, workspace[0]) == old
+
+
+async def test_a_copy_in_the_retired_column_leaves_the_row_at_the_next_beat(
+    db: asyncpg.Connection,
+) -> None:
+    """During a rolling upgrade the previous release's processes still write the report into
+    `workspaces.observed_plugins` (as here). This release's beat empties it, so the row is
+    lean again, and the report it carries goes where this release reads it."""
+    workspace = await insert_workspace(db)
+    await db.execute(
+        "UPDATE workspaces SET observed_plugins = $2::jsonb, observed_plugins_at = now() "
+        "WHERE id = $1",
+        workspace[0],
+        orjson.dumps(SMALL).decode(),
+    )
+    await apply_beat(db, dataclasses.replace(beat(*workspace), observed_plugins=SMALL[:2]))
+    kept = await db.fetchrow(
+        "SELECT observed_plugins, observed_plugins_at FROM workspaces WHERE id = $1", workspace[0]
+    )
+    assert kept is not None and tuple(kept) == (None, None)
+    assert await _stored(db, workspace[0]) == SMALL[:2]

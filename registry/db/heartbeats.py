@@ -132,6 +132,11 @@ beat AS (
         -- (migration 0019, bench/wal.py).
         reported_plugins_digest = COALESCE(tr.reported_plugins_digest,
                                            w.reported_plugins_digest),
+        -- Retired by migration 0019 but still written by the previous release's processes
+        -- during a rolling upgrade: their copy leaves the row here (NULL again costs nothing;
+        -- the list itself is in `reported_plugins`, from this release's beats).
+        observed_plugins = NULL,
+        observed_plugins_at = NULL,
         instance_id = COALESCE(tr.instance_id, w.instance_id),
         url = COALESCE(tr.url, w.url),
         agent_card = COALESCE(tr.agent_card::jsonb, w.agent_card),
