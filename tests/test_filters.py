@@ -49,10 +49,13 @@ async def fleet(registry: Registry) -> Fleet:
     db = registry.db
     for name in ("web-1", "web-2", "api-1", "api-3"):
         await registry.set_status(made[name], "online")
-    await db.execute(
-        "UPDATE workspaces SET last_heartbeat_at = now() WHERE id = ANY($1::uuid[])",
-        [uuid.UUID(w.id) for w in made.values()],
-    )
+    # One row at a time: several in one UPDATE are locked in heap order, against the app's
+    # plugins_sync refresher locking in id order (a deadlock).
+    for workspace in made.values():
+        await db.execute(
+            "UPDATE workspaces SET last_heartbeat_at = now() WHERE id = $1",
+            uuid.UUID(workspace.id),
+        )
     await registry.set_status(made["db-1"], "paused")
     await registry.set_status(made["db-2"], "offline")
     await registry.set_status(made["web-old"], "removed")
