@@ -79,10 +79,7 @@ async def _two_workers(dsn: str, tmp_path: Path, processes: Processes) -> Regist
     registry = processes.registry(
         dsn,
         tmp_path,
-        # asyncio's debug mode logs every callback that holds a worker's loop over 100 ms: if
-        # a scrape goes unanswered again (seen twice in CI), the log says whether a loop was
-        # blocked.
-        env={"REGISTRY_WORKERS": "2", "REGISTRY_LOG_FORMAT": "text", "PYTHONASYNCIODEBUG": "1"},
+        env={"REGISTRY_WORKERS": "2", "REGISTRY_LOG_FORMAT": "text"},
     )
     # Two processes importing the app at once on a busy machine: a generous bound.
     await registry.wait_healthy(within_s=90)
